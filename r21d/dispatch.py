@@ -1,0 +1,124 @@
+"""Which implementation runs one fused conv + BN + activation call.
+
+A call is described by :class:`FusedConfig` (geometry, dtype, device, mode); :func:`choose` turns
+the requested backend (r21d.backends) into the one that runs, falling back to ``torch`` (one
+warning per configuration, or an error under R21D_STRICT=1) where a fused backend has no kernel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from . import _extension, auto_choices, backends
+
+FAMILIES = ("pointwise", "depthwise", "spatial", "temporal", "dense", "grouped")
+FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def conv_family(kernel_size, groups: int, in_channels: int, out_channels: int) -> str:
+    """The geometry class of DESIGN.md §4 that picks the kernel family."""
+    kt, kh, kw = kernel_size
+    if groups > 1:
+        return "depthwise" if groups == in_channels == out_channels else "grouped"
+    if (kt, kh, kw) == (1, 1, 1):
+        return "pointwise"
+    if kt == 1:
+        return "spatial"
+    if kh == kw == 1:
+        return "temporal"
+    return "dense"
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedConfig:
+    family: str
+    kernel_size: tuple[int, int, int]
+    stride: tuple[int, int, int]
+    padding: tuple[int, int, int]
+    dilation: tuple[int, int, int]
+    groups: int
+    dtype: torch.dtype
+    device_type: str
+    training: bool
+    activation: str | None
+    residual: bool
+
+    def describe(self) -> str:
+        k = "x".join(map(str, self.kernel_size))
+        mode = "train" if self.training else "eval"
+        dtype = str(self.dtype).replace("torch.", "")
+        return (f"conv_bn_act3d[{self.family} {k} stride={self.stride} padding={self.padding} "
+                f"dilation={self.dilation} groups={self.groups} {dtype} {self.device_type} {mode} "
+                f"act={self.activation} residual={self.residual}]")
+
+
+def _triton_reason(cfg: FusedConfig) -> str | None:
+    if not backends.triton_installed():
+        return "Triton is not installed"
+    if cfg.device_type == "cpu":
+        if not backends.triton_interpreted():
+            return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)"
+        if cfg.dtype == torch.bfloat16:
+            return "the Triton interpreter has no bf16 arithmetic"
+    elif cfg.device_type != "cuda":
+        return f"Triton kernels do not run on {cfg.device_type} tensors"
+    return None
+
+
+def _cuda_reason(cfg: FusedConfig) -> str | None:
+    if not _extension.loaded():
+        return _extension.unavailable_reason()
+    if cfg.device_type != "cuda":
+        return "the csrc kernels need CUDA tensors"
+    return None
+
+
+_DEVICE_CHECKS = {"triton": _triton_reason, "cuda": _cuda_reason}
+
+
+def unsupported_reason(backend: str, cfg: FusedConfig) -> str | None:
+    """Why ``backend`` cannot run ``cfg``, or None when it can."""
+    from .ops import FUSED_CALLS
+
+    if (backend, cfg.family) not in FUSED_CALLS:
+        return f"the {backend} backend has no {cfg.family} kernel yet"
+    if cfg.dtype not in FUSED_DTYPES:
+        return f"fused kernels take float16, bfloat16 or float32, not {cfg.dtype}"
+    return _DEVICE_CHECKS[backend](cfg)
+
+
+def resolve(cfg: FusedConfig, blocker: str | None = None) -> tuple[str, str | None]:
+    """(backend that runs ``cfg``, why a requested fused backend cannot), without side effects.
+
+    ``blocker`` is a caller's reason why no fused kernel may run ``cfg`` (e.g. a residual of
+    another dtype); it counts like an unsupported configuration.
+    """
+    requested = backends.get_backend()
+    if requested == "torch":
+        return "torch", None
+    if requested == "auto":
+        if cfg.device_type != "cuda":
+            return "torch", None
+        order = auto_choices.preferred(cfg.family)
+    else:
+        order = (requested,)
+    if blocker is not None:
+        return "torch", blocker
+    reasons = []
+    for name in order:
+        reason = unsupported_reason(name, cfg)
+        if reason is None:
+            return name, None
+        reasons.append(reason)
+    return "torch", "; ".join(reasons)
+
+
+def choose(cfg: FusedConfig, blocker: str | None = None) -> str:
+    """The backend that runs ``cfg``: :func:`resolve`, plus the fallback warning (or the strict-mode
+    error) when a fused backend was asked for and cannot run it."""
+    backend, reason = resolve(cfg, blocker)
+    if reason is not None:
+        backends.fallback(f"{cfg.describe()} on {backends.get_backend()}", reason)
+    return backend

@@ -1,0 +1,204 @@
+"""``conv_bn_act3d``: conv3d + BatchNorm + optional residual + activation as one call.
+
+Inputs are validated here, before any kernel launch, with errors that name the argument; then the
+backend is chosen (r21d.dispatch) and the call runs either the composite reference (``torch``)
+or a fused op of r21d.ops.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import dispatch
+from .reference import ACTIVATIONS, conv_bn_act3d_reference
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _triple(value, name: str, minimum: int) -> tuple[int, int, int]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (int(value),) * 3
+    elif isinstance(value, (tuple, list, torch.Size)) and len(value) == 3 and all(
+        isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value
+    ):
+        value = tuple(int(v) for v in value)
+    else:
+        raise TypeError(f"conv_bn_act3d: {name} must be an int or a sequence of 3 ints, got {value!r}")
+    if any(v < minimum for v in value):
+        raise ValueError(f"conv_bn_act3d: every {name} value must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_activation(activation) -> str | None:
+    if activation == "none":
+        return None
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"conv_bn_act3d: unknown activation {activation!r}; expected 'relu', 'silu' or None")
+    return activation
+
+
+def _check_vector(t: Optional[Tensor], name: str, channels: int, device: torch.device) -> None:
+    if t is None:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"conv_bn_act3d: {name} must be a Tensor or None, got {type(t).__name__}")
+    if t.shape != (channels,):
+        raise ValueError(f"conv_bn_act3d: {name} must have shape ({channels},) (the output channels), got {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"conv_bn_act3d: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"conv_bn_act3d: {name} is on {t.device} but x is on {device}")
+
+
+def _output_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@dataclasses.dataclass
+class Plan:
+    """A validated call and the backend that runs it (see :func:`plan`)."""
+
+    backend: str
+    config: dispatch.FusedConfig
+    output_shape: tuple[int, ...]
+    cast_dtype: Optional[torch.dtype]  # autocast's conv dtype, or None outside autocast
+
+
+def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
+         stride=1, padding=0, dilation=1, groups=1, training=False, activation="relu",
+         residual=None, blocker: str | None = None) -> Plan:
+    """Validate a conv_bn_act3d call and choose its backend, without side effects.
+
+    ``blocker`` is a caller's reason why no fused kernel may run it (it then falls back to
+    ``torch`` like an unsupported configuration, or raises under R21D_STRICT=1).
+    """
+    if not isinstance(x, Tensor):
+        raise TypeError(f"conv_bn_act3d: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"conv_bn_act3d: x must have rank 5 (N, C, T, H, W), got rank {x.dim()} with shape {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"conv_bn_act3d: x must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"conv_bn_act3d: weight must be a Tensor, got {type(weight).__name__}")
+    if weight.dim() != 5:
+        raise ValueError(f"conv_bn_act3d: weight must have rank 5 (C_out, C_in/groups, kT, kH, kW), got shape {tuple(weight.shape)}")
+    if not isinstance(groups, numbers.Integral) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"conv_bn_act3d: groups must be a positive int, got {groups!r}")
+    stride = _triple(stride, "stride", 1)
+    padding = _triple(padding, "padding", 0)
+    dilation = _triple(dilation, "dilation", 1)
+    activation = _check_activation(activation)
+
+    N, C_in = x.shape[:2]
+    C_out = weight.shape[0]
+    if C_in == 0 or C_out == 0:
+        raise ValueError(f"conv_bn_act3d: channel counts must be positive, got C_in={C_in}, C_out={C_out}")
+    if C_in % groups or C_out % groups:
+        raise ValueError(f"conv_bn_act3d: groups={groups} must divide both C_in={C_in} and C_out={C_out}")
+    if weight.shape[1] * groups != C_in:
+        raise ValueError(
+            f"conv_bn_act3d: x has {C_in} channels but weight expects {weight.shape[1] * groups} "
+            f"(weight.shape[1]={weight.shape[1]} x groups={groups})")
+    if weight.device != x.device:
+        raise ValueError(f"conv_bn_act3d: weight is on {weight.device} but x is on {x.device}")
+
+    cast_dtype = None
+    if torch.is_autocast_enabled(x.device.type):
+        cast_dtype = torch.get_autocast_dtype(x.device.type)
+    conv_dtype = cast_dtype or x.dtype
+    if cast_dtype is None and weight.dtype != x.dtype:
+        raise TypeError(f"conv_bn_act3d: weight dtype {weight.dtype} does not match x dtype {x.dtype}")
+    _check_vector(bias, "bias", C_out, x.device)
+    if bias is not None and cast_dtype is None and bias.dtype != x.dtype:
+        raise TypeError(f"conv_bn_act3d: bias dtype {bias.dtype} does not match x dtype {x.dtype}")
+    for t, name in ((bn_weight, "bn_weight"), (bn_bias, "bn_bias"), (running_mean, "running_mean"),
+                    (running_var, "running_var")):
+        _check_vector(t, name, C_out, x.device)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("conv_bn_act3d: pass both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError("conv_bn_act3d: training=False normalises with running statistics; pass running_mean and running_var")
+
+    kernel_size = tuple(weight.shape[2:])
+    spatial = []
+    for size, k, s, p, d, axis in zip(x.shape[2:], kernel_size, stride, padding, dilation, "THW"):
+        out = _output_size(size, k, s, p, d)
+        if out < 1:
+            raise ValueError(
+                f"conv_bn_act3d: input size {axis}={size} with padding {p} is smaller than the "
+                f"dilated kernel ({d * (k - 1) + 1}); output would be empty")
+        spatial.append(out)
+    output_shape = (N, C_out, *spatial)
+    if training and N * spatial[0] * spatial[1] * spatial[2] == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {torch.Size(output_shape)}")
+    if residual is not None:
+        if not isinstance(residual, Tensor):
+            raise TypeError(f"conv_bn_act3d: residual must be a Tensor or None, got {type(residual).__name__}")
+        if tuple(residual.shape) != output_shape:
+            raise ValueError(f"conv_bn_act3d: residual must have the output's shape {output_shape}, got {tuple(residual.shape)}")
+        if residual.device != x.device:
+            raise ValueError(f"conv_bn_act3d: residual is on {residual.device} but x is on {x.device}")
+        if not residual.dtype.is_floating_point:
+            raise TypeError(f"conv_bn_act3d: residual must be a floating-point tensor, got {residual.dtype}")
+        if blocker is None and residual.dtype != conv_dtype:
+            blocker = f"residual dtype {residual.dtype} differs from the conv output's {conv_dtype} (PyTorch would promote)"
+
+    config = dispatch.FusedConfig(
+        family=dispatch.conv_family(kernel_size, groups, C_in, C_out),
+        kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
+        groups=int(groups), dtype=conv_dtype, device_type=x.device.type, training=bool(training),
+        activation=activation, residual=residual is not None,
+    )
+    return Plan(dispatch.choose(config, blocker), config, output_shape, cast_dtype)
+
+
+def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps,
+        residual=None) -> Tensor:
+    """Execute a :class:`Plan` on a fused backend (``p.backend`` must not be ``torch``)."""
+    from .ops import FUSED_CALLS
+
+    cfg = p.config
+    if p.cast_dtype is not None:  # autocast casts the conv's inputs like F.conv3d does
+        x, weight = x.to(p.cast_dtype), weight.to(p.cast_dtype)
+        bias = bias.to(p.cast_dtype) if bias is not None else None
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual))
+    with torch.autocast(x.device.type, enabled=False):
+        return FUSED_CALLS[p.backend, cfg.family](
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+            stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=cfg.groups,
+            training=cfg.training, momentum=float(momentum), eps=float(eps),
+            activation=cfg.activation, save=save)
+
+
+def conv_bn_act3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                  bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None,
+                  running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None, *,
+                  stride=1, padding=0, dilation=1, groups=1, training: bool = False,
+                  momentum: float = 0.1, eps: float = 1e-5, activation: Optional[str] = "relu",
+                  residual: Optional[Tensor] = None) -> Tensor:
+    """``act(batch_norm(conv3d(x, weight, bias)) + residual)`` with PyTorch's exact semantics.
+
+    ``training`` selects batch statistics (and updates ``running_mean``/``running_var`` in place
+    with ``momentum`` when given) or the running statistics; ``activation`` is "relu", "silu" or
+    None. Runs fused where the selected backend has a kernel for the geometry.
+    """
+    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool):
+        raise TypeError(f"conv_bn_act3d: momentum must be a float, got {momentum!r}")
+    p = plan(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, stride=stride,
+             padding=padding, dilation=dilation, groups=groups, training=training,
+             activation=activation, residual=residual)
+    if p.backend == "torch":
+        return conv_bn_act3d_reference(
+            x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+            stride=p.config.stride, padding=p.config.padding, dilation=p.config.dilation,
+            groups=groups, training=training, momentum=momentum, eps=eps,
+            activation=p.config.activation, residual=residual)
+    return run(p, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+               momentum=momentum, eps=eps, residual=residual)

@@ -1,0 +1,117 @@
+"""Swap-in (DESIGN.md §5): ``fuse`` / ``unfuse`` / ``fusion_report``.
+
+``fuse`` turns every ``nn.Sequential`` (at any depth, subclasses included when they keep
+Sequential's forward, e.g. torchvision's Conv2Plus1D, BasicStem, R2Plus1dStem) that holds a
+Conv3d -> BatchNorm3d/SyncBatchNorm (-> ReLU/SiLU) run into a :class:`FusedSequential`. The
+children are untouched, so every state-dict key and value, the train/eval mode and the device stay
+as they were; only the class changes, and ``unfuse`` changes it back.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from . import dispatch
+from .backends import get_backend
+from .fused_sequential import FusedSequential, find_runs
+from .fused_site import conv_base, site_config
+from .modules import SpatioTemporalConv
+
+# Where fuse() keeps the class a FusedSequential had before, for unfuse().
+_ORIGINAL_CLASS = "_r21d_unfused_class"
+
+
+def _fusable_sequential(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Sequential)
+        and not isinstance(module, FusedSequential)
+        and type(module).forward is nn.Sequential.forward
+        and bool(find_runs(module, dims=(3,)))
+    )
+
+
+def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Replace every fusable conv -> BN (-> activation) run of ``model`` by a fused site."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        if _fusable_sequential(module):
+            # Same object and children, Sequential's layout: only forward changes.
+            setattr(module, _ORIGINAL_CLASS, type(module))
+            module.__class__ = FusedSequential
+    return model
+
+
+def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
+    """Back to plain PyTorch modules: fused sequentials become their original class again
+    (``nn.Sequential`` for r21d's own ConvBNReLU3d, Conv2Plus1d, ...)."""
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in model.modules():
+        if isinstance(module, FusedSequential):
+            module.__class__ = module.__dict__.pop(_ORIGINAL_CLASS, nn.Sequential)
+    return model
+
+
+def _pattern(conv, bn, act) -> str:
+    k = "x".join(map(str, conv.kernel_size))
+    parts = [f"{type(conv).__name__}({k}, stride {tuple(conv.stride)})", type(bn).__name__]
+    if act is not None:
+        parts.append(type(act).__name__)
+    return " -> ".join(parts)
+
+
+def _sites(model: nn.Module):
+    """(site, conv, bn, act) for every fused site of ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, FusedSequential):
+            children = list(module.children())
+            for run in find_runs(module):
+                conv, bn = children[run.start], children[run.start + 1]
+                act = children[run.start + 2] if run.length == 3 else None
+                yield f"{name or '<root>'}[{run.start}:{run.start + run.length}]", conv, bn, act
+        elif isinstance(module, SpatioTemporalConv):
+            yield f"{name}.spatial", module.spatial_conv, module.bn1, module.relu
+            yield f"{name}.temporal", module.temporal_conv, module.bn2, module.relu
+
+
+def _unfused_reason(parent: nn.Module | None, conv: nn.Module) -> str:
+    if conv_base(conv) is None:
+        return f"{type(conv).__name__} has its own forward"
+    if parent is None:
+        return "not inside a module r21d can fuse"
+    if not isinstance(parent, nn.Sequential):
+        return f"inside {type(parent).__name__}, not an nn.Sequential"
+    if type(parent).forward is not nn.Sequential.forward:
+        return f"{type(parent).__name__} has its own forward"
+    return "no BatchNorm3d follows it"
+
+
+def fusion_report(model: nn.Module, *, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> str:
+    """A table: each fused site, its pattern, the kernel family and the backend that would run it
+    (for ``dtype``/``device``, by default those of the model's parameters), then the convolutions
+    left unfused and why."""
+    rows = [("site", "pattern", "kernel", "backend", "note")]
+    fused_convs = set()
+    for site, conv, bn, act in _sites(model):
+        fused_convs.add(id(conv))
+        cfg, blocker = site_config(conv, bn, act, dtype=dtype, device=device)
+        backend, reason = dispatch.resolve(cfg, blocker)
+        rows.append((site, _pattern(conv, bn, act), cfg.family, backend, reason or ""))
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv3d, nn.Conv2d)) and id(module) not in fused_convs:
+            k = "x".join(map(str, module.kernel_size))
+            rows.append((name, f"{type(module).__name__}({k}, stride {tuple(module.stride)})", "-",
+                         "unfused", _unfused_reason(parents.get(id(module)), module)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    fused = sum(1 for r in rows[1:] if r[3] != "unfused")
+    lines.append(f"{fused} fused sites, {len(rows) - 1 - fused} convolutions unfused "
+                 f"(requested backend: {get_backend()})")
+    return "\n".join(lines)

@@ -1,0 +1,65 @@
+"""``FusedSequential``: an ``nn.Sequential`` that runs each conv -> BN (-> activation) run of its
+children as one fused site (r21d.fused_site) and every other child as usual.
+
+Children, their names and so every state-dict key stay exactly as they were; only ``forward``
+changes. ``r21d.fuse`` turns plain sequentials into this class and ``r21d.unfuse`` back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from .fused_site import conv_base, is_activation, is_batchnorm_for, run_site
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    start: int  # index of the conv among the children
+    length: int  # 2 (conv, bn) or 3 (conv, bn, activation)
+
+
+def run_at(children: list[nn.Module], i: int, dims: tuple[int, ...] = (2, 3)) -> Run | None:
+    """The fusable run that starts at child ``i``, if any."""
+    conv = children[i]
+    base = conv_base(conv)
+    if base is None or (3 if base is nn.Conv3d else 2) not in dims:
+        return None
+    if i + 1 >= len(children) or not is_batchnorm_for(children[i + 1], conv):
+        return None
+    if i + 2 < len(children) and is_activation(children[i + 2]):
+        return Run(i, 3)
+    return Run(i, 2)
+
+
+def find_runs(seq: nn.Sequential, dims: tuple[int, ...] = (2, 3)) -> list[Run]:
+    children = list(seq.children())
+    runs, i = [], 0
+    while i < len(children):
+        run = run_at(children, i, dims)
+        if run is None:
+            i += 1
+        else:
+            runs.append(run)
+            i += run.length
+    return runs
+
+
+class FusedSequential(nn.Sequential):
+    """An nn.Sequential whose conv -> BN (-> ReLU/SiLU) runs execute fused."""
+
+    def forward(self, x):
+        children = list(self.children())
+        i = 0
+        while i < len(children):
+            run = run_at(children, i)
+            if run is None:
+                x = children[i](x)
+                i += 1
+                continue
+            conv, bn = children[i], children[i + 1]
+            act = children[i + 2] if run.length == 3 else None
+            x = run_site(conv, bn, act, x)
+            i += run.length
+        return x

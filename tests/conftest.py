@@ -1,0 +1,37 @@
+"""Test setup: without a GPU, Triton kernels run in the interpreter (set before Triton is
+imported); GPU tests (marked ``gpu``) are skipped unless CUDA is present."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import r21d  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with pytest -m gpu on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_backend_state(monkeypatch):
+    """Each test starts from R21D_BACKEND=auto with no process-wide override."""
+    monkeypatch.setattr(r21d.backends, "_global_choice", None)
+    monkeypatch.setattr(r21d.backends, "_env_choice", "auto")
+    monkeypatch.setattr(r21d.backends, "_warned", set())
+    yield
+
+
+@pytest.fixture
+def strict(monkeypatch):
+    """R21D_STRICT=1: a configuration the fused backend cannot run raises instead of falling back."""
+    monkeypatch.setenv("R21D_STRICT", "1")

@@ -1,0 +1,106 @@
+"""Backend selection (DESIGN.md §2): names, precedence, fallback warning, strict mode."""
+
+import warnings
+
+import pytest
+import torch
+
+import r21d
+from r21d import backends, dispatch
+
+POINTWISE_CPU = dispatch.FusedConfig(
+    family="pointwise", kernel_size=(1, 1, 1), stride=(1, 1, 1), padding=(0, 0, 0),
+    dilation=(1, 1, 1), groups=1, dtype=torch.float32, device_type="cpu", training=False,
+    activation="relu", residual=False)
+
+
+def test_default_is_auto_and_torch_always_available():
+    assert r21d.get_backend() == "auto"
+    assert "torch" in r21d.available_backends()
+
+
+def test_triton_available_in_the_interpreter():
+    # tests/conftest.py sets TRITON_INTERPRET=1 on machines without CUDA
+    assert "triton" in r21d.available_backends()
+
+
+@pytest.mark.parametrize("bad", ["cudnn", "", "Torchx", None, 3])
+def test_unknown_backend_is_rejected(bad):
+    with pytest.raises(ValueError, match="unknown r21d backend"):
+        r21d.set_backend(bad)
+    with pytest.raises(ValueError, match="unknown r21d backend"):
+        with r21d.use_backend(bad):
+            pass
+
+
+def test_precedence_context_over_process_over_env(monkeypatch):
+    monkeypatch.setattr(backends, "_env_choice", "triton")
+    assert r21d.get_backend() == "triton"
+    r21d.set_backend("torch")
+    assert r21d.get_backend() == "torch"
+    with r21d.use_backend("cuda"):
+        assert r21d.get_backend() == "cuda"
+        with r21d.use_backend("auto"):
+            assert r21d.get_backend() == "auto"
+        assert r21d.get_backend() == "cuda"
+    assert r21d.get_backend() == "torch"
+
+
+def test_env_variable_is_validated(monkeypatch):
+    monkeypatch.setattr(backends, "_env_choice", "tritonn")
+    with pytest.raises(ValueError, match="unknown r21d backend 'tritonn'"):
+        r21d.get_backend()
+
+
+def test_auto_on_cpu_is_torch():
+    assert dispatch.choose(POINTWISE_CPU) == "torch"
+
+
+def test_explicit_triton_runs_supported_config():
+    with r21d.use_backend("triton"):
+        assert dispatch.choose(POINTWISE_CPU) == "triton"
+
+
+def test_fallback_warns_once_per_configuration():
+    dense = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "family": "dense", "kernel_size": (3, 3, 3)})
+    with r21d.use_backend("triton"):
+        with pytest.warns(r21d.FallbackWarning, match="no dense kernel"):
+            assert dispatch.choose(dense) == "torch"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert dispatch.choose(dense) == "torch"  # same configuration: silent
+        other = dense.__class__(**{**dense.__dict__, "training": True})
+        with pytest.warns(r21d.FallbackWarning):
+            dispatch.choose(other)
+
+
+def test_strict_mode_raises_instead_of_falling_back(strict):
+    bf16 = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "dtype": torch.bfloat16})
+    with r21d.use_backend("triton"):
+        with pytest.raises(r21d.FusedKernelUnavailable, match="no bf16 arithmetic"):
+            dispatch.choose(bf16)
+
+
+def test_cuda_backend_without_kernels_falls_back(strict):
+    with r21d.use_backend("cuda"):
+        with pytest.raises(r21d.FusedKernelUnavailable, match="cuda backend has no pointwise kernel"):
+            dispatch.choose(POINTWISE_CPU)
+
+
+def test_torch_backend_never_warns(strict):
+    dense = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "family": "dense"})
+    with r21d.use_backend("torch"):
+        assert dispatch.choose(dense) == "torch"
+
+
+@pytest.mark.parametrize("kernel,groups,cin,cout,family", [
+    ((1, 1, 1), 1, 64, 256, "pointwise"),
+    ((3, 3, 3), 64, 64, 64, "depthwise"),
+    ((1, 1, 1), 64, 64, 64, "depthwise"),
+    ((3, 3, 3), 4, 64, 64, "grouped"),
+    ((1, 3, 3), 1, 64, 144, "spatial"),
+    ((3, 1, 1), 1, 144, 64, "temporal"),
+    ((3, 7, 7), 1, 3, 64, "dense"),
+])
+def test_conv_family(kernel, groups, cin, cout, family):
+    assert dispatch.conv_family(kernel, groups, cin, cout) == family

@@ -1,0 +1,136 @@
+"""The fused pointwise (1x1x1) conv + BN + activation kernels against the float64 oracle.
+
+On the CPU they run in the Triton interpreter (fp32, fp16); on a GPU (``-m gpu``) in fp32, fp16
+and bf16, where the bound is twice cuDNN's own error. Strict mode throughout: a fallback to the
+torch path would raise, and the launch counter proves the kernels ran.
+"""
+
+import pytest
+import torch
+
+import r21d
+from r21d.triton_kernels import _launch
+from tests.utils import (DEVICE_DTYPES, ConvCase, assert_oracle_close, make_inputs, oracle,
+                         run_backend)
+
+pytestmark = pytest.mark.usefixtures("strict")
+
+CASES = {
+    "odd-channels": ConvCase(),
+    "cl3d": ConvCase(layout="cl3d", C_in=16, C_out=24),
+    "strided-view": ConvCase(layout="strided", C_in=20, C_out=45),
+    "stride2-pad1": ConvCase(stride=(1, 2, 2), padding=(0, 1, 1), C_in=23, C_out=19, H=7, W=6),
+    "stride2-all": ConvCase(stride=(2, 2, 2), T=4, H=5, W=5, C_in=18, C_out=33),
+    "residual": ConvCase(residual=True, C_in=32, C_out=40),
+    "residual-cl3d": ConvCase(residual=True, layout="cl3d", C_in=40, C_out=32, T=2),
+    "silu": ConvCase(activation="silu"),
+    "no-act": ConvCase(activation=None, bias=False),
+    "no-affine": ConvCase(affine=False, C_in=17, C_out=9),
+    "T1-N1": ConvCase(N=1, T=1, H=3, W=5, C_in=8, C_out=16),
+    "wide-K": ConvCase(N=1, T=2, H=3, W=3, C_in=70, C_out=20),
+}
+
+
+def _check(device, dtype, case, training, momentum=0.1):
+    args = make_inputs(case, dtype, device)
+    grad_out = torch.randn(case.output_shape(), dtype=dtype, device=device)
+    with _launch.count() as counter, _launch.poisoned():
+        y, grads, (rm, rv) = run_backend("triton", args, case, training, grad_out, momentum)
+    assert counter.launches > 0, "the fused kernels did not run"
+    ref, ref_grads, (ref_rm, ref_rv) = oracle(args, case, training, grad_out, momentum)
+    base, base_grads, _ = run_backend("torch", args, case, training, grad_out, momentum)
+    assert_oracle_close("out", y, ref, dtype, base)
+    for name, g in ref_grads.items():
+        assert_oracle_close(f"grad {name}", grads[name], g, dtype, base_grads[name])
+    if case.running:
+        # Running statistics stay in their own (float32) dtype, computed in fp32.
+        assert_oracle_close("running_mean", rm, ref_rm, torch.float32)
+        assert_oracle_close("running_var", rv, ref_rv, torch.float32)
+    return y
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_forward_backward_matches_oracle(device, dtype, name, training):
+    case = CASES[name]
+    y = _check(device, dtype, case, training)
+    assert y.dtype == dtype
+    expect_cl = case.layout == "cl3d"
+    assert y.is_contiguous(memory_format=torch.channels_last_3d if expect_cl else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_training_without_running_stats(device, dtype):
+    _check(device, dtype, ConvCase(running=False, C_in=12, C_out=20), training=True)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_large_mean_offset_is_numerically_safe(device, dtype):
+    """Conv outputs far from zero (a large bias): a naive sum-of-squares variance would lose it."""
+    case = ConvCase(C_in=8, C_out=16, H=6, W=6)
+    args = make_inputs(case, dtype, device)
+    offset = 1000.0 if dtype == torch.float32 else 60.0
+    args["bias"] = args["bias"] + offset
+    y, _, (rm, rv) = run_backend("triton", args, case, True)
+    ref, _, (ref_rm, ref_rv) = oracle(args, case, True)
+    base, _, _ = run_backend("torch", args, case, True)
+    assert_oracle_close("out", y, ref, dtype, base)
+    assert_oracle_close("running_var", rv, ref_rv, torch.float32)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_empty_batch(device, dtype):
+    case = ConvCase(N=0, C_in=8, C_out=16)
+    args = make_inputs(case, dtype, device)
+    for training in (False, True):
+        before = args["running_mean"].clone()
+        y, grads, (rm, _) = run_backend("triton", args, case, training, torch.randn(case.output_shape(), dtype=dtype, device=device))
+        assert y.shape == case.output_shape()
+        assert torch.equal(rm, before), "an empty batch must leave the running statistics alone"
+        assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+        assert grads["weight"].shape == args["weight"].shape
+
+
+def test_eval_forward_is_one_launch_allocating_only_its_output():
+    case = ConvCase(residual=True)
+    args = make_inputs(case, torch.float32, "cpu")
+    with torch.no_grad(), r21d.use_backend("triton"), _launch.count() as counter:
+        r21d.functional.conv_bn_act3d(
+            args["x"], args["weight"], args["bias"], args["bn_weight"], args["bn_bias"],
+            args["running_mean"], args["running_var"], residual=args["residual"], training=False)
+    assert counter.launches == 1, counter.kernels
+    assert counter.allocations == 1
+
+
+def test_train_forward_launches_as_designed():
+    """GEMM with the statistics epilogue, the statistics merge, one normalise + activation pass."""
+    case = ConvCase()
+    args = make_inputs(case, torch.float32, "cpu")
+    with torch.no_grad(), r21d.use_backend("triton"), _launch.count() as counter:
+        r21d.functional.conv_bn_act3d(
+            args["x"], args["weight"], args["bias"], args["bn_weight"], args["bn_bias"],
+            args["running_mean"], args["running_var"], training=True)
+    assert counter.kernels == ["_pointwise_fwd_kernel", "_bn_stats_finalize_kernel",
+                               "_bn_act_normalize_kernel"]
+
+
+def test_backward_launches_as_designed():
+    """BN + activation backward reduction and its finalisation, then the dgrad and wgrad GEMMs
+    (the wgrad in row splits, summed in a fixed order)."""
+    case = ConvCase()
+    args = make_inputs(case, torch.float32, "cpu")
+    grad_out = torch.randn(case.output_shape())
+    y, *_ = None, None
+    from tests.utils import clone_inputs
+
+    a = clone_inputs(args, requires_grad=True)
+    with r21d.use_backend("triton"):
+        y = r21d.functional.conv_bn_act3d(
+            a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+            a["running_var"], training=True)
+    with _launch.count() as counter:
+        y.backward(grad_out)
+    assert counter.kernels == ["_bn_act_bwd_reduce_kernel", "_bn_bwd_finalize_kernel",
+                               "_pointwise_dgrad_kernel", "_pointwise_wgrad_kernel",
+                               "_sum_splits_kernel"]

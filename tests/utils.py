@@ -1,0 +1,194 @@
+"""Shared test helpers: the tolerance table, the float64 oracle and input makers (DESIGN.md §6)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from r21d.reference import conv_bn_act3d_reference
+
+# ---------------------------------------------------------------------------- tolerances
+# A fused result passes when its error against the float64 oracle, ||out - ref|| / ||ref||, is at
+# most twice the error of PyTorch's own (cuDNN on a GPU) result in the same dtype on the same
+# inputs, or at most REL_FLOOR (a few units of rounding) when that is larger. ELEMENTWISE is a
+# second, elementwise check (rtol, atol relative to the largest |ref|) that catches a few wild
+# elements hidden in the norm; an element may also be off by up to twice PyTorch's worst element
+# (rounding the conv output, for instance, flips ReLU masks and moves gradient elements in both).
+REL_FLOOR = {
+    torch.float32: 1e-6,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.6e-2,
+}
+ELEMENTWISE = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (2e-2, 2e-3),
+    torch.bfloat16: (8e-2, 2e-2),
+}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    denom = ref.norm().item()
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_oracle_close(name: str, out: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype,
+                        baseline: torch.Tensor | None = None) -> None:
+    """``out`` (computed in ``dtype``) against the float64 ``ref64``; see the table above."""
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values (unwritten or overflow)"
+    err = rel_err(out, ref64)
+    bound = REL_FLOOR[dtype]
+    if baseline is not None:
+        bound = max(bound, 2 * rel_err(baseline, ref64))
+    assert err <= bound, f"{name}: relative error {err:.3e} > bound {bound:.3e}"
+    rtol, atol = ELEMENTWISE[dtype]
+    out, ref64 = out.detach().double().cpu(), ref64.detach().double().cpu()
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    tol = atol * max(scale, 1.0) + rtol * ref64.abs()
+    if baseline is not None:
+        tol = torch.clamp(tol, min=2 * (baseline.detach().double().cpu() - ref64).abs().max().item())
+    diff = (out - ref64).abs()
+    bad = diff > tol
+    if bad.any():
+        worst = (diff - tol).argmax()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements off; worst {diff.flatten()[worst]:.3e} "
+            f"> allowed {tol.flatten()[worst]:.3e} (ref {ref64.flatten()[worst]:.4g})")
+
+
+# ---------------------------------------------------------------------------- devices
+def gpu(*values, id=None):
+    """A parametrize value that needs CUDA: marked ``gpu`` (skipped without a GPU)."""
+    return pytest.param(*values, marks=pytest.mark.gpu, id=id)
+
+
+# (device, dtype) pairs for fused-kernel tests: the interpreter has no bf16 arithmetic.
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cpu", torch.float16, id="cpu-fp16"),
+    gpu("cuda", torch.float32, id="cuda-fp32"),
+    gpu("cuda", torch.float16, id="cuda-fp16"),
+    gpu("cuda", torch.bfloat16, id="cuda-bf16"),
+]
+
+
+# ---------------------------------------------------------------------------- inputs
+@dataclasses.dataclass(frozen=True)
+class ConvCase:
+    """One conv + BN + activation problem. ``layout``: "ncdhw", "cl3d" (channels_last_3d) or
+    "strided" (a non-contiguous view: every other element of a wider tensor along W)."""
+
+    N: int = 2
+    C_in: int = 45
+    C_out: int = 37
+    T: int = 3
+    H: int = 5
+    W: int = 4
+    kernel: tuple = (1, 1, 1)
+    stride: tuple = (1, 1, 1)
+    padding: tuple = (0, 0, 0)
+    dilation: tuple = (1, 1, 1)
+    groups: int = 1
+    bias: bool = True
+    affine: bool = True
+    running: bool = True
+    residual: bool = False
+    activation: str | None = "relu"
+    layout: str = "ncdhw"
+
+    def output_shape(self):
+        dims = [
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, k, st, p, d in zip((self.T, self.H, self.W), self.kernel, self.stride,
+                                      self.padding, self.dilation)
+        ]
+        return (self.N, self.C_out, *dims)
+
+
+def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "cl3d":
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    if layout == "strided":
+        wide = torch.empty(*t.shape[:-1], 2 * t.shape[-1], dtype=t.dtype, device=t.device)
+        wide[..., ::2] = t
+        return wide[..., ::2]
+    return t.contiguous()
+
+
+def make_inputs(case: ConvCase, dtype, device, seed: int = 0) -> dict:
+    """Fresh random inputs (never zeros) for ``case``; BN parameters in float32 like a module's."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape, scale=1.0):
+        return torch.randn(*shape, generator=g) * scale
+
+    k = case.kernel[0] * case.kernel[1] * case.kernel[2] * case.C_in // case.groups
+    args = {
+        "x": _layout(randn(case.N, case.C_in, case.T, case.H, case.W).to(device, dtype), case.layout),
+        "weight": (randn(case.C_out, case.C_in // case.groups, *case.kernel, scale=k ** -0.5)).to(device, dtype),
+        "bias": randn(case.C_out).to(device, dtype) if case.bias else None,
+        "bn_weight": (torch.rand(case.C_out, generator=g) + 0.5).to(device) if case.affine else None,
+        "bn_bias": randn(case.C_out, scale=0.5).to(device) if case.affine else None,
+        "running_mean": randn(case.C_out, scale=0.3).to(device) if case.running else None,
+        "running_var": (torch.rand(case.C_out, generator=g) + 0.5).to(device) if case.running else None,
+        "residual": _layout(randn(*case.output_shape()).to(device, dtype), case.layout) if case.residual else None,
+    }
+    return args
+
+
+def conv_kwargs(case: ConvCase, training: bool, momentum: float = 0.1, eps: float = 1e-5) -> dict:
+    return dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups,
+                training=training, momentum=momentum, eps=eps, activation=case.activation)
+
+
+GRAD_NAMES = ("x", "weight", "bias", "bn_weight", "bn_bias", "residual")
+
+
+def clone_inputs(args: dict, dtype=None, device=None, requires_grad: bool = False) -> dict:
+    """Copies of ``args`` (cast to ``dtype``/``device`` if given); differentiable ones require grad."""
+    out = {}
+    for name, t in args.items():
+        if t is None:
+            out[name] = None
+            continue
+        c = t.detach().to(device=device or t.device, dtype=dtype or t.dtype).clone(
+            memory_format=torch.preserve_format)
+        if requires_grad and name in GRAD_NAMES:
+            c.requires_grad_(True)
+        out[name] = c
+    return out
+
+
+def oracle(args: dict, case: ConvCase, training: bool, grad_out=None, momentum=0.1, eps=1e-5):
+    """The float64 CPU reference: (output, {name: grad}, (running_mean, running_var))."""
+    a = clone_inputs(args, dtype=torch.float64, device="cpu", requires_grad=grad_out is not None)
+    y = conv_bn_act3d_reference(
+        a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+        a["running_var"], residual=a["residual"], **conv_kwargs(case, training, momentum, eps))
+    grads = {}
+    if grad_out is not None:
+        y.backward(grad_out.detach().double().cpu())
+        grads = {n: a[n].grad for n in GRAD_NAMES if a[n] is not None}
+    return y.detach(), grads, (a["running_mean"], a["running_var"])
+
+
+def run_backend(backend: str, args: dict, case: ConvCase, training: bool, grad_out=None,
+                momentum=0.1, eps=1e-5):
+    """r21d.functional.conv_bn_act3d on ``backend`` with copies of ``args``:
+    (output, {name: grad}, (running_mean, running_var))."""
+    import r21d
+
+    a = clone_inputs(args, requires_grad=grad_out is not None)
+    with r21d.use_backend(backend):
+        y = r21d.functional.conv_bn_act3d(
+            a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+            a["running_var"], residual=a["residual"], **conv_kwargs(case, training, momentum, eps))
+        grads = {}
+        if grad_out is not None:
+            y.backward(grad_out)
+            grads = {n: a[n].grad for n in GRAD_NAMES if a[n] is not None}
+    return y.detach(), grads, (a["running_mean"], a["running_var"])

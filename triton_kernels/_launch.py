@@ -1,0 +1,129 @@
+"""Launch and allocation accounting for the launchers (DESIGN.md §8 structural checks).
+
+Every launcher allocates through :func:`alloc` and launches through :func:`launch`, so a test can
+prove, without a GPU, that an eval-mode fused op is exactly one kernel launch that allocates only
+its output::
+
+    with count() as c:
+        y = op(...)
+    assert c.launches == 1 and c.allocations == 1
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+
+
+@dataclasses.dataclass
+class Counter:
+    launches: int = 0
+    allocations: int = 0
+    kernels: list[str] = dataclasses.field(default_factory=list)
+
+
+_active: list[Counter] = []
+_captures: list[list] = []
+_poison = False
+
+
+@contextlib.contextmanager
+def count() -> Iterator[Counter]:
+    counter = Counter()
+    _active.append(counter)
+    try:
+        yield counter
+    finally:
+        _active.remove(counter)
+
+
+@contextlib.contextmanager
+def poisoned() -> Iterator[None]:
+    """Fill every buffer the launchers allocate with NaN, so a test sees any element a kernel
+    failed to write."""
+    global _poison
+    previous, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = previous
+
+
+def alloc(shape, *, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
+    """torch.empty that is counted when it allocates (an empty placeholder is not)."""
+    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+    if t.numel() > 0:
+        for c in _active:
+            c.allocations += 1
+        if _poison and t.is_floating_point():
+            t.fill_(float("nan"))
+    return t
+
+
+@dataclasses.dataclass
+class CapturedLaunch:
+    kernel: object  # a JITFunction or an Autotuner wrapping one
+    grid: object  # a tuple, or a function of the meta-parameters
+    args: tuple
+    kwargs: dict
+
+
+@contextlib.contextmanager
+def capture() -> Iterator[list[CapturedLaunch]]:
+    """Record launches instead of running them (the static report compiles what it records)."""
+    launches: list[CapturedLaunch] = []
+    _captures.append(launches)
+    try:
+        yield launches
+    finally:
+        _captures.remove(launches)
+
+
+def kernel_name(kernel) -> str:
+    fn = getattr(kernel, "fn", kernel)  # Autotuner / JITFunction -> the Python function
+    return getattr(fn, "__name__", repr(fn))
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """kernel[grid](*args, **kwargs), counted; launches on the current stream (Triton's default)."""
+    for c in _active:
+        c.launches += 1
+        c.kernels.append(kernel_name(kernel))
+    if _captures:
+        _captures[-1].append(CapturedLaunch(kernel, grid, args, kwargs))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+def interpreted() -> bool:
+    """True under TRITON_INTERPRET=1 (kernels run on CPU tensors, slowly: small blocks)."""
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
+
+
+class Tuned:
+    """A kernel with its GPU autotuning configurations and the one configuration the interpreter
+    runs (DESIGN.md §6: tiny shapes, one config). ``select()`` gives what to launch and the meta
+    arguments to pass; the autotuner is built on first GPU use."""
+
+    def __init__(self, fn, configs, key, interpret: dict, prune=None):
+        self.fn = fn
+        self.configs = configs
+        self.key = key
+        self.interpret = interpret
+        self.prune = prune
+        self._autotuner = None
+
+    def select(self):
+        if interpreted():
+            return self.fn, dict(self.interpret)
+        if self._autotuner is None:
+            import triton
+
+            prune = {"early_config_prune": self.prune} if self.prune else None
+            self._autotuner = triton.autotune(self.configs, key=self.key, prune_configs_by=prune)(self.fn)
+        return self._autotuner, {}

@@ -1,0 +1,307 @@
+"""BatchNorm passes shared by every conv family: batch statistics, normalise + activation, and the
+backward reduction that yields dgamma, dbeta and the coefficients of the conv backward prologue.
+
+Training forward (after a conv kernel that wrote the conv output ``z`` and, per tile of rows,
+each channel's tile mean and sum of squared deviations):
+  1. ``finalize_stats``: merge the per-tile (count, mean, M2) triples with Chan's formula and
+     return (mean, invstd) and the updated running statistics, computed like ``nn.BatchNorm3d``
+     but written to new tensors (the ops stay functional; the caller copies them back);
+  2. ``normalize_act``: y = act((z - mean) * invstd * gamma + beta [+ residual]).
+
+Backward (training or eval, with ``mean``/``invstd`` those the forward normalised with):
+  1. ``bwd_reduce``: g = dy * act'(pre) per element; per channel sum(g) and sum(g * xhat) per tile
+     of rows (and g itself as the residual's gradient when asked);
+  2. ``bwd_finalize``: dgamma = sum(g * xhat), dbeta = sum(g), dbias, and the coefficient table
+     COEF (6 x C, fp32) with which the dgrad / wgrad GEMM prologues rebuild the conv-output
+     gradient as they load: pre = (z - mean) * a + beta [+ r];  g = dy * act'(pre);
+     dz = k_g * g + k_z * (z - mean) + k_0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as cm
+from ._launch import alloc, interpreted, launch
+from ._layout import alloc_activation, rows_aligned, rows_strides
+
+# Row of the coefficient table (COEF[i * C + c]).
+COEF_MEAN, COEF_A, COEF_BETA, COEF_KG, COEF_KZ, COEF_K0 = range(6)
+NUM_COEF = 6
+
+
+def _elementwise_blocks(C: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) for the row x channel passes: 16-byte channel vectors, ~4K elements."""
+    block_c = min(triton.next_power_of_2(max(C, 1)), 128)
+    if interpreted():
+        return 16, min(block_c, 32)
+    return max(4096 // block_c, 16), block_c
+
+
+@triton.jit
+def _bn_stats_finalize_kernel(
+    part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, new_rmean_ptr,
+    new_rvar_ptr, num_tiles, rows_per_tile, M, Mf, C, momentum, eps,
+    UPDATE_RUNNING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    n_a = tl.zeros((BLOCK_C,), tl.float32)  # rows merged so far (the same for every channel)
+    mean_a = tl.zeros((BLOCK_C,), tl.float32)
+    m2_a = tl.zeros((BLOCK_C,), tl.float32)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        tmask = tiles < num_tiles
+        n_i = tl.where(tmask, tl.minimum(rows_per_tile, M - tiles * rows_per_tile), 0).to(tl.float32)
+        offs = tiles[:, None].to(tl.int64) * C + cols[None, :]
+        m = tmask[:, None] & cmask[None, :]
+        pm = tl.load(part_mean_ptr + offs, mask=m, other=0.0)
+        pm2 = tl.load(part_m2_ptr + offs, mask=m, other=0.0)
+        # Merge this block of tiles (Chan et al.), then merge the block into the running triple.
+        n_b = tl.sum(n_i, axis=0)
+        mean_b = tl.sum(n_i[:, None] * pm, axis=0) / n_b
+        d = pm - mean_b[None, :]
+        m2_b = tl.sum(pm2, axis=0) + tl.sum(n_i[:, None] * d * d, axis=0)
+        n = n_a + n_b
+        delta = mean_b - mean_a
+        mean_a = mean_a + delta * (n_b / n)
+        m2_a = m2_a + m2_b + delta * delta * (n_a * n_b / n)
+        n_a = n
+    var = m2_a / Mf
+    tl.store(mean_ptr + cols, mean_a, mask=cmask)
+    tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    if UPDATE_RUNNING:
+        rm = tl.load(rmean_ptr + cols, mask=cmask).to(tl.float32)
+        rv = tl.load(rvar_ptr + cols, mask=cmask).to(tl.float32)
+        rm = (1.0 - momentum) * rm + momentum * mean_a
+        rv = (1.0 - momentum) * rv + momentum * (var * (Mf / (Mf - 1.0)))
+        tl.store(new_rmean_ptr + cols, rm, mask=cmask)
+        tl.store(new_rvar_ptr + cols, rv, mask=cmask)
+
+
+def finalize_stats(part_mean, part_m2, rows_per_tile: int, M: int, running_mean, running_var,
+                   momentum: float, eps: float):
+    """Batch (mean, invstd) from per-tile partials, and the running statistics updated with
+    ``momentum`` as new tensors (None when ``running_mean`` is None)."""
+    num_tiles, C = part_mean.shape
+    mean = alloc((C,), dtype=torch.float32, device=part_mean.device)
+    invstd = alloc((C,), dtype=torch.float32, device=part_mean.device)
+    update = running_mean is not None
+    new_rm = new_rv = None
+    if update:
+        new_rm = alloc((C,), dtype=running_mean.dtype, device=part_mean.device)
+        new_rv = alloc((C,), dtype=running_var.dtype, device=part_mean.device)
+    block_c = min(triton.next_power_of_2(C), 16 if interpreted() else 64)
+    block_t = 16 if interpreted() else 64
+    launch(
+        _bn_stats_finalize_kernel, (triton.cdiv(C, block_c),),
+        part_mean, part_m2, mean, invstd,
+        running_mean if update else mean, running_var if update else invstd,
+        new_rm if update else mean, new_rv if update else invstd, num_tiles, rows_per_tile, M, float(M), C, float(momentum), float(eps),
+        UPDATE_RUNNING=update, BLOCK_T=block_t, BLOCK_C=block_c,
+    )
+    return mean, invstd, new_rm, new_rv
+
+
+@triton.jit
+def _bn_act_normalize_kernel(
+    z_ptr, res_ptr, out_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    M, C, T, H, W,
+    szn, szt, szh, szw, szc,
+    srn, srt, srh, srw, src,
+    son, sot, soh, sow, soc,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr, O_ALIGNED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < M
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    n, t, h, w = cm.split_rows(rows, T, H, W)
+    c64 = cols.to(tl.int64)
+    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGNED)[:, None] + c64[None, :] * szc
+    z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    scale = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    v = (z - mean[None, :]) * scale[None, :]
+    if HAS_BETA:
+        v = v + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGNED)[:, None] + c64[None, :] * src
+        v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    v = cm.activation(v, ACT)
+    o_off = cm.row_offsets(n, t, h, w, son, sot, soh, sow, O_ALIGNED)[:, None] + c64[None, :] * soc
+    tl.store(out_ptr + o_off, v, mask=mask)
+
+
+def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torch.Tensor:
+    """out = act((z - mean) * invstd * gamma + beta [+ residual]); ``out`` may be ``z`` itself."""
+    N, C, T, H, W = z.shape
+    M = N * T * H * W
+    block_m, block_c = _elementwise_blocks(C)
+    launch(
+        _bn_act_normalize_kernel, (triton.cdiv(M, block_m), triton.cdiv(C, block_c)),
+        z, residual if residual is not None else z, out, mean, invstd,
+        gamma if gamma is not None else mean, beta if beta is not None else mean,
+        M, C, T, H, W,
+        *rows_strides(z), *rows_strides(residual), *rows_strides(out),
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RES=residual is not None,
+        ACT=act, Z_ALIGNED=rows_aligned(z), R_ALIGNED=rows_aligned(residual),
+        O_ALIGNED=rows_aligned(out), BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return out
+
+
+@triton.jit
+def _bn_act_bwd_reduce_kernel(
+    dy_ptr, z_ptr, res_ptr, dres_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    part_g_ptr, part_gx_ptr,
+    M, C, T, H, W,
+    sdn, sdt, sdh, sdw, sdc,
+    szn, szt, szh, szw, szc,
+    srn, srt, srh, srw, src,
+    sgn, sgt, sgh, sgw, sgc,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
+    WRITE_DRES: tl.constexpr, ACT: tl.constexpr,
+    D_ALIGNED: tl.constexpr, Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
+    G_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    rmask = rows < M
+    cmask = cols < C
+    mask = rmask[:, None] & cmask[None, :]
+    n, t, h, w = cm.split_rows(rows, T, H, W)
+    c64 = cols.to(tl.int64)
+    d_off = cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGNED)[:, None] + c64[None, :] * sdc
+    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGNED)[:, None] + c64[None, :] * szc
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    xhat = (z - mean[None, :]) * invstd[None, :]
+    pre = xhat
+    if HAS_GAMMA:
+        pre = pre * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BETA:
+        pre = pre + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_RES:
+        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGNED)[:, None] + c64[None, :] * src
+        pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    g = tl.where(mask, cm.activation_grad(pre, dy, ACT), 0.0)
+    if WRITE_DRES:
+        g_off = cm.row_offsets(n, t, h, w, sgn, sgt, sgh, sgw, G_ALIGNED)[:, None] + c64[None, :] * sgc
+        tl.store(dres_ptr + g_off, g, mask=mask)
+    part = pid_m.to(tl.int64) * C + cols
+    tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=cmask)
+    tl.store(part_gx_ptr + part, tl.sum(g * xhat, axis=0), mask=cmask)
+
+
+@triton.jit
+def _bn_bwd_finalize_kernel(
+    part_g_ptr, part_gx_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    coef_ptr, dgamma_ptr, dbeta_ptr, dbias_ptr,
+    num_tiles, Mf, C,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, TRAINING: tl.constexpr,
+    WRITE_DGAMMA: tl.constexpr, WRITE_DBETA: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    s_g = tl.zeros((BLOCK_C,), tl.float32)
+    s_gx = tl.zeros((BLOCK_C,), tl.float32)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        tiles = t0 + tl.arange(0, BLOCK_T)
+        m = (tiles < num_tiles)[:, None] & cmask[None, :]
+        offs = tiles[:, None].to(tl.int64) * C + cols[None, :]
+        s_g += tl.sum(tl.load(part_g_ptr + offs, mask=m, other=0.0), axis=0)
+        s_gx += tl.sum(tl.load(part_gx_ptr + offs, mask=m, other=0.0), axis=0)
+    mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+    invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
+    a = invstd
+    if HAS_GAMMA:
+        a = a * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    beta = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BETA:
+        beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    k_g = a
+    if TRAINING:
+        # d/dz of the batch statistics: dz = a * (g - mean(g) - xhat * mean(g * xhat)).
+        k_z = -a * invstd * (s_gx / Mf)
+        k_0 = -a * (s_g / Mf)
+    else:
+        k_z = tl.zeros((BLOCK_C,), tl.float32)
+        k_0 = tl.zeros((BLOCK_C,), tl.float32)
+    tl.store(coef_ptr + 0 * C + cols, mean, mask=cmask)
+    tl.store(coef_ptr + 1 * C + cols, a, mask=cmask)
+    tl.store(coef_ptr + 2 * C + cols, beta, mask=cmask)
+    tl.store(coef_ptr + 3 * C + cols, k_g, mask=cmask)
+    tl.store(coef_ptr + 4 * C + cols, k_z, mask=cmask)
+    tl.store(coef_ptr + 5 * C + cols, k_0, mask=cmask)
+    if WRITE_DGAMMA:
+        tl.store(dgamma_ptr + cols, s_gx, mask=cmask)
+    if WRITE_DBETA:
+        tl.store(dbeta_ptr + cols, s_g, mask=cmask)
+    if WRITE_DBIAS:
+        # sum over rows of dz; the k_z term drops: sum(z - mean) = 0 for batch statistics, and
+        # k_z = 0 in eval.
+        tl.store(dbias_ptr + cols, k_g * s_g + k_0 * Mf, mask=cmask)
+
+
+def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: int, training: bool,
+                        need_dgamma: bool, need_dbeta: bool, need_dbias: bool, need_dres: bool,
+                        bias_dtype: torch.dtype | None = None):
+    """Runs the backward reduction and finalisation.
+
+    Returns (coef, dgamma, dbeta, dbias, dres); unrequested gradients are None. ``coef`` is the
+    6 x C fp32 table of the module docstring, for the conv backward prologues; dbias (the conv
+    bias's gradient, in ``bias_dtype``) is the row sum of dz, which needs no pass of its own.
+    """
+    N, C, T, H, W = z.shape
+    M = N * T * H * W
+    dev = z.device
+    block_m, block_c = _elementwise_blocks(C)
+    num_tiles = triton.cdiv(M, block_m)
+    part_g = alloc((num_tiles, C), dtype=torch.float32, device=dev)
+    part_gx = alloc((num_tiles, C), dtype=torch.float32, device=dev)
+    dres = None
+    if need_dres:
+        dres = alloc_activation(residual.shape, residual)
+    launch(
+        _bn_act_bwd_reduce_kernel, (num_tiles, triton.cdiv(C, block_c)),
+        grad_out, z, residual if residual is not None else z, dres if dres is not None else z,
+        mean, invstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
+        part_g, part_gx,
+        M, C, T, H, W,
+        *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(dres),
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RES=residual is not None,
+        WRITE_DRES=dres is not None, ACT=act,
+        D_ALIGNED=rows_aligned(grad_out), Z_ALIGNED=rows_aligned(z),
+        R_ALIGNED=rows_aligned(residual), G_ALIGNED=rows_aligned(dres),
+        BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    coef = alloc((NUM_COEF, C), dtype=torch.float32, device=dev)
+    dgamma = alloc((C,), dtype=gamma.dtype, device=dev) if need_dgamma else None
+    dbeta = alloc((C,), dtype=beta.dtype, device=dev) if need_dbeta else None
+    dbias = alloc((C,), dtype=bias_dtype, device=dev) if need_dbias else None
+    fin_c = min(triton.next_power_of_2(C), 16 if interpreted() else 64)
+    launch(
+        _bn_bwd_finalize_kernel, (triton.cdiv(C, fin_c),),
+        part_g, part_gx, mean, invstd,
+        gamma if gamma is not None else mean, beta if beta is not None else mean,
+        coef, dgamma if dgamma is not None else coef, dbeta if dbeta is not None else coef,
+        dbias if dbias is not None else coef,
+        num_tiles, float(M), C,
+        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, TRAINING=training,
+        WRITE_DGAMMA=need_dgamma, WRITE_DBETA=need_dbeta, WRITE_DBIAS=need_dbias,
+        BLOCK_T=16 if interpreted() else 64, BLOCK_C=fin_c,
+    )
+    return coef, dgamma, dbeta, dbias, dres
+

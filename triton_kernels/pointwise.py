@@ -1,0 +1,448 @@
+"""Pointwise (1x1x1, any stride and padding) conv3d fused with BatchNorm and activation.
+
+A 1x1x1 convolution is a GEMM: rows are output positions (n, t, h, w), K = C_in, N = C_out;
+the row of x an output reads is (n, t*st - pt, h*sh - ph, w*sw - pw), zero where that is
+padding. Kernels (all accumulate in fp32 with ``tl.dot``):
+
+``_pointwise_fwd_kernel``    eval: y = act((x W^T + b) * scale + shift [+ r]) with BN folded in
+                             the epilogue (one launch); train (STATS): writes z = x W^T + b and,
+                             per tile of rows, each channel's mean and M2 for batchnorm.py.
+``_pointwise_dgrad_kernel``  dx = dz W over input rows, dz rebuilt in the prologue from dy and z
+                             with the BN/activation backward coefficients (never stored).
+``_pointwise_wgrad_kernel``  dW = dz^T x, split over rows into fp32 partials (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as cm
+from . import batchnorm as bn
+from . import splitk
+from ._launch import Tuned, alloc, interpreted, launch
+from ._layout import alloc_activation, rows_aligned, rows_strides
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 convs use TF32 only where PyTorch lets cuDNN use it (DESIGN.md §3)."""
+    if dtype != torch.float32:
+        return "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _out_size(size: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - 1) // stride + 1
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _pointwise_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+    out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
+    M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in,
+    sxn, sxt, sxh, sxw, sxc, swo, swi,
+    son, sot, soh, sow, soc,
+    srn, srt, srh, srw, src,
+    st, sh, sw, pt, ph, pw, eps,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
+    X_ALIGNED: tl.constexpr, O_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C_out, BLOCK_N)
+    pid_m = pid // num_n  # consecutive programs share the x tile (L2 reuse)
+    pid_n = pid % num_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
+    ti = to * st - pt
+    hi = ho * sh - ph
+    wi = wo * sw - pw
+    inside = rmask & (ti >= 0) & (ti < T_in) & (hi >= 0) & (hi < H_in) & (wi >= 0) & (wi < W_in)
+    x_rows = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGNED)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C_out
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < C_in
+        a = tl.load(x_ptr + x_rows[:, None] + kk.to(tl.int64)[None, :] * sxc,
+                    mask=inside[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(w_ptr + kk[:, None] * swi + cols[None, :] * swo,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    c64 = cols.to(tl.int64)
+    o_off = cm.row_offsets(n, to, ho, wo, son, sot, soh, sow, O_ALIGNED)[:, None] + c64[None, :] * soc
+
+    if STATS:
+        # Training: keep z for the normalise pass; this tile's per-channel mean and M2
+        # (sum of squared deviations from the tile mean) for the numerically safe merge.
+        tl.store(z_ptr + o_off, acc, mask=mask)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
+        d = tl.where(mask, acc - tile_mean[None, :], 0.0)
+        part = pid_m.to(tl.int64) * C_out + cols
+        tl.store(part_mean_ptr + part, tile_mean, mask=cmask)
+        tl.store(part_m2_ptr + part, tl.sum(d * d, axis=0), mask=cmask)
+    else:
+        # Eval: BN folded into a per-channel scale and shift, computed here so the op is one launch.
+        mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        var = tl.load(rvar_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        scale = invstd
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        v = (acc - mean[None, :]) * scale[None, :]
+        if HAS_BETA:
+            v = v + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        if SAVE:  # autograd needs z and the statistics used
+            tl.store(z_ptr + o_off, acc, mask=mask)
+            if pid_m == 0:
+                tl.store(save_mean_ptr + cols, mean, mask=cmask)
+                tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
+        if HAS_RES:
+            r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGNED)[:, None] + c64[None, :] * src
+            v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        v = cm.activation(v, ACT)
+        tl.store(out_ptr + o_off, v, mask=mask)
+
+
+# Training (STATS) tiles are always STATS_BLOCK_M rows: the partial-statistics buffers and their
+# merge depend on it, so autotuning may change every other block size but not this one.
+STATS_BLOCK_M = 128
+_INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
+
+
+def _config(bm, bn_, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn_, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+def _prune_by_channels(configs, named_args, **kwargs):
+    """Drop tiles much wider than the output channels (C_out = 45 needs no 256-wide tile)."""
+    width = triton.next_power_of_2(named_args["C_out"])
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(width, 64)]
+    return kept or configs[:1]
+
+
+_FWD_EVAL = Tuned(
+    _pointwise_fwd_kernel,
+    [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
+     _config(128, 256, 64, 8, 3), _config(64, 64, 64, 4, 4)],
+    key=["M", "C_in", "C_out", "HAS_RES", "SAVE"], interpret=_INTERPRET_GEMM, prune=_prune_by_channels,
+)
+_FWD_STATS = Tuned(
+    _pointwise_fwd_kernel,
+    [_config(STATS_BLOCK_M, 128, 64, 8, 3), _config(STATS_BLOCK_M, 64, 64, 4, 4),
+     _config(STATS_BLOCK_M, 256, 64, 8, 3), _config(STATS_BLOCK_M, 128, 32, 4, 4)],
+    key=["M", "C_in", "C_out"], interpret=_INTERPRET_GEMM, prune=_prune_by_channels,
+)
+
+
+def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+                    stride, padding, training: bool, momentum: float, eps: float,
+                    activation: str | None, save: bool):
+    """Pointwise conv + BN + activation forward.
+
+    Returns (out, z, mean, invstd, new_running_mean, new_running_var): ``z`` (the conv output
+    incl. bias) and the (mean, invstd) the BN used, for autograd, when ``save`` is set (else
+    empty); in training with running statistics, their values updated with ``momentum`` (the
+    exponential-average factor) as new tensors (else empty). Nothing is modified in place.
+    """
+    N, C_in, T_in, H_in, W_in = x.shape
+    C_out = weight.shape[0]
+    (st, sh, sw), (pt, ph, pw) = stride, padding
+    T_out, H_out, W_out = _out_size(T_in, st, pt), _out_size(H_in, sh, ph), _out_size(W_in, sw, pw)
+    M = N * T_out * H_out * W_out
+    dev = x.device
+    act = cm.ACTIVATIONS[activation]
+    out = alloc_activation((N, C_out, T_out, H_out, W_out), x)
+
+    def absent(dtype=torch.float32):  # a distinct empty tensor for each output not produced
+        return x.new_empty(0, dtype=dtype)
+
+    z = absent(x.dtype)
+    mean, invstd, new_rm, new_rv = absent(), absent(), absent(), absent()
+    if M == 0:  # PyTorch leaves the running statistics as they are
+        return out, z, mean, invstd, new_rm, new_rv
+
+    if training:
+        kernel, meta = _FWD_STATS.select()
+        block_m = meta.get("BLOCK_M", STATS_BLOCK_M)
+        num_tiles = triton.cdiv(M, block_m)
+        # The normalise pass may overwrite z in place when autograd does not need it.
+        z = alloc_activation(out.shape, x) if save else out
+        part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
+        part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
+    else:
+        kernel, meta = _FWD_EVAL.select()
+        if save:
+            z = alloc_activation(out.shape, x)
+            mean = alloc((C_out,), dtype=torch.float32, device=dev)
+            invstd = alloc((C_out,), dtype=torch.float32, device=dev)
+        part_mean = part_m2 = mean
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+
+    some = x  # stands in for absent optional pointers (never dereferenced)
+    launch(
+        kernel, grid,
+        x, weight, bias if bias is not None else some,
+        gamma if gamma is not None else some, beta if beta is not None else some,
+        running_mean if running_mean is not None else some,
+        running_var if running_var is not None else some,
+        residual if residual is not None else some,
+        out, z if z.numel() else out, mean if mean.numel() else some,
+        invstd if invstd.numel() else some, part_mean if part_mean.numel() else some,
+        part_m2 if part_m2.numel() else some,
+        M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in,
+        *rows_strides(x), weight.stride(0), weight.stride(1),
+        *rows_strides(out), *rows_strides(residual),
+        st, sh, sw, pt, ph, pw, float(eps),
+        HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+        HAS_RES=residual is not None and not training, ACT=act, STATS=training, SAVE=save,
+        X_ALIGNED=rows_aligned(x), O_ALIGNED=rows_aligned(out), R_ALIGNED=rows_aligned(residual),
+        PREC=_dot_precision(x.dtype), **meta,
+    )
+    if training:
+        mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
+                                                 running_var, momentum, eps)
+        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
+        if running_mean is not None:
+            new_rm, new_rv = rm, rv
+        if not save:
+            z, mean, invstd = absent(x.dtype), absent(), absent()
+    return out, z, mean, invstd, new_rm, new_rv
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, C,
+             HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """The conv-output gradient dz of a (rows x channels) tile, rebuilt from dy and z with the
+    coefficient table of batchnorm.py; 0 where ``mask`` is off."""
+    cmask = chans < C
+    mean = tl.load(coef_ptr + 0 * C + chans, mask=cmask, other=0.0)
+    a = tl.load(coef_ptr + 1 * C + chans, mask=cmask, other=0.0)
+    beta = tl.load(coef_ptr + 2 * C + chans, mask=cmask, other=0.0)
+    k_g = tl.load(coef_ptr + 3 * C + chans, mask=cmask, other=0.0)
+    k_z = tl.load(coef_ptr + 4 * C + chans, mask=cmask, other=0.0)
+    k_0 = tl.load(coef_ptr + 5 * C + chans, mask=cmask, other=0.0)
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+    zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
+    pre = zc * a[None, :] + beta[None, :]
+    if HAS_RES:
+        pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    g = cm.activation_grad(pre, dy, ACT)
+    dz = k_g[None, :] * g + k_z[None, :] * zc + k_0[None, :]
+    return tl.where(mask, dz, 0.0)
+
+
+@triton.jit
+def _pointwise_dgrad_kernel(
+    dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
+    M_in, C_in, C_out, T_in, H_in, W_in, T_out, H_out, W_out,
+    sdn, sdt, sdh, sdw, sdc,
+    szn, szt, szh, szw, szc,
+    srn, srt, srh, srw, src,
+    sxn, sxt, sxh, sxw, sxc, swo, swi,
+    st, sh, sw, pt, ph, pw,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    D_ALIGNED: tl.constexpr, Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
+    X_ALIGNED: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C_in, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    # Rows are input positions; each one either feeds exactly one output position or none
+    # (stride skips it, or it is never reached), in which case its gradient is 0.
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M_in
+    n, ti, hi, wi = cm.split_rows(rows, T_in, H_in, W_in)
+    tp = ti + pt
+    hp = hi + ph
+    wp = wi + pw
+    to = tp // st
+    ho = hp // sh
+    wo = wp // sw
+    feeds = rmask & (tp % st == 0) & (to < T_out) & (hp % sh == 0) & (ho < H_out) \
+        & (wp % sw == 0) & (wo < W_out)
+    d_rows = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGNED)
+    z_rows = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGNED)
+    r_rows = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGNED)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < C_in
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_out, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < C_out
+        k64 = kk.to(tl.int64)[None, :]
+        dz = _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + k64 * sdc,
+                      z_rows[:, None] + k64 * szc, r_rows[:, None] + k64 * src, kk,
+                      feeds[:, None] & kmask[None, :], C_out, HAS_RES, ACT)
+        b = tl.load(w_ptr + kk[:, None] * swo + cols[None, :] * swi,
+                    mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(dz.to(w_ptr.dtype.element_ty), b, acc, input_precision=PREC)
+
+    x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGNED)[:, None] \
+        + cols.to(tl.int64)[None, :] * sxc
+    tl.store(dx_ptr + x_off, acc, mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _pointwise_wgrad_kernel(
+    dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, dw_ptr,
+    M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
+    sdn, sdt, sdh, sdw, sdc,
+    szn, szt, szh, szw, szc,
+    srn, srt, srh, srw, src,
+    sxn, sxt, sxh, sxw, sxc,
+    st, sh, sw, pt, ph, pw,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    D_ALIGNED: tl.constexpr, Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
+    X_ALIGNED: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tile: BLOCK_M output channels x BLOCK_N input channels; K runs over this split's rows.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    num_n = tl.cdiv(C_in, BLOCK_N)
+    co = (pid // num_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = co < C_out
+    cimask = ci < C_in
+    co64 = co.to(tl.int64)[None, :]
+    ci64 = ci.to(tl.int64)[None, :]
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        rmask = rows < r_end
+        n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
+        d_off = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGNED)[:, None] + co64 * sdc
+        z_off = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGNED)[:, None] + co64 * szc
+        r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGNED)[:, None] + co64 * src
+        dz = _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, co,
+                      rmask[:, None] & comask[None, :], C_out, HAS_RES, ACT)
+        ti = to * st - pt
+        hi = ho * sh - ph
+        wi = wo * sw - pw
+        inside = rmask & (ti >= 0) & (ti < T_in) & (hi >= 0) & (hi < H_in) & (wi >= 0) & (wi < W_in)
+        x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGNED)[:, None] + ci64 * sxc
+        xa = tl.load(x_ptr + x_off, mask=inside[:, None] & cimask[None, :], other=0.0)
+        acc = tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, input_precision=PREC)
+
+    w_off = split.to(tl.int64) * C_out * C_in + co[:, None] * C_in + ci[None, :]
+    tl.store(dw_ptr + w_off, acc, mask=comask[:, None] & cimask[None, :])
+
+
+def _prune_dgrad(configs, named_args, **kwargs):
+    width = triton.next_power_of_2(named_args["C_in"])
+    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(width, 64)]
+    return kept or configs[:1]
+
+
+_DGRAD = Tuned(
+    _pointwise_dgrad_kernel,
+    [_config(128, 128, 32, 8, 3), _config(128, 64, 32, 4, 3), _config(64, 128, 32, 4, 3),
+     _config(64, 64, 64, 4, 3)],
+    key=["M_in", "C_in", "C_out", "HAS_RES"], interpret=_INTERPRET_GEMM, prune=_prune_dgrad,
+)
+# wgrad: BLOCK_M = output channels, BLOCK_N = input channels, BLOCK_K = rows per step.
+_WGRAD = Tuned(
+    _pointwise_wgrad_kernel,
+    [_config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 3), _config(128, 64, 32, 4, 3),
+     _config(64, 64, 64, 4, 3)],
+    key=["M", "C_in", "C_out", "HAS_RES"], interpret=_INTERPRET_GEMM,
+)
+
+
+def _row_splits(M: int, C_in: int, C_out: int, device: torch.device) -> int:
+    """How many row ranges the weight gradient is split into: enough programs for the GPU
+    (a few per SM for the typical 128 x 128 tile), each with at least 1024 rows."""
+    if interpreted():
+        return 2 if M >= 64 else 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    tiles = triton.cdiv(C_out, 128) * triton.cdiv(C_in, 128)
+    return max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(M, 1024), 256))
+
+
+def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+                    padding, training: bool, activation: str | None, needs):
+    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd.
+
+    ``needs`` says which of the six are wanted; the others come back as None.
+    """
+    need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
+    N, C_in, T_in, H_in, W_in = x.shape
+    C_out = weight.shape[0]
+    _, _, T_out, H_out, W_out = z.shape
+    (st, sh, sw), (pt, ph, pw) = stride, padding
+    M = N * T_out * H_out * W_out
+    M_in = N * T_in * H_in * W_in
+    act = cm.ACTIVATIONS[activation]
+    coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
+        grad_out, z, mean, invstd, gamma, beta, residual, act, training,
+        need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
+    common = dict(
+        HAS_RES=residual is not None, ACT=act, D_ALIGNED=rows_aligned(grad_out),
+        Z_ALIGNED=rows_aligned(z), R_ALIGNED=rows_aligned(residual), PREC=_dot_precision(x.dtype),
+    )
+    some = z
+    dx = dw = None
+    if need_dx:
+        dx = alloc_activation(x.shape, x)
+        kernel, meta = _DGRAD.select()
+
+        def grid(meta):
+            return (triton.cdiv(M_in, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),)
+
+        launch(
+            kernel, grid,
+            grad_out, z, residual if residual is not None else some, coef, weight, dx,
+            M_in, C_in, C_out, T_in, H_in, W_in, T_out, H_out, W_out,
+            *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual),
+            *rows_strides(dx), weight.stride(0), weight.stride(1),
+            st, sh, sw, pt, ph, pw, X_ALIGNED=rows_aligned(dx), **common, **meta,
+        )
+    if need_dw:
+        splits = _row_splits(M, C_in, C_out, x.device)
+        rows_per_split = triton.cdiv(M, splits)
+        partial = alloc((splits, C_out, C_in), dtype=torch.float32, device=x.device)
+        kernel, meta = _WGRAD.select()
+
+        def grid(meta):
+            return (triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), splits)
+
+        launch(
+            kernel, grid,
+            grad_out, z, residual if residual is not None else some, coef, x, partial,
+            M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
+            *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(x),
+            st, sh, sw, pt, ph, pw, X_ALIGNED=rows_aligned(x), **common, **meta,
+        )
+        dw = splitk.sum_splits(partial, weight.dtype).view(weight.shape)
+    return dx, dw, dbias, dgamma, dbeta, dres

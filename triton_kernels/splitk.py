@@ -1,0 +1,29 @@
+"""Deterministic reduction of split-K partial results: out = sum over splits, in a fixed order."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._launch import alloc, interpreted, launch
+
+
+@triton.jit
+def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+    tl.store(out_ptr + offs, acc, mask=mask)
+
+
+def sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(splits, *shape) fp32 partials -> contiguous (*shape) tensor of ``dtype``."""
+    splits = partial.shape[0]
+    out = alloc(partial.shape[1:], dtype=dtype, device=partial.device)
+    numel = out.numel()
+    block = 256 if interpreted() else 1024
+    launch(_sum_splits_kernel, (triton.cdiv(numel, block),), partial, out, splits, numel, BLOCK=block)
+    return out
