@@ -1,0 +1,91 @@
+"""The torch.library ops: opcheck (schema, fake tensors, autograd registration, AOT dispatch) and
+torch.compile(fullgraph=True) through them without a graph break."""
+
+import pytest
+import torch
+
+import r21d
+from tests.utils import ConvCase, clone_inputs, make_inputs
+
+pytestmark = pytest.mark.usefixtures("strict")
+
+
+def _op_args(case, training, save, dtype=torch.float32):
+    a = make_inputs(case, dtype, "cpu")
+    return (a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+            a["running_var"], a["residual"], list(case.stride), list(case.padding), training, 0.1,
+            1e-5, case.activation or "none", save)
+
+
+OPCHECK_CASES = {
+    "eval": (ConvCase(C_in=9, C_out=12, residual=True), False),
+    "train": (ConvCase(C_in=9, C_out=12, stride=(1, 2, 2), padding=(0, 1, 0)), True),
+    "train-cl3d-silu": (ConvCase(C_in=8, C_out=16, layout="cl3d", activation="silu", bias=False), True),
+}
+
+
+@pytest.mark.parametrize("name", list(OPCHECK_CASES))
+def test_opcheck_forward(name):
+    case, training = OPCHECK_CASES[name]
+    args = _op_args(case, training, save=True)
+    for t in args[:5] + (args[7],):
+        if t is not None:
+            t.requires_grad_(True)
+    torch.library.opcheck(torch.ops.r21d.pointwise_conv_bn_act.default, args)
+
+
+def test_opcheck_backward():
+    case = ConvCase(C_in=9, C_out=12, residual=True)
+    args = _op_args(case, True, save=True)
+    out, z, mean, invstd, _, _ = torch.ops.r21d.pointwise_conv_bn_act(*args)
+    x, weight, bias, g, b, _, _, residual = args[:8]
+    bwd_args = (torch.randn_like(out), x, weight, bias, z, mean, invstd, g, b, residual,
+                list(case.stride), list(case.padding), True, "relu", [True] * 6)
+    torch.library.opcheck(torch.ops.r21d.pointwise_conv_bn_act_backward.default, bwd_args)
+
+
+def test_compile_fullgraph_forward_and_backward():
+    case = ConvCase(C_in=10, C_out=14, residual=True, layout="cl3d")
+    args = make_inputs(case, torch.float32, "cpu")
+
+    def forward(a):
+        return r21d.functional.conv_bn_act3d(
+            a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
+            a["running_var"], training=True, residual=a["residual"]).square()
+
+    results = {}
+    for mode in ("eager", "compiled"):
+        a = clone_inputs(args, requires_grad=True)
+        fn = forward if mode == "eager" else torch.compile(forward, fullgraph=True, backend="aot_eager")
+        with r21d.use_backend("triton"):
+            y = fn(a)
+            y.sum().backward()
+        results[mode] = (y.detach(), {k: v.grad for k, v in a.items() if v is not None and v.grad is not None},
+                         a["running_mean"], a["running_var"])
+    (ye, ge, rme, rve), (yc, gc, rmc, rvc) = results["eager"], results["compiled"]
+    torch.testing.assert_close(yc, ye)
+    assert set(gc) == set(ge) == {"x", "weight", "bias", "bn_weight", "bn_bias", "residual"}
+    for k in ge:
+        torch.testing.assert_close(gc[k], ge[k], msg=k)
+    torch.testing.assert_close(rmc, rme)
+    torch.testing.assert_close(rvc, rve)
+
+
+def test_backward_without_saved_tensors_is_a_clear_error():
+    case = ConvCase(C_in=4, C_out=4)
+    args = list(_op_args(case, False, save=False))
+    args[0].requires_grad_(True)
+    out = torch.ops.r21d.pointwise_conv_bn_act(*args)[0]
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
+
+
+def test_double_backward_is_refused():
+    case = ConvCase(C_in=4, C_out=4)
+    a = clone_inputs(make_inputs(case, torch.float32, "cpu"), requires_grad=True)
+    with r21d.use_backend("triton"):
+        y = r21d.functional.conv_bn_act3d(a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"],
+                                          a["running_mean"], a["running_var"])
+    (gx,) = torch.autograd.grad(y.sum(), a["x"], create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
