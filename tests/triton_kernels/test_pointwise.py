@@ -28,6 +28,8 @@ CASES = {
     "no-affine": ConvCase(affine=False, C_in=17, C_out=9),
     "T1-N1": ConvCase(N=1, T=1, H=3, W=5, C_in=8, C_out=16),
     "wide-K": ConvCase(N=1, T=2, H=3, W=3, C_in=70, C_out=20),
+    "pad2-mixed-stride": ConvCase(stride=(2, 1, 2), padding=(2, 0, 1), C_in=14, C_out=10, T=3),
+    "channels-230-921": ConvCase(N=1, T=1, H=3, W=3, C_in=230, C_out=921, layout="cl3d"),
 }
 
 
@@ -67,8 +69,9 @@ def test_training_without_running_stats(device, dtype):
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_large_mean_offset_is_numerically_safe(device, dtype):
-    """Conv outputs far from zero (a large bias): a naive sum-of-squares variance would lose it."""
-    case = ConvCase(C_in=8, C_out=16, H=6, W=6)
+    """Conv outputs far from zero (a large bias): a naive sum-of-squares variance would lose it.
+    648 rows: more tiles than one block of the statistics merge, so blocks merge too."""
+    case = ConvCase(C_in=8, C_out=16, T=4, H=9, W=9)
     args = make_inputs(case, dtype, device)
     offset = 1000.0 if dtype == torch.float32 else 60.0
     args["bias"] = args["bias"] + offset
