@@ -108,7 +108,8 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
         raise ValueError(f"conv_bn_act3d: weight is on {weight.device} but x is on {x.device}")
 
     cast_dtype = None
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        # autocast casts conv3d's float32/16 inputs (never float64) to its dtype
         cast_dtype = torch.get_autocast_dtype(x.device.type)
     conv_dtype = cast_dtype or x.dtype
     if cast_dtype is None and weight.dtype != x.dtype:
