@@ -14,7 +14,7 @@ from .backends import (
     set_backend,
     use_backend,
 )
-from .fuse import fuse, fusion_report, unfuse
+from .fuse import fuse, fusion_report, fusion_sites, unfuse
 from .modules import (
     Conv2Plus1d,
     ConvBNReLU2d,
@@ -29,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Conv2Plus1d", "ConvBNReLU2d", "ConvBNReLU3d", "DepthwiseSeparableConv2d",
     "DepthwiseSeparableConv3d", "FallbackWarning", "FusedKernelUnavailable", "SpatioTemporalConv",
-    "available_backends", "functional", "fuse", "fusion_report", "get_backend", "ops",
+    "available_backends", "functional", "fuse", "fusion_report", "fusion_sites", "get_backend", "ops",
     "set_backend", "unfuse", "use_backend",
 ]

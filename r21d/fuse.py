@@ -10,6 +10,7 @@ as they were; only the class changes, and ``unfuse`` changes it back.
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 from torch import nn
@@ -85,9 +86,44 @@ def _unfused_reason(parent: nn.Module | None, conv: nn.Module) -> str:
         return "not inside a module r21d can fuse"
     if not isinstance(parent, nn.Sequential):
         return f"inside {type(parent).__name__}, not an nn.Sequential"
-    if type(parent).forward is not nn.Sequential.forward:
+    if not isinstance(parent, FusedSequential) and type(parent).forward is not nn.Sequential.forward:
         return f"{type(parent).__name__} has its own forward"
-    return "no BatchNorm3d follows it"
+    if list(parent.children())[-1] is conv:
+        return "last in its nn.Sequential: its BatchNorm, if any, is outside it"
+    return "no BatchNorm follows it"
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One row of the fusion report: a fused site, or a convolution left unfused (backend
+    "unfused", ``note`` says why). For fused sites ``note`` says why a requested fused backend
+    cannot run it, if so."""
+
+    site: str
+    pattern: str
+    kernel: str
+    backend: str
+    note: str
+
+
+def fusion_sites(model: nn.Module, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> list[Site]:
+    """The rows of :func:`fusion_report`, for programs: each fused site with the backend that
+    would run it (for ``dtype``/``device``, by default those of the model's parameters), then
+    every convolution left unfused."""
+    rows, fused_convs = [], set()
+    for site, conv, bn, act in _sites(model):
+        fused_convs.add(id(conv))
+        cfg, blocker = site_config(conv, bn, act, dtype=dtype, device=device)
+        backend, reason = dispatch.resolve(cfg, blocker)
+        rows.append(Site(site, _pattern(conv, bn, act), cfg.family, backend, reason or ""))
+    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Conv3d, nn.Conv2d)) and id(module) not in fused_convs:
+            k = "x".join(map(str, module.kernel_size))
+            rows.append(Site(name, f"{type(module).__name__}({k}, stride {tuple(module.stride)})",
+                             "-", "unfused", _unfused_reason(parents.get(id(module)), module)))
+    return rows
 
 
 def fusion_report(model: nn.Module, *, dtype: torch.dtype | None = None,
@@ -95,23 +131,13 @@ def fusion_report(model: nn.Module, *, dtype: torch.dtype | None = None,
     """A table: each fused site, its pattern, the kernel family and the backend that would run it
     (for ``dtype``/``device``, by default those of the model's parameters), then the convolutions
     left unfused and why."""
-    rows = [("site", "pattern", "kernel", "backend", "note")]
-    fused_convs = set()
-    for site, conv, bn, act in _sites(model):
-        fused_convs.add(id(conv))
-        cfg, blocker = site_config(conv, bn, act, dtype=dtype, device=device)
-        backend, reason = dispatch.resolve(cfg, blocker)
-        rows.append((site, _pattern(conv, bn, act), cfg.family, backend, reason or ""))
-    parents = {id(child): parent for parent in model.modules() for child in parent.children()}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv3d, nn.Conv2d)) and id(module) not in fused_convs:
-            k = "x".join(map(str, module.kernel_size))
-            rows.append((name, f"{type(module).__name__}({k}, stride {tuple(module.stride)})", "-",
-                         "unfused", _unfused_reason(parents.get(id(module)), module)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    sites = fusion_sites(model, dtype=dtype, device=device)
+    fields = [f.name for f in dataclasses.fields(Site)]
+    rows = [tuple(fields)] + [tuple(getattr(s, f) for f in fields) for s in sites]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(fields))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    fused = sum(1 for r in rows[1:] if r[3] != "unfused")
-    lines.append(f"{fused} fused sites, {len(rows) - 1 - fused} convolutions unfused "
+    fused = sum(1 for s in sites if s.backend != "unfused")
+    lines.append(f"{fused} fused sites, {len(sites) - fused} convolutions unfused "
                  f"(requested backend: {get_backend()})")
     return "\n".join(lines)

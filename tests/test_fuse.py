@@ -129,6 +129,10 @@ def test_fusion_report_lists_sites_and_unfused_convs():
     assert any(l.startswith("blocks.0.0[0:2]") for l in lines)
     assert any(l.startswith("head") and "unfused" in l and "inside Net" in l for l in lines)
     assert "4 fused sites, 1 convolutions unfused" in lines[-1]
+    sites = r21d.fusion_sites(r21d.fuse(Net()))
+    assert [(s.kernel, s.backend) for s in sites] == [
+        ("spatial", "torch"), ("pointwise", "torch"), ("pointwise", "torch"), ("pointwise", "torch"),
+        ("-", "unfused")]
     with r21d.use_backend("triton"):
         report = r21d.fusion_report(r21d.fuse(Net()))
     assert "the triton backend has no spatial kernel yet" in report
@@ -147,9 +151,14 @@ def test_torchvision_video_resnets(name):
     x = torch.randn(1, 3, 4, 32, 32)
     with r21d.use_backend("torch"):
         assert torch.equal(fused(x), model(x))
-    report = r21d.fusion_report(fused)
-    # stem runs + conv1/conv2 sequentials + downsample shortcuts are fused
-    assert "pointwise" in report and "unfused" not in report.split("\n")[-1].split(",")[0]
+    sites = r21d.fusion_sites(fused)
+    # stem runs, conv1/conv2 sequentials and the downsample shortcuts are fused
+    assert sum(s.kernel == "pointwise" for s in sites) == 3
+    unfused = [s for s in sites if s.backend == "unfused"]
+    if name == "r2plus1d_18":  # the temporal convs, whose BN is in the parent block
+        assert len(unfused) == 16 and all(s.pattern.startswith("Conv3d(3x1x1") for s in unfused)
+    else:
+        assert unfused == []
     back = r21d.unfuse(fused)
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
 
