@@ -1,0 +1,231 @@
+"""The case table: what r21d-bench measures.
+
+A case is a frozen dataclass that knows its geometry, its roofline work (``work()``) and its
+tiny ``smoke()`` version; ``r21d.bench.providers`` turns it into timed callables. To add a case,
+append a row to :data:`CASES`:
+
+- another conv + BN + activation geometry (depthwise, spatial 1xkxk, temporal kx1x1, dense,
+  strided, padded) is a :class:`ConvBNActCase` row: set ``kernel_size``/``stride``/``padding``/
+  ``groups`` (depthwise: ``groups == in_channels == out_channels``);
+- another whole model is a :class:`ModelCase` row naming a ``torchvision.models.video`` builder;
+- a new kind of case (e.g. a (2+1)D block) is a new dataclass with ``id``, ``description``,
+  ``training``, ``dtype``, ``target``, ``family``, ``work()`` and ``smoke()``, plus a workload
+  class registered in ``r21d.bench.providers.WORKLOADS``.
+
+Targets (from BASELINES.md) are ratios checked in the same run; no case holds a measured time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import ClassVar, Optional, Sequence, Union
+
+import torch
+
+from . import roofline
+
+Triple = tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """r21d's goal for a case: its best fused time at most ``max_ratio`` x the ``reference``
+    provider's time (and, where given, its peak memory at most ``max_peak_gib``)."""
+
+    reference: str
+    max_ratio: float
+    max_peak_gib: Optional[float] = None
+
+    def describe(self) -> str:
+        text = f"r21d <= {self.max_ratio:g}x {self.reference}"
+        if self.max_peak_gib is not None:
+            text += f", peak memory <= {self.max_peak_gib:g} GiB"
+        return text
+
+
+def _smoke_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvBNActCase:
+    """One fused site: conv3d -> BatchNorm3d -> activation on an (N, C, T, H, W) input."""
+
+    id: str
+    description: str
+    batch: int
+    in_channels: int
+    out_channels: int
+    frames: int
+    height: int
+    width: int
+    kernel_size: Triple = (1, 1, 1)
+    stride: Triple = (1, 1, 1)
+    padding: Triple = (0, 0, 0)
+    dilation: Triple = (1, 1, 1)
+    groups: int = 1
+    training: bool = False
+    activation: Optional[str] = "relu"
+    dtype: torch.dtype = torch.bfloat16
+    channels_last: bool = True
+    target: Optional[Target] = None
+
+    kind: ClassVar[str] = "conv_bn_act"
+
+    @property
+    def family(self) -> str:
+        from ..dispatch import conv_family
+
+        return conv_family(self.kernel_size, self.groups, self.in_channels, self.out_channels)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.in_channels, self.frames, self.height, self.width)
+
+    @property
+    def output_thw(self) -> Triple:
+        return tuple(_out_size(n, k, s, p, d) for n, k, s, p, d in zip(
+            (self.frames, self.height, self.width), self.kernel_size, self.stride, self.padding,
+            self.dilation))
+
+    @property
+    def output_rows(self) -> int:
+        """M of the GEMM a pointwise conv is: one row per output position."""
+        return self.batch * math.prod(self.output_thw)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last_3d if self.channels_last else torch.contiguous_format
+
+    def work(self) -> list[roofline.Work]:
+        return [roofline.conv_bn_act_work(
+            self.batch, self.in_channels, self.out_channels, self.input_shape[2:], self.output_thw,
+            self.kernel_size, self.groups, self.dtype, self.training)]
+
+    def smoke(self, device: torch.device) -> "ConvBNActCase":
+        """The same geometry, tiny: channels / 16 (at least 4), N2 T2 4x4; on the CPU in fp32
+        (the Triton interpreter has no bf16 arithmetic). No target: the shapes are not the
+        target's."""
+        dtype = _smoke_dtype(device)
+
+        def shrink(c: int) -> int:
+            return max(4, c // 16)
+        depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
+        c_in, c_out = shrink(self.in_channels), shrink(self.out_channels)
+        if depthwise:
+            c_out = c_in
+        mode = "train" if self.training else "eval"
+        return dataclasses.replace(
+            self, id=f"{self.id}-smoke", batch=2, in_channels=c_in, out_channels=c_out, frames=2,
+            height=4, width=4, groups=c_in if depthwise else self.groups, dtype=dtype, target=None,
+            description=(f"smoke version of {self.id}: {self.family} {c_in}->{c_out}, N2 T2 4x4, "
+                         f"{str(dtype).replace('torch.', '')}, {mode}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCase:
+    """A whole torchvision video model with random weights: eval forward, or one training step
+    (forward, backward, SGD) under autocast."""
+
+    id: str
+    description: str
+    model: str  # a builder in torchvision.models.video
+    batch: int
+    frames: int
+    size: int
+    training: bool
+    dtype: torch.dtype = torch.bfloat16
+    num_classes: int = 400
+    channels_last: bool = True
+    target: Optional[Target] = None
+
+    kind: ClassVar[str] = "model"
+    family: ClassVar[str] = "model"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, 3, self.frames, self.size, self.size)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last_3d if self.channels_last else torch.contiguous_format
+
+    def builder(self):
+        import torchvision
+
+        return getattr(torchvision.models.video, self.model)
+
+    def work(self) -> list[roofline.Work]:
+        return roofline.model_conv_work(self.builder(), self.input_shape, self.dtype, self.training,
+                                        num_classes=self.num_classes)
+
+    def smoke(self, device: torch.device) -> "ModelCase":
+        """A 1x3x4x32x32 clip; on the CPU in fp32 and NCDHW (the CPU's channels_last_3d conv3d
+        backward takes seconds even at this size)."""
+        dtype = _smoke_dtype(device)
+        mode = "training step" if self.training else "eval"
+        return dataclasses.replace(
+            self, id=f"{self.id}-smoke", batch=1, frames=4, size=32, dtype=dtype, target=None,
+            channels_last=self.channels_last and device.type == "cuda",
+            description=(f"smoke version of {self.id}: {self.model} {mode}, 1x3x4x32x32, "
+                         f"{str(dtype).replace('torch.', '')}"))
+
+
+Case = Union[ConvBNActCase, ModelCase]
+
+
+def pointwise(in_channels: int, out_channels: int, batch: int, frames: int, size: int,
+              training: bool, target: Optional[Target] = None) -> ConvBNActCase:
+    mode = "train" if training else "eval"
+    return ConvBNActCase(
+        id=f"pointwise-{in_channels}-{out_channels}-n{batch}t{frames}s{size}-{mode}",
+        description=(f"pointwise 1x1x1 conv+BN+ReLU {in_channels}->{out_channels}, N{batch} T{frames} "
+                     f"{size}x{size}, bf16 channels_last_3d, {mode}"
+                     + (" (forward+backward)" if training else " (forward)")),
+        batch=batch, in_channels=in_channels, out_channels=out_channels, frames=frames,
+        height=size, width=size, training=training, target=target)
+
+
+def r2plus1d_18(training: bool, batch: int = 16) -> ModelCase:
+    if training:
+        return ModelCase(
+            id=f"r2plus1d_18-b{batch}-train", model="r2plus1d_18", batch=batch, frames=16, size=112,
+            training=True,
+            description=(f"r2plus1d_18 training step (forward, backward, SGD), "
+                         f"{batch}x3x16x112x112, bf16 autocast"),
+            target=Target("torch.compile", 0.8, max_peak_gib=3.2))
+    return ModelCase(
+        id=f"r2plus1d_18-b{batch}-eval", model="r2plus1d_18", batch=batch, frames=16, size=112,
+        training=False, description=f"r2plus1d_18 eval forward, {batch}x3x16x112x112, bf16",
+        target=Target("torch.compile/max-autotune", 0.75))
+
+
+# The issue's targets for fused pointwise: eval no slower than 1.1x the plain GEMM (BASELINES.md);
+# training forward+backward at most 0.5x eager PyTorch.
+_GEMM_TARGET = Target("matmul", 1.1)
+_TRAIN_TARGET = Target("eager", 0.5)
+
+CASES: list[Case] = [
+    pointwise(64, 256, batch=8, frames=16, size=56, training=False, target=_GEMM_TARGET),
+    pointwise(256, 64, batch=8, frames=16, size=56, training=False, target=_GEMM_TARGET),
+    pointwise(512, 512, batch=8, frames=8, size=14, training=False, target=_GEMM_TARGET),
+    pointwise(64, 256, batch=8, frames=16, size=56, training=True, target=_TRAIN_TARGET),
+    pointwise(256, 64, batch=8, frames=16, size=56, training=True, target=_TRAIN_TARGET),
+    pointwise(512, 512, batch=8, frames=8, size=14, training=True, target=_TRAIN_TARGET),
+    r2plus1d_18(training=False),
+    r2plus1d_18(training=True),
+]
+
+
+def select(pattern: Optional[str] = None, cases: Sequence[Case] = CASES) -> list[Case]:
+    """The cases whose id matches the regular expression ``pattern`` (all without one)."""
+    if not pattern:
+        return list(cases)
+    regex = re.compile(pattern)
+    return [c for c in cases if regex.search(c.id)]
