@@ -5,8 +5,9 @@ them without a graph break and ``torch.library.opcheck`` passes. They take alrea
 arguments: r21d.functional checks inputs and chooses the backend before calling them.
 
 ``r21d::pointwise_conv_bn_act``           1x1x1 conv + BN + activation (+ residual), forward.
-    Returns (out, z, mean, invstd, new_running_mean, new_running_var): z, the conv output, and
-    the (mean, invstd) the BN normalised with, filled only when ``save_for_backward`` is set
+    Returns (out, z, mean, invstd, new_running_mean, new_running_var): z, the conv output
+    (channels_last_3d), and the (mean, invstd) the BN normalised with, filled only when
+    ``save_for_backward`` is set
     (else empty); in training, the running statistics updated with ``momentum`` (the
     exponential-average factor), else empty. The op is functional (torch.library allows autograd
     only on functional ops): the caller copies the new running statistics back.
@@ -66,7 +67,8 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, 
       training, momentum, eps, activation, save_for_backward):
     out = _empty_activation(_out_shape(x, weight, stride, padding), x)
     saved = save_for_backward and out.numel() > 0
-    z = _empty_activation(out.shape, x) if saved else x.new_empty(0)
+    z = torch.empty(out.shape, dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last_3d) if saved else x.new_empty(0)
     stats = (weight.shape[0],) if saved else (0,)
     updated = training and running_mean is not None and out.numel() > 0
     new_rm = running_mean.new_empty(running_mean.shape) if updated else x.new_empty(0, dtype=torch.float32)

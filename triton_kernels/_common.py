@@ -1,8 +1,8 @@
 """Device helpers shared by the kernel families: activations and row addressing.
 
 Every activation tensor is addressed as rows x channels: a row is one (n, t, h, w) position,
-flattened in that order, and its address is ``n*sN + t*sT + h*sH + w*sW``; a channel adds
-``c*sC``. That covers NCDHW, channels_last_3d and any other strides with one code path.
+flattened in that order, at ``n*sN + t*sT + h*sH + w*sW``; channels are contiguous (the
+launchers guarantee it, see _layout.py), so a channel adds ``c``.
 """
 
 import triton
@@ -48,10 +48,10 @@ def split_rows(rows, T, H, W):
 
 
 @triton.jit
-def row_offsets(n, t, h, w, sN, sT, sH, sW, ALIGNED: tl.constexpr):
-    """64-bit element offsets of rows; ALIGNED promises every offset is a multiple of 8
-    elements (the launcher checks the strides), which lets channel loads be 16 bytes wide."""
+def row_offsets(n, t, h, w, sN, sT, sH, sW, ALIGN: tl.constexpr):
+    """64-bit element offsets of rows; every offset is a multiple of ALIGN elements (the launcher
+    checks the strides), which lets channel vectors of ALIGN elements move at once."""
     off = n.to(tl.int64) * sN + t.to(tl.int64) * sT + h.to(tl.int64) * sH + w.to(tl.int64) * sW
-    if ALIGNED:
-        off = tl.multiple_of(off, 8)
+    if ALIGN > 1:
+        off = tl.multiple_of(off, ALIGN)
     return off

@@ -63,6 +63,17 @@ def alloc(shape, *, dtype, device, memory_format=torch.contiguous_format) -> tor
     return t
 
 
+def relayout(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    """``t`` copied into ``memory_format``: a torch copy kernel, counted like a launch."""
+    out = alloc(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
+    for c in _active:
+        c.launches += 1
+        c.kernels.append("relayout")
+    if not _captures:
+        out.copy_(t)
+    return out
+
+
 @dataclasses.dataclass
 class CapturedLaunch:
     kernel: object  # a JITFunction or an Autotuner wrapping one
@@ -106,24 +117,23 @@ def interpreted() -> bool:
 
 
 class Tuned:
-    """A kernel with its GPU autotuning configurations and the one configuration the interpreter
-    runs (DESIGN.md §6: tiny shapes, one config). ``select()`` gives what to launch and the meta
-    arguments to pass; the autotuner is built on first GPU use."""
+    """A kernel with GPU autotuning configurations per variant (operand precision, epilogue, ...:
+    what makes a tile size spill or not) and the one configuration the interpreter runs
+    (DESIGN.md §6: tiny shapes, one config). ``select(variant)`` gives what to launch and the meta
+    arguments to pass; each variant's autotuner is built on first GPU use."""
 
-    def __init__(self, fn, configs, key, interpret: dict, prune=None):
+    def __init__(self, fn, configs: dict, key, interpret: dict):
         self.fn = fn
         self.configs = configs
         self.key = key
         self.interpret = interpret
-        self.prune = prune
-        self._autotuner = None
+        self._autotuners: dict = {}
 
-    def select(self):
+    def select(self, variant: str):
         if interpreted():
             return self.fn, dict(self.interpret)
-        if self._autotuner is None:
+        if variant not in self._autotuners:
             import triton
 
-            prune = {"early_config_prune": self.prune} if self.prune else None
-            self._autotuner = triton.autotune(self.configs, key=self.key, prune_configs_by=prune)(self.fn)
-        return self._autotuner, {}
+            self._autotuners[variant] = triton.autotune(self.configs[variant], key=self.key)(self.fn)
+        return self._autotuners[variant], {}

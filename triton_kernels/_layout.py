@@ -1,32 +1,45 @@
-"""Host-side layout helpers: strides in (n, t, h, w, c) order and output allocation."""
+"""Host-side layout helpers.
+
+The kernels address activations as rows x channels with contiguous channels (channel stride 1):
+a row is one (n, t, h, w) position at ``n*sN + t*sT + h*sH + w*sW``, any such strides. That is
+channels_last_3d and its views; other layouts (NCDHW) are converted at the op's boundary by
+:func:`channels_contiguous` / :func:`relayout`, so every load and store moves whole channel
+vectors and no kernel holds uncoalesced gathers in registers.
+"""
 
 from __future__ import annotations
 
 import torch
 
-from ._launch import alloc
+from ._launch import alloc, relayout
 
 
-def rows_strides(t: torch.Tensor | None) -> tuple[int, int, int, int, int]:
-    """(sN, sT, sH, sW, sC) of an (N, C, T, H, W) tensor, in elements; zeros for None."""
+def channels_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` if its channels are contiguous, else a channels_last_3d copy (counted launch)."""
+    if t is None or t.stride(1) == 1 or t.shape[1] == 1:
+        return t
+    return relayout(t, torch.channels_last_3d)
+
+
+def rows_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """(sN, sT, sH, sW) of an (N, C, T, H, W) tensor, in elements; zeros for None."""
     if t is None:
-        return (0, 0, 0, 0, 0)
+        return (0, 0, 0, 0)
     s = t.stride()
-    return (s[0], s[2], s[3], s[4], s[1])
+    return (s[0], s[2], s[3], s[4])
 
 
-def rows_aligned(t: torch.Tensor | None) -> bool:
-    """True when every row starts on a 16-byte boundary and channels are contiguous, so channel
-    vectors can be loaded 16 bytes at a time (the kernels then assert it with tl.multiple_of)."""
+def rows_alignment(t: torch.Tensor | None) -> int:
+    """The largest vector (in elements, at most 16 bytes) that every row's start is aligned to, so
+    channel vectors of that width can be moved at once (the kernels assert it with tl.multiple_of).
+    8 for 16-bit channels_last tensors with C % 8 == 0; 1 for odd C."""
     if t is None:
-        return False
-    sn, st, sh, sw, sc = rows_strides(t)
+        return 1
     vec = 16 // t.element_size()
-    return (
-        sc == 1
-        and all(s % vec == 0 for s in (sn, st, sh, sw))
-        and t.data_ptr() % 16 == 0
-    )
+    while vec > 1 and not (all(s % vec == 0 for s in rows_strides(t))
+                           and t.data_ptr() % (vec * t.element_size()) == 0):
+        vec //= 2
+    return vec
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -38,11 +51,12 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def alloc_activation(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An (N, C, T, H, W) tensor in the memory format that ``like`` implies."""
-    return alloc(
-        shape,
-        dtype=dtype or like.dtype,
-        device=like.device,
-        memory_format=output_memory_format(like),
-    )
+def alloc_channels_last(shape, like: torch.Tensor) -> torch.Tensor:
+    """An (N, C, T, H, W) channels_last_3d tensor of ``like``'s dtype and device."""
+    return alloc(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last_3d)
+
+
+def in_format_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (channels_last_3d) in the memory format ``like`` implies (a counted copy if not)."""
+    fmt = output_memory_format(like)
+    return t if t.is_contiguous(memory_format=fmt) else relayout(t, fmt)

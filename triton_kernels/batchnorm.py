@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import _common as cm
 from ._launch import alloc, interpreted, launch
-from ._layout import alloc_activation, rows_aligned, rows_strides
+from ._layout import alloc_channels_last, rows_alignment, rows_strides
 
 # Row of the coefficient table (COEF[i * C + c]).
 COEF_MEAN, COEF_A, COEF_BETA, COEF_KG, COEF_KZ, COEF_K0 = range(6)
@@ -109,11 +109,11 @@ def finalize_stats(part_mean, part_m2, rows_per_tile: int, M: int, running_mean,
 def _bn_act_normalize_kernel(
     z_ptr, res_ptr, out_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     M, C, T, H, W,
-    szn, szt, szh, szw, szc,
-    srn, srt, srh, srw, src,
-    son, sot, soh, sow, soc,
+    szn, szt, szh, szw,
+    srn, srt, srh, srw,
+    son, sot, soh, sow,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr, O_ALIGNED: tl.constexpr,
+    Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -122,8 +122,7 @@ def _bn_act_normalize_kernel(
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     n, t, h, w = cm.split_rows(rows, T, H, W)
-    c64 = cols.to(tl.int64)
-    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGNED)[:, None] + c64[None, :] * szc
+    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN)[:, None] + cols[None, :]
     z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     scale = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
@@ -133,15 +132,16 @@ def _bn_act_normalize_kernel(
     if HAS_BETA:
         v = v + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGNED)[:, None] + c64[None, :] * src
+        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
         v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     v = cm.activation(v, ACT)
-    o_off = cm.row_offsets(n, t, h, w, son, sot, soh, sow, O_ALIGNED)[:, None] + c64[None, :] * soc
+    o_off = cm.row_offsets(n, t, h, w, son, sot, soh, sow, O_ALIGN)[:, None] + cols[None, :]
     tl.store(out_ptr + o_off, v, mask=mask)
 
 
 def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torch.Tensor:
-    """out = act((z - mean) * invstd * gamma + beta [+ residual]); ``out`` may be ``z`` itself."""
+    """out = act((z - mean) * invstd * gamma + beta [+ residual]); ``out`` may be ``z`` itself.
+    All three have contiguous channels (see _layout.py)."""
     N, C, T, H, W = z.shape
     M = N * T * H * W
     block_m, block_c = _elementwise_blocks(C)
@@ -152,8 +152,8 @@ def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torc
         M, C, T, H, W,
         *rows_strides(z), *rows_strides(residual), *rows_strides(out),
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RES=residual is not None,
-        ACT=act, Z_ALIGNED=rows_aligned(z), R_ALIGNED=rows_aligned(residual),
-        O_ALIGNED=rows_aligned(out), BLOCK_M=block_m, BLOCK_C=block_c,
+        ACT=act, Z_ALIGN=rows_alignment(z), R_ALIGN=rows_alignment(residual),
+        O_ALIGN=rows_alignment(out), BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return out
 
@@ -163,14 +163,14 @@ def _bn_act_bwd_reduce_kernel(
     dy_ptr, z_ptr, res_ptr, dres_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     part_g_ptr, part_gx_ptr,
     M, C, T, H, W,
-    sdn, sdt, sdh, sdw, sdc,
-    szn, szt, szh, szw, szc,
-    srn, srt, srh, srw, src,
-    sgn, sgt, sgh, sgw, sgc,
+    sdn, sdt, sdh, sdw,
+    szn, szt, szh, szw,
+    srn, srt, srh, srw,
+    sgn, sgt, sgh, sgw,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
     WRITE_DRES: tl.constexpr, ACT: tl.constexpr,
-    D_ALIGNED: tl.constexpr, Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
-    G_ALIGNED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
+    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -179,9 +179,8 @@ def _bn_act_bwd_reduce_kernel(
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     n, t, h, w = cm.split_rows(rows, T, H, W)
-    c64 = cols.to(tl.int64)
-    d_off = cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGNED)[:, None] + c64[None, :] * sdc
-    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGNED)[:, None] + c64[None, :] * szc
+    d_off = cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + cols[None, :]
+    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN)[:, None] + cols[None, :]
     dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
@@ -193,11 +192,11 @@ def _bn_act_bwd_reduce_kernel(
     if HAS_BETA:
         pre = pre + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGNED)[:, None] + c64[None, :] * src
+        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
         pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.where(mask, cm.activation_grad(pre, dy, ACT), 0.0)
     if WRITE_DRES:
-        g_off = cm.row_offsets(n, t, h, w, sgn, sgt, sgh, sgw, G_ALIGNED)[:, None] + c64[None, :] * sgc
+        g_off = cm.row_offsets(n, t, h, w, sgn, sgt, sgh, sgw, G_ALIGN)[:, None] + cols[None, :]
         tl.store(dres_ptr + g_off, g, mask=mask)
     part = pid_m.to(tl.int64) * C + cols
     tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=cmask)
@@ -260,7 +259,8 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
                         bias_dtype: torch.dtype | None = None):
     """Runs the backward reduction and finalisation.
 
-    Returns (coef, dgamma, dbeta, dbias, dres); unrequested gradients are None. ``coef`` is the
+    ``grad_out``, ``z`` and ``residual`` have contiguous channels; ``dres`` comes back in
+    channels_last_3d. Returns (coef, dgamma, dbeta, dbias, dres); unrequested gradients are None. ``coef`` is the
     6 x C fp32 table of the module docstring, for the conv backward prologues; dbias (the conv
     bias's gradient, in ``bias_dtype``) is the row sum of dz, which needs no pass of its own.
     """
@@ -273,7 +273,7 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
     part_gx = alloc((num_tiles, C), dtype=torch.float32, device=dev)
     dres = None
     if need_dres:
-        dres = alloc_activation(residual.shape, residual)
+        dres = alloc_channels_last(residual.shape, residual)
     launch(
         _bn_act_bwd_reduce_kernel, (num_tiles, triton.cdiv(C, block_c)),
         grad_out, z, residual if residual is not None else z, dres if dres is not None else z,
@@ -283,8 +283,8 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
         *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(dres),
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RES=residual is not None,
         WRITE_DRES=dres is not None, ACT=act,
-        D_ALIGNED=rows_aligned(grad_out), Z_ALIGNED=rows_aligned(z),
-        R_ALIGNED=rows_aligned(residual), G_ALIGNED=rows_aligned(dres),
+        D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
+        R_ALIGN=rows_alignment(residual), G_ALIGN=rows_alignment(dres),
         BLOCK_M=block_m, BLOCK_C=block_c,
     )
     coef = alloc((NUM_COEF, C), dtype=torch.float32, device=dev)

@@ -10,6 +10,9 @@ padding. Kernels (all accumulate in fp32 with ``tl.dot``):
 ``_pointwise_dgrad_kernel``  dx = dz W over input rows, dz rebuilt in the prologue from dy and z
                              with the BN/activation backward coefficients (never stored).
 ``_pointwise_wgrad_kernel``  dW = dz^T x, split over rows into fp32 partials (deterministic).
+
+Activations are addressed with contiguous channels (see _layout.py): inputs in another layout are
+converted at the boundary, and the output comes back in the input's memory format.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from . import _common as cm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, interpreted, launch
-from ._layout import alloc_activation, rows_aligned, rows_strides
+from ._layout import (alloc_channels_last, channels_contiguous, in_format_of, rows_alignment,
+                      rows_strides)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -34,6 +38,13 @@ def _dot_precision(dtype: torch.dtype) -> str:
     if precision in ("tf32", "ieee"):
         return precision
     return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def _variant(dtype: torch.dtype, prec: str) -> str:
+    """The operand class that decides which tiles fit in registers and shared memory."""
+    if dtype != torch.float32:
+        return "16bit"
+    return prec  # "tf32" or "ieee"
 
 
 def _out_size(size: int, stride: int, pad: int) -> int:
@@ -48,13 +59,13 @@ def _pointwise_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
     M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in,
-    sxn, sxt, sxh, sxw, sxc, swo, swi,
-    son, sot, soh, sow, soc,
-    srn, srt, srh, srw, src,
+    sxn, sxt, sxh, sxw, swo, swi,
+    son, sot, soh, sow,
+    srn, srt, srh, srw,
     st, sh, sw, pt, ph, pw, eps,
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
-    X_ALIGNED: tl.constexpr, O_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
+    X_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -68,7 +79,7 @@ def _pointwise_fwd_kernel(
     hi = ho * sh - ph
     wi = wo * sw - pw
     inside = rmask & (ti >= 0) & (ti < T_in) & (hi >= 0) & (hi < H_in) & (wi >= 0) & (wi < W_in)
-    x_rows = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGNED)
+    x_rows = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C_out
     ks = tl.arange(0, BLOCK_K)
@@ -77,7 +88,7 @@ def _pointwise_fwd_kernel(
     for k0 in range(0, C_in, BLOCK_K):
         kk = k0 + ks
         kmask = kk < C_in
-        a = tl.load(x_ptr + x_rows[:, None] + kk.to(tl.int64)[None, :] * sxc,
+        a = tl.load(x_ptr + x_rows[:, None] + kk[None, :],
                     mask=inside[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptr + kk[:, None] * swi + cols[None, :] * swo,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
@@ -86,8 +97,7 @@ def _pointwise_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     mask = rmask[:, None] & cmask[None, :]
-    c64 = cols.to(tl.int64)
-    o_off = cm.row_offsets(n, to, ho, wo, son, sot, soh, sow, O_ALIGNED)[:, None] + c64[None, :] * soc
+    o_off = cm.row_offsets(n, to, ho, wo, son, sot, soh, sow, O_ALIGN)[:, None] + cols[None, :]
 
     if STATS:
         # Training: keep z for the normalise pass; this tile's per-channel mean and M2
@@ -116,7 +126,7 @@ def _pointwise_fwd_kernel(
                 tl.store(save_mean_ptr + cols, mean, mask=cmask)
                 tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
         if HAS_RES:
-            r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGNED)[:, None] + c64[None, :] * src
+            r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
             v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
         v = cm.activation(v, ACT)
         tl.store(out_ptr + o_off, v, mask=mask)
@@ -128,29 +138,55 @@ STATS_BLOCK_M = 128
 _INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
 
 
-def _config(bm, bn_, bk, warps, stages):
+def _tile(bm, bn_, bk, warps, stages):
+    """An autotuning configuration: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages."""
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn_, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-def _prune_by_channels(configs, named_args, **kwargs):
-    """Drop tiles much wider than the output channels (C_out = 45 needs no 256-wide tile)."""
-    width = triton.next_power_of_2(named_args["C_out"])
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(width, 64)]
-    return kept or configs[:1]
-
-
+# Tile sizes per variant, kept to those that compile without spills on sm_90 and sm_80
+# (python -m r21d.static checks every one): a residual epilogue and fp32 operands need smaller
+# tiles, IEEE fp32 (no tensor cores) smaller still; "-unaligned" (rows not 16-byte aligned: odd
+# channel counts) loads channel vectors narrower than 16 bytes, whose addresses take registers,
+# so fewer pipeline stages.
+_FWD_UNALIGNED = {  # these tiles fit a residual epilogue too
+    "16bit": [_tile(128, 64, 64, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "tf32": [_tile(128, 64, 16, 8, 2), _tile(128, 64, 32, 8, 1), _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "ieee": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
+}
+_FWD_IEEE = [_tile(64, 64, 16, 4, 2), _tile(64, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)]
 _FWD_EVAL = Tuned(
     _pointwise_fwd_kernel,
-    [_config(128, 128, 64, 8, 3), _config(128, 64, 64, 4, 4), _config(64, 128, 64, 4, 4),
-     _config(128, 256, 64, 8, 3), _config(64, 64, 64, 4, 4)],
-    key=["M", "C_in", "C_out", "HAS_RES", "SAVE"], interpret=_INTERPRET_GEMM, prune=_prune_by_channels,
+    {
+        "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4), _tile(64, 64, 64, 4, 4)],
+        "16bit-res": [_tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4), _tile(64, 64, 64, 4, 4)],
+        "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3), _tile(64, 64, 32, 4, 3)],
+        "tf32-res": [_tile(128, 64, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
+        "ieee": _FWD_IEEE,
+        "ieee-res": _FWD_IEEE,
+        **{f"{v}{res}-unaligned": tiles for v, tiles in _FWD_UNALIGNED.items() for res in ("", "-res")},
+    },
+    key=["M", "C_in", "C_out", "SAVE"], interpret=_INTERPRET_GEMM,
 )
 _FWD_STATS = Tuned(
     _pointwise_fwd_kernel,
-    [_config(STATS_BLOCK_M, 128, 64, 8, 3), _config(STATS_BLOCK_M, 64, 64, 4, 4),
-     _config(STATS_BLOCK_M, 256, 64, 8, 3), _config(STATS_BLOCK_M, 128, 32, 4, 4)],
-    key=["M", "C_in", "C_out"], interpret=_INTERPRET_GEMM, prune=_prune_by_channels,
+    {
+        "16bit": [_tile(STATS_BLOCK_M, 128, 64, 8, 3), _tile(STATS_BLOCK_M, 64, 64, 4, 4),
+                  _tile(STATS_BLOCK_M, 128, 32, 8, 4)],
+        "16bit-unaligned": [_tile(STATS_BLOCK_M, 64, 64, 8, 2), _tile(STATS_BLOCK_M, 64, 32, 8, 2),
+                            _tile(STATS_BLOCK_M, 128, 32, 8, 2)],
+        "tf32": [_tile(STATS_BLOCK_M, 128, 32, 8, 3), _tile(STATS_BLOCK_M, 64, 32, 4, 3)],
+        "tf32-unaligned": [_tile(STATS_BLOCK_M, 64, 16, 8, 2), _tile(STATS_BLOCK_M, 64, 32, 8, 1),
+                           _tile(STATS_BLOCK_M, 128, 32, 8, 1)],
+        "ieee": [_tile(STATS_BLOCK_M, 64, 16, 8, 2), _tile(STATS_BLOCK_M, 128, 16, 8, 2)],
+        "ieee-unaligned": [_tile(STATS_BLOCK_M, 64, 16, 8, 2)],
+    },
+    key=["M", "C_in", "C_out"], interpret=_INTERPRET_GEMM,
 )
+
+
+def _fully_aligned(*tensors) -> bool:
+    """Every row of every tensor starts on a 16-byte boundary (full-width channel vectors)."""
+    return all(rows_alignment(t) * t.element_size() == 16 for t in tensors if t is not None)
 
 
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
@@ -158,10 +194,11 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
                     activation: str | None, save: bool):
     """Pointwise conv + BN + activation forward.
 
-    Returns (out, z, mean, invstd, new_running_mean, new_running_var): ``z`` (the conv output
-    incl. bias) and the (mean, invstd) the BN used, for autograd, when ``save`` is set (else
-    empty); in training with running statistics, their values updated with ``momentum`` (the
-    exponential-average factor) as new tensors (else empty). Nothing is modified in place.
+    Returns (out, z, mean, invstd, new_running_mean, new_running_var): ``out`` in ``x``'s memory
+    format; ``z`` (the conv output incl. bias, channels_last_3d) and the (mean, invstd) the BN
+    used, for autograd, when ``save`` is set (else empty); in training with running statistics,
+    their values updated with ``momentum`` (the exponential-average factor) as new tensors (else
+    empty). Nothing is modified in place.
     """
     N, C_in, T_in, H_in, W_in = x.shape
     C_out = weight.shape[0]
@@ -170,7 +207,6 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
     M = N * T_out * H_out * W_out
     dev = x.device
     act = cm.ACTIVATIONS[activation]
-    out = alloc_activation((N, C_out, T_out, H_out, W_out), x)
 
     def absent(dtype=torch.float32):  # a distinct empty tensor for each output not produced
         return x.new_empty(0, dtype=dtype)
@@ -178,20 +214,26 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
     z = absent(x.dtype)
     mean, invstd, new_rm, new_rv = absent(), absent(), absent(), absent()
     if M == 0:  # PyTorch leaves the running statistics as they are
-        return out, z, mean, invstd, new_rm, new_rv
+        return in_format_of(alloc_channels_last((N, C_out, T_out, H_out, W_out), x), x), z, mean, \
+            invstd, new_rm, new_rv
 
+    x_in, x, residual = x, channels_contiguous(x), channels_contiguous(residual)
+    out = alloc_channels_last((N, C_out, T_out, H_out, W_out), x)
+    prec = _dot_precision(x.dtype)
+    unaligned = "" if _fully_aligned(x, out, residual) else "-unaligned"
     if training:
-        kernel, meta = _FWD_STATS.select()
+        kernel, meta = _FWD_STATS.select(_variant(x.dtype, prec) + unaligned)
         block_m = meta.get("BLOCK_M", STATS_BLOCK_M)
         num_tiles = triton.cdiv(M, block_m)
-        # The normalise pass may overwrite z in place when autograd does not need it.
-        z = alloc_activation(out.shape, x) if save else out
+        # The normalise pass overwrites z in place when autograd does not need it.
+        z = alloc_channels_last(out.shape, x) if save else out
         part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
         part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
     else:
-        kernel, meta = _FWD_EVAL.select()
+        res = "-res" if residual is not None else ""
+        kernel, meta = _FWD_EVAL.select(_variant(x.dtype, prec) + res + unaligned)
         if save:
-            z = alloc_activation(out.shape, x)
+            z = alloc_channels_last(out.shape, x)
             mean = alloc((C_out,), dtype=torch.float32, device=dev)
             invstd = alloc((C_out,), dtype=torch.float32, device=dev)
         part_mean = part_m2 = mean
@@ -216,8 +258,8 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         st, sh, sw, pt, ph, pw, float(eps),
         HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
         HAS_RES=residual is not None and not training, ACT=act, STATS=training, SAVE=save,
-        X_ALIGNED=rows_aligned(x), O_ALIGNED=rows_aligned(out), R_ALIGNED=rows_aligned(residual),
-        PREC=_dot_precision(x.dtype), **meta,
+        X_ALIGN=rows_alignment(x), O_ALIGN=rows_alignment(out), R_ALIGN=rows_alignment(residual),
+        PREC=prec, **meta,
     )
     if training:
         mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
@@ -227,7 +269,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             new_rm, new_rv = rm, rv
         if not save:
             z, mean, invstd = absent(x.dtype), absent(), absent()
-    return out, z, mean, invstd, new_rm, new_rv
+    return in_format_of(out, x_in), z, mean, invstd, new_rm, new_rv
 
 
 # ----------------------------------------------------------------------------- backward
@@ -259,14 +301,14 @@ def _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask,
 def _pointwise_dgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
     M_in, C_in, C_out, T_in, H_in, W_in, T_out, H_out, W_out,
-    sdn, sdt, sdh, sdw, sdc,
-    szn, szt, szh, szw, szc,
-    srn, srt, srh, srw, src,
-    sxn, sxt, sxh, sxw, sxc, swo, swi,
+    sdn, sdt, sdh, sdw,
+    szn, szt, szh, szw,
+    srn, srt, srh, srw,
+    sxn, sxt, sxh, sxw, swo, swi,
     st, sh, sw, pt, ph, pw,
     HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    D_ALIGNED: tl.constexpr, Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
-    X_ALIGNED: tl.constexpr, PREC: tl.constexpr,
+    D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -286,9 +328,9 @@ def _pointwise_dgrad_kernel(
     wo = wp // sw
     feeds = rmask & (tp % st == 0) & (to < T_out) & (hp % sh == 0) & (ho < H_out) \
         & (wp % sw == 0) & (wo < W_out)
-    d_rows = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGNED)
-    z_rows = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGNED)
-    r_rows = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGNED)
+    d_rows = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGN)
+    z_rows = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGN)
+    r_rows = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C_in
     ks = tl.arange(0, BLOCK_K)
@@ -297,16 +339,15 @@ def _pointwise_dgrad_kernel(
     for k0 in range(0, C_out, BLOCK_K):
         kk = k0 + ks
         kmask = kk < C_out
-        k64 = kk.to(tl.int64)[None, :]
-        dz = _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + k64 * sdc,
-                      z_rows[:, None] + k64 * szc, r_rows[:, None] + k64 * src, kk,
+        dz = _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
+                      z_rows[:, None] + kk[None, :], r_rows[:, None] + kk[None, :], kk,
                       feeds[:, None] & kmask[None, :], C_out, HAS_RES, ACT)
         b = tl.load(w_ptr + kk[:, None] * swo + cols[None, :] * swi,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(dz.to(w_ptr.dtype.element_ty), b, acc, input_precision=PREC)
 
-    x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGNED)[:, None] \
-        + cols.to(tl.int64)[None, :] * sxc
+    x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)[:, None] \
+        + cols[None, :]
     tl.store(dx_ptr + x_off, acc, mask=rmask[:, None] & cmask[None, :])
 
 
@@ -314,14 +355,14 @@ def _pointwise_dgrad_kernel(
 def _pointwise_wgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, dw_ptr,
     M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
-    sdn, sdt, sdh, sdw, sdc,
-    szn, szt, szh, szw, szc,
-    srn, srt, srh, srw, src,
-    sxn, sxt, sxh, sxw, sxc,
+    sdn, sdt, sdh, sdw,
+    szn, szt, szh, szw,
+    srn, srt, srh, srw,
+    sxn, sxt, sxh, sxw,
     st, sh, sw, pt, ph, pw,
     HAS_RES: tl.constexpr, ACT: tl.constexpr,
-    D_ALIGNED: tl.constexpr, Z_ALIGNED: tl.constexpr, R_ALIGNED: tl.constexpr,
-    X_ALIGNED: tl.constexpr, PREC: tl.constexpr,
+    D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tile: BLOCK_M output channels x BLOCK_N input channels; K runs over this split's rows.
@@ -332,8 +373,6 @@ def _pointwise_wgrad_kernel(
     ci = (pid % num_n) * BLOCK_N + tl.arange(0, BLOCK_N)
     comask = co < C_out
     cimask = ci < C_in
-    co64 = co.to(tl.int64)[None, :]
-    ci64 = ci.to(tl.int64)[None, :]
     r_start = split * rows_per_split
     r_end = tl.minimum(r_start + rows_per_split, M)
 
@@ -342,16 +381,16 @@ def _pointwise_wgrad_kernel(
         rows = r0 + tl.arange(0, BLOCK_K)
         rmask = rows < r_end
         n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
-        d_off = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGNED)[:, None] + co64 * sdc
-        z_off = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGNED)[:, None] + co64 * szc
-        r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGNED)[:, None] + co64 * src
+        d_off = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + co[None, :]
+        z_off = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGN)[:, None] + co[None, :]
+        r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + co[None, :]
         dz = _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, co,
                       rmask[:, None] & comask[None, :], C_out, HAS_RES, ACT)
         ti = to * st - pt
         hi = ho * sh - ph
         wi = wo * sw - pw
         inside = rmask & (ti >= 0) & (ti < T_in) & (hi >= 0) & (hi < H_in) & (wi >= 0) & (wi < W_in)
-        x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGNED)[:, None] + ci64 * sxc
+        x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)[:, None] + ci[None, :]
         xa = tl.load(x_ptr + x_off, mask=inside[:, None] & cimask[None, :], other=0.0)
         acc = tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, input_precision=PREC)
 
@@ -359,23 +398,34 @@ def _pointwise_wgrad_kernel(
     tl.store(dw_ptr + w_off, acc, mask=comask[:, None] & cimask[None, :])
 
 
-def _prune_dgrad(configs, named_args, **kwargs):
-    width = triton.next_power_of_2(named_args["C_in"])
-    kept = [c for c in configs if c.kwargs["BLOCK_N"] <= max(width, 64)]
-    return kept or configs[:1]
-
-
 _DGRAD = Tuned(
     _pointwise_dgrad_kernel,
-    [_config(128, 128, 32, 8, 3), _config(128, 64, 32, 4, 3), _config(64, 128, 32, 4, 3),
-     _config(64, 64, 64, 4, 3)],
-    key=["M_in", "C_in", "C_out", "HAS_RES"], interpret=_INTERPRET_GEMM, prune=_prune_dgrad,
+    {
+        "16bit": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3), _tile(64, 64, 64, 4, 3)],
+        "16bit-unaligned": [_tile(128, 64, 64, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
+                            _tile(64, 64, 32, 4, 3)],
+        "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
+        "tf32-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(128, 64, 16, 8, 2),
+                           _tile(64, 64, 32, 4, 3)],
+        "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
+        "ieee-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
+    },
+    key=["M_in", "C_in", "C_out", "HAS_RES"], interpret=_INTERPRET_GEMM,
 )
 # wgrad: BLOCK_M = output channels, BLOCK_N = input channels, BLOCK_K = rows per step.
 _WGRAD = Tuned(
     _pointwise_wgrad_kernel,
-    [_config(128, 128, 32, 8, 3), _config(64, 128, 32, 4, 3), _config(128, 64, 32, 4, 3),
-     _config(64, 64, 64, 4, 3)],
+    {
+        "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 4, 3), _tile(128, 64, 32, 4, 3), _tile(64, 64, 64, 4, 3)],
+        "16bit-unaligned": [_tile(128, 128, 32, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
+                            _tile(64, 64, 32, 4, 3)],
+        "tf32": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
+        "tf32-unaligned": [_tile(128, 128, 32, 8, 1), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
+                           _tile(64, 64, 32, 4, 3)],
+        "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
+        "ieee-unaligned": [_tile(128, 128, 32, 8, 1), _tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2),
+                           _tile(64, 64, 16, 4, 2)],
+    },
     key=["M", "C_in", "C_out", "HAS_RES"], interpret=_INTERPRET_GEMM,
 )
 
@@ -392,9 +442,9 @@ def _row_splits(M: int, C_in: int, C_out: int, device: torch.device) -> int:
 
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
                     padding, training: bool, activation: str | None, needs):
-    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd.
-
-    ``needs`` says which of the six are wanted; the others come back as None.
+    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, with ``z``,
+    ``mean`` and ``invstd`` as it saved them; dx and dresidual in the memory format of x and
+    residual. ``needs`` says which of the six are wanted; the others come back as None.
     """
     need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
     N, C_in, T_in, H_in, W_in = x.shape
@@ -404,18 +454,23 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     M = N * T_out * H_out * W_out
     M_in = N * T_in * H_in * W_in
     act = cm.ACTIVATIONS[activation]
+    x_in, residual_in = x, residual
+    grad_out, residual = channels_contiguous(grad_out), channels_contiguous(residual)
     coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
         grad_out, z, mean, invstd, gamma, beta, residual, act, training,
         need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
+    prec = _dot_precision(x.dtype)
+    unaligned = "" if _fully_aligned(grad_out, z, residual) else "-unaligned"
     common = dict(
-        HAS_RES=residual is not None, ACT=act, D_ALIGNED=rows_aligned(grad_out),
-        Z_ALIGNED=rows_aligned(z), R_ALIGNED=rows_aligned(residual), PREC=_dot_precision(x.dtype),
+        HAS_RES=residual is not None, ACT=act, D_ALIGN=rows_alignment(grad_out),
+        Z_ALIGN=rows_alignment(z), R_ALIGN=rows_alignment(residual), PREC=prec,
     )
     some = z
     dx = dw = None
     if need_dx:
-        dx = alloc_activation(x.shape, x)
-        kernel, meta = _DGRAD.select()
+        dx = alloc_channels_last(x.shape, x)
+        aligned = unaligned or ("" if _fully_aligned(dx) else "-unaligned")
+        kernel, meta = _DGRAD.select(_variant(x.dtype, prec) + aligned)
 
         def grid(meta):
             return (triton.cdiv(M_in, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),)
@@ -426,13 +481,16 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
             M_in, C_in, C_out, T_in, H_in, W_in, T_out, H_out, W_out,
             *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual),
             *rows_strides(dx), weight.stride(0), weight.stride(1),
-            st, sh, sw, pt, ph, pw, X_ALIGNED=rows_aligned(dx), **common, **meta,
+            st, sh, sw, pt, ph, pw, X_ALIGN=rows_alignment(dx), **common, **meta,
         )
+        dx = in_format_of(dx, x_in)
     if need_dw:
+        x = channels_contiguous(x)
         splits = _row_splits(M, C_in, C_out, x.device)
         rows_per_split = triton.cdiv(M, splits)
         partial = alloc((splits, C_out, C_in), dtype=torch.float32, device=x.device)
-        kernel, meta = _WGRAD.select()
+        aligned = unaligned or ("" if _fully_aligned(x) else "-unaligned")
+        kernel, meta = _WGRAD.select(_variant(x.dtype, prec) + aligned)
 
         def grid(meta):
             return (triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), splits)
@@ -442,7 +500,9 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
             grad_out, z, residual if residual is not None else some, coef, x, partial,
             M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
             *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(x),
-            st, sh, sw, pt, ph, pw, X_ALIGNED=rows_aligned(x), **common, **meta,
+            st, sh, sw, pt, ph, pw, X_ALIGN=rows_alignment(x), **common, **meta,
         )
         dw = splitk.sum_splits(partial, weight.dtype).view(weight.shape)
+    if dres is not None:
+        dres = in_format_of(dres, residual_in)
     return dx, dw, dbias, dgamma, dbeta, dres

@@ -1,0 +1,706 @@
+"""Static report of the kernels (DESIGN.md §8 "Verifying speed without a GPU").
+
+Every Triton kernel configuration that r21d can launch is compiled ahead of time for sm_90 and
+sm_80 -- no GPU needed -- and its cubin read with the ``cuobjdump`` that ships inside Triton:
+registers, spills (STACK / LOCAL), shared memory, and the instructions that matter (HGMMA / HMMA
+tensor-core instructions, 128-bit global loads). The CUDA C++ kernels of the built ``r21d._C`` are
+read the same way.
+
+What is compiled is what a real launch compiles: each case below calls the real launchers on
+small CPU tensors under ``_launch.capture()`` (nothing runs), and each captured launch is
+specialised by Triton's own binder (``create_function_from_signature`` +
+``JITFunction._pack_args``, the same code in triton 3.6 and 3.8), so it gets the same pointer
+dtypes, integer == 1 -> constexpr, 16-divisibility attributes and options as
+``kernel[grid](...)``; for every autotuning configuration of the kernel.
+
+    python -m r21d.static                      # table of every kernel x config x arch
+    python -m r21d.static --check --json r.json --archs 90
+
+Rules checked by ``--check`` (exit status 1 when one fails): every configuration compiles; no
+spills (LOCAL == 0 and STACK == 0); shared memory within the arch's opt-in limit (227 KB sm_90,
+163 KB sm_80); on sm_90 every GEMM kernel (source uses ``tl.dot``) with fp16 / bf16 / TF32 operands
+has HGMMA; every ``*_kernel`` of ``r21d.triton_kernels`` is covered by a case. Reported only:
+IEEE-fp32 GEMMs (no tensor cores by design) and whether the memory-bound kernels use 128-bit
+loads in channels_last_3d.
+
+The report must run with TRITON_INTERPRET unset: kernels decorated while it is set are interpreter
+functions and cannot be compiled (the test runs it in a subprocess for that reason).
+
+Adding a kernel family: add its module to ``KERNEL_MODULES``, write its case function (like
+``_pointwise``) and add its cases to ``CASES``. A kernel counts as a GEMM when its own source uses
+``tl.dot`` (not a helper it calls).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import fnmatch
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+# Opt-in shared memory per block (what Triton compares metadata.shared against at launch).
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
+ARCHS = (90, 80)
+KERNEL_MODULES = ("pointwise", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One representative call of a family's launchers, run under ``_launch.capture()``."""
+
+    family: str
+    name: str  # e.g. "fwd-eval"
+    dtype: str  # "bf16", "fp16", "fp32-tf32", "fp32-ieee"
+    layout: str  # a key of the family's shape table, e.g. "cl3d" (channels_last_3d), "cl3d-odd"
+    run: Callable[["Case"], None]
+
+    @property
+    def label(self) -> str:
+        return f"{self.family}/{self.name}/{self.dtype}/{self.layout}"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(name, torch.float32)
+
+
+@contextlib.contextmanager
+def _fp32_precision(dtype: str):
+    """fp32-tf32 / fp32-ieee: set the cuDNN conv fp32 precision the launchers read, restore after."""
+    import torch
+
+    want = {"fp32-tf32": "tf32", "fp32-ieee": "ieee"}.get(dtype)
+    if want is None:
+        yield
+        return
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9: the new API only
+        previous = conv.fp32_precision
+        conv.fp32_precision = want
+        try:
+            yield
+        finally:
+            conv.fp32_precision = previous
+    else:
+        previous = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = want == "tf32"
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.allow_tf32 = previous
+
+
+# Shapes: T = 8, H = W = 14 (an R(2+1)D late stage) so that, as in real video shapes, some
+# sizes are not multiples of 16 (Triton specialises on that), and M = 3136 rows makes the weight
+# gradient split over 4 row ranges (1 would be specialised to a constant). The "cl3d-odd" layout
+# has the channel counts of R(2+1)D's intermediate tensors (45, 230): rows not 16-byte aligned.
+# NCDHW needs no case of its own: the launchers convert it to channels_last_3d at the boundary.
+PW_SHAPES = {
+    "cl3d": dict(N=2, C_in=64, C_out=256, T=8, H=14, W=14),
+    "cl3d-odd": dict(N=2, C_in=45, C_out=230, T=8, H=14, W=14),
+}
+
+
+def _pointwise(case: Case, stride=(1, 1, 1), padding=(0, 0, 0)) -> None:
+    import torch
+
+    from r21d.triton_kernels import pointwise
+
+    s = PW_SHAPES[case.layout]
+    dt = _torch_dtype(case.dtype)
+    gen = torch.Generator().manual_seed(0)
+
+    def act(*shape, dtype=dt):  # an activation tensor, channels_last_3d
+        return torch.randn(*shape, generator=gen, dtype=dtype).contiguous(
+            memory_format=torch.channels_last_3d)
+
+    def vec(n=s["C_out"], dtype=torch.float32):
+        return torch.randn(n, generator=gen, dtype=dtype)
+
+    x = act(s["N"], s["C_in"], s["T"], s["H"], s["W"])
+    w = torch.randn(s["C_out"], s["C_in"], 1, 1, 1, generator=gen, dtype=dt)
+    bias, gamma, beta = vec(dtype=dt), vec(), vec()
+    rmean, rvar = vec(), vec().abs() + 1
+    out_shape = (s["N"], s["C_out"]) + tuple(
+        (n + 2 * p - 1) // st + 1 for n, st, p in zip((s["T"], s["H"], s["W"]), stride, padding))
+    op = case.name.split("-s2")[0]
+    if op.startswith("fwd"):
+        residual = act(*out_shape) if op == "fwd-eval-res" else None
+        training = op == "fwd-train"
+        pointwise.conv_bn_act_fwd(x, w, bias, gamma, beta, rmean, rvar, residual, stride, padding,
+                                  training=training, momentum=0.1, eps=1e-5, activation="relu",
+                                  save=training)
+    elif op == "bwd":  # training backward, every gradient, with a residual
+        grad_out, z, residual = act(*out_shape), act(*out_shape), act(*out_shape)
+        pointwise.conv_bn_act_bwd(grad_out, x, w, bias, z, vec(), vec().abs(), gamma, beta,
+                                  residual, stride, padding, training=True, activation="relu",
+                                  needs=(True,) * 6)
+    else:
+        raise ValueError(case.name)
+
+
+def _pointwise_s2(case: Case) -> None:
+    _pointwise(case, stride=(1, 2, 2), padding=(0, 0, 0))
+
+
+def _grid(family, names, dtypes, layouts, run) -> list[Case]:
+    return [Case(family, n, d, lay, run) for n in names for d in dtypes for lay in layouts]
+
+
+ALL_DTYPES = ("bf16", "fp16", "fp32-tf32", "fp32-ieee")
+ALL_LAYOUTS = tuple(PW_SHAPES)
+
+CASES: list[Case] = [
+    # pointwise (1x1x1) conv + BN + act: eval (one launch), eval with residual, training forward
+    # (conv with statistics epilogue, finalize, normalise), training backward (BN reduce and
+    # finalize, dgrad, split-K wgrad and its sum).
+    *_grid("pointwise", ("fwd-eval", "fwd-eval-res", "fwd-train", "bwd"), ALL_DTYPES, ALL_LAYOUTS,
+           _pointwise),
+    # a spatially strided (downsampling) pointwise conv: stride is then not a constant 1
+    Case("pointwise", "fwd-eval-s2", "bf16", "cl3d", _pointwise_s2),
+    Case("pointwise", "bwd-s2", "bf16", "cl3d", _pointwise_s2),
+]
+
+
+# ----------------------------------------------------------------------------- specialisation
+
+
+def _jit_function(kernel):
+    """The JITFunction behind a captured kernel (an Autotuner wraps it in ``.fn``)."""
+    from triton.runtime.jit import JITFunction
+
+    fn = kernel
+    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
+        fn = fn.fn
+    if not isinstance(fn, JITFunction) or type(fn).__name__ == "InterpretedFunction":
+        raise RuntimeError(
+            f"{kernel!r} is not a compilable JITFunction: run the static report with "
+            "TRITON_INTERPRET unset (kernels decorated under the interpreter cannot be compiled)")
+    return fn
+
+
+def _configs(kernel, kwargs: dict) -> list[dict]:
+    """Keyword arguments of each configuration a launch may run with: the Autotuner's configs
+    (all of them, pruning aside: another shape may pick any), or the launch's own kwargs."""
+    configs = getattr(kernel, "configs", None)
+    if not configs:
+        return [dict(kwargs)]
+    return [{**kwargs, **c.all_kwargs()} for c in configs]
+
+
+_binders: dict = {}
+
+
+def _specialize(fn, backend, args, kwargs):
+    """(options, signature, constexprs, attrs) exactly as ``JITFunction.run`` computes them."""
+    try:
+        from triton import knobs
+        from triton.runtime.jit import create_function_from_signature
+    except ImportError as e:  # pragma: no cover - older Triton
+        raise RuntimeError("the static report needs triton's JIT binder API (tested with triton "
+                           "3.6 and 3.8)") from e
+    if not hasattr(fn, "_pack_args"):  # pragma: no cover - older Triton
+        raise RuntimeError("the static report needs JITFunction._pack_args (triton 3.6 / 3.8)")
+    kwargs = dict(kwargs)
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    key = (id(fn), id(backend))
+    if key not in _binders:
+        _binders[key] = create_function_from_signature(fn.signature, fn.params, backend)
+    bound_args, specialization, options = _binders[key](*args, **kwargs)
+    return fn._pack_args(backend, kwargs, bound_args, specialization, options)
+
+
+def _arg_names(fn) -> list[str]:
+    return [p.name for p in fn.params]
+
+
+def _plain(value):
+    """A JSON-friendly constexpr value."""
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
+def _jobs(cases: list[Case], archs) -> list[dict]:
+    """Captured launches of every case x autotuning config x arch, deduplicated into compile
+    jobs (plain data a worker process can compile)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    from r21d.triton_kernels import _launch
+
+    backends = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in archs}
+    jobs: dict[tuple, dict] = {}
+    for case in cases:
+        with _fp32_precision(case.dtype), _launch.capture() as launches:
+            case.run(case)
+        for launch in launches:
+            prec = launch.kwargs.get("PREC")
+            if case.dtype.startswith("fp32-") and prec is not None and prec != case.dtype[5:]:
+                raise RuntimeError(f"{case.label}: the launcher chose PREC={prec!r}")
+            fn = _jit_function(launch.kernel)
+            names = _arg_names(fn)
+            for kw in _configs(launch.kernel, launch.kwargs):
+                for arch, backend in backends.items():
+                    options, signature, constexprs, attrs = _specialize(fn, backend, launch.args, kw)
+                    opts = options.__dict__
+                    key = (fn.__module__, fn.__name__, arch,
+                           repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                           repr(sorted(attrs.items())), repr(sorted(opts.items())))
+                    job = jobs.get(key)
+                    if job is None:
+                        cx = {names[p[0]]: _plain(v) for p, v in constexprs.items() if len(p) == 1}
+                        job = jobs[key] = dict(
+                            module=fn.__module__, kernel=fn.__name__, arch=arch,
+                            signature=signature, constexprs=constexprs, attrs=attrs, options=opts,
+                            constexpr_values=cx, num_warps=opts["num_warps"],
+                            num_stages=opts["num_stages"], gemm="tl.dot" in fn.src,
+                            families=[], cases=[], dtypes=[], layouts=[],
+                        )
+                    for field, value in (("families", case.family), ("cases", case.name),
+                                         ("dtypes", case.dtype), ("layouts", case.layout)):
+                        if value not in job[field]:
+                            job[field].append(value)
+    return list(jobs.values())
+
+
+def _all_kernels() -> list[str]:
+    """Every ``*_kernel`` JITFunction of the kernel modules (the cases must cover them all)."""
+    from triton.runtime.jit import JITFunction
+
+    found = []
+    for mod_name in KERNEL_MODULES:
+        mod = importlib.import_module(f"r21d.triton_kernels.{mod_name}")
+        for name, obj in vars(mod).items():
+            if isinstance(obj, JITFunction) and name.endswith("_kernel") and obj.__module__ == mod.__name__:
+                found.append(name)
+    return sorted(found)
+
+
+# ----------------------------------------------------------------------------- cubin reading
+
+
+def cuobjdump() -> str:
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if os.path.exists(path):
+        return path
+    found = shutil.which("cuobjdump")
+    if found is None:
+        raise RuntimeError("no cuobjdump (neither in Triton's package nor on PATH)")
+    return found
+
+
+_SASS_LINE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_]*(?:\.[A-Z0-9_]+)*)")
+_RESOURCE = re.compile(r"(\w+(?:\[\d+\])?):(\d+)")
+
+
+def _classify(opcodes: dict[str, int]) -> dict[str, int]:
+    def count(pred):
+        return sum(n for op, n in opcodes.items() if pred(op, op.split(".")))
+
+    return dict(
+        hgmma=count(lambda op, p: p[0] == "HGMMA"),
+        hmma=count(lambda op, p: p[0] == "HMMA"),
+        ldg128=count(lambda op, p: p[0] == "LDG" and "128" in p),
+        ldg64=count(lambda op, p: p[0] == "LDG" and "64" in p),
+        ldg=count(lambda op, p: p[0] == "LDG"),
+        ldgsts128=count(lambda op, p: p[0] == "LDGSTS" and "128" in p),
+        tma=count(lambda op, p: p[0] == "UTMALDG"),
+        stg128=count(lambda op, p: p[0] == "STG" and "128" in p),
+        ldl=count(lambda op, p: p[0] == "LDL"),
+        stl=count(lambda op, p: p[0] == "STL"),
+    )
+
+
+def read_cubin(path: str) -> dict[tuple[str, str], dict]:
+    """{(arch, function): stats} of a cubin or a fat binary / shared library."""
+    tool = cuobjdump()
+    res = subprocess.run([tool, "--dump-resource-usage", path], capture_output=True, text=True)
+    sass = subprocess.run([tool, "--dump-sass", path], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"cuobjdump failed on {path}: {res.stderr.strip()}")
+    out: dict[tuple[str, str], dict] = {}
+    arch, fn = "", None
+    for line in res.stdout.splitlines():
+        m = re.match(r"\s*arch = (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+        m = re.match(r"\s*Function (\S+?):\s*$", line)
+        if m:
+            fn = m.group(1)
+            continue
+        if fn is not None and "REG:" in line:
+            vals = {k.lower(): int(v) for k, v in _RESOURCE.findall(line)}
+            out[(arch, fn)] = dict(regs=vals.get("reg", 0), stack=vals.get("stack", 0),
+                                   shared_static=vals.get("shared", 0), local=vals.get("local", 0),
+                                   opcodes={})
+            fn = None
+    arch, fn = "", None
+    for line in sass.stdout.splitlines():
+        m = re.match(r"\s*code for (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            fn = m.group(1)
+            continue
+        m = _SASS_LINE.match(line)
+        if m and fn is not None:
+            key = next((k for k in ((arch, fn), (arch.rstrip("a"), fn)) if k in out), None)
+            if key is None:  # resource usage keyed without an arch (plain cubin)
+                key = next((k for k in out if k[1] == fn), (arch, fn))
+                out.setdefault(key, dict(regs=0, stack=0, shared_static=0, local=0, opcodes={}))
+            ops = out[key]["opcodes"]
+            ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+    for stats in out.values():
+        stats.update(_classify(stats.pop("opcodes")))
+    return out
+
+
+# ----------------------------------------------------------------------------- compiling
+
+
+def _compile_job(job: dict) -> dict:
+    """Compile one job (in a worker process) and read its cubin."""
+    start = time.perf_counter()
+    result = dict(error=None)
+    try:
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        mod = importlib.import_module(job["module"])
+        fn = _jit_function(getattr(mod, job["kernel"]))
+        src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"],
+                        attrs=job["attrs"])
+        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+        with tempfile.TemporaryDirectory(prefix="r21d-static-") as tmp:
+            path = os.path.join(tmp, "kernel.cubin")
+            with open(path, "wb") as f:
+                f.write(k.asm["cubin"])
+            stats = read_cubin(path)
+        if len(stats) != 1:
+            raise RuntimeError(f"expected one function in the cubin, got {sorted(stats)}")
+        result.update(next(iter(stats.values())))
+        result["shared"] = int(k.metadata.shared)
+    except Exception as e:  # reported as a failing row
+        result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    result["compile_s"] = round(time.perf_counter() - start, 2)
+    return result
+
+
+def _run_jobs(jobs: list[dict], workers: int) -> list[dict]:
+    payload = [{k: j[k] for k in ("module", "kernel", "arch", "signature", "constexprs", "attrs",
+                                  "options")} for j in jobs]
+    if workers <= 1 or len(jobs) <= 1:
+        return [_compile_job(p) for p in payload]
+    import multiprocessing
+
+    # GEMMs first: they take longest (ptxas), so the pool does not end on one long compile.
+    order = sorted(range(len(jobs)), key=lambda i: not jobs[i]["gemm"])
+    ctx = multiprocessing.get_context("spawn")  # a clean interpreter: no forked torch threads
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        done = pool.map(_compile_job, [payload[i] for i in order], chunksize=1)
+        results: list = [None] * len(jobs)
+        for i, result in zip(order, done):
+            results[i] = result
+    return results
+
+
+# ----------------------------------------------------------------------------- rows and rules
+
+
+@dataclasses.dataclass
+class Row:
+    family: str  # families whose cases launched it, comma-separated
+    module: str
+    kernel: str
+    arch: int
+    gemm: bool
+    config: str  # "128x128x64" (BLOCK_M x BLOCK_N x BLOCK_K) or the memory-bound blocks
+    num_warps: int
+    num_stages: int
+    dtypes: list
+    layouts: list
+    cases: list
+    precision: str | None  # dot input precision (GEMMs): "ieee" / "tf32"
+    constexprs: dict
+    regs: int = 0
+    stack: int = 0
+    local: int = 0
+    shared: int = 0  # dynamic shared memory bytes (Triton's metadata.shared)
+    shared_static: int = 0
+    hgmma: int = 0
+    hmma: int = 0
+    ldg128: int = 0
+    ldg64: int = 0
+    ldg: int = 0
+    ldgsts128: int = 0
+    tma: int = 0
+    stg128: int = 0
+    ldl: int = 0
+    stl: int = 0
+    compile_s: float = 0.0
+    error: str | None = None
+    failures: list = dataclasses.field(default_factory=list)
+
+    @property
+    def tensor_core_operands(self) -> bool:
+        """fp16 / bf16 operands, or fp32 with TF32 allowed: the dot should use tensor cores."""
+        if not self.gemm:
+            return False
+        return any(d in ("bf16", "fp16") for d in self.dtypes) or self.precision not in (None, "ieee")
+
+
+def _config_name(cx: dict) -> str:
+    blocks = [k for k in cx if k.startswith("BLOCK")]
+    order = {"BLOCK_M": 0, "BLOCK_N": 1, "BLOCK_K": 2}
+    blocks.sort(key=lambda k: (order.get(k, 3), k))
+    if set(blocks) >= {"BLOCK_M", "BLOCK_N", "BLOCK_K"}:
+        return "x".join(str(cx[k]) for k in blocks[:3]) + "".join(f" {k[6:]}={cx[k]}" for k in blocks[3:])
+    return " ".join(f"{k[6:] or k}={cx[k]}" for k in blocks)
+
+
+def _apply_rules(row: Row) -> None:
+    f = row.failures
+    if row.error:
+        f.append(f"compile: {row.error}")
+        return
+    if row.local or row.stack:
+        f.append(f"spills: LOCAL={row.local} STACK={row.stack} (LDL={row.ldl} STL={row.stl})")
+    limit = SHARED_LIMIT.get(row.arch)
+    if limit is not None and row.shared > limit:
+        f.append(f"shared memory {row.shared} B > {limit} B")
+    if row.arch == 90 and row.tensor_core_operands and row.hgmma == 0:
+        f.append(f"no HGMMA ({'/'.join(row.dtypes)}, HMMA={row.hmma})")
+
+
+def collect(archs=ARCHS, cases: list[Case] | None = None, workers: int | None = None) -> list[Row]:
+    """Compile every case's launches for ``archs`` and return one Row per kernel x config x arch,
+    with ``row.failures`` filled by the rules."""
+    jobs = _jobs(CASES if cases is None else cases, archs)
+    if workers is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = min(cpus, 16)
+    results = _run_jobs(jobs, workers)
+    rows = []
+    for job, res in zip(jobs, results):
+        cx = job["constexpr_values"]
+        row = Row(
+            family=",".join(job["families"]), module=job["module"].rsplit(".", 1)[-1],
+            kernel=job["kernel"], arch=job["arch"], gemm=job["gemm"], config=_config_name(cx),
+            num_warps=job["num_warps"], num_stages=job["num_stages"], dtypes=job["dtypes"],
+            layouts=job["layouts"], cases=job["cases"],
+            precision=(cx.get("PREC") or job["options"].get("default_dot_input_precision"))
+            if job["gemm"] else None,
+            constexprs=cx,
+        )
+        for k, v in res.items():
+            if hasattr(row, k):
+                setattr(row, k, v)
+        _apply_rules(row)
+        rows.append(row)
+    rows.sort(key=lambda r: (r.family, r.module, r.kernel, -r.arch, r.dtypes, r.layouts, r.config,
+                             r.num_warps, r.num_stages, r.cases))
+    return rows
+
+
+def coverage(rows: list[Row]) -> list[str]:
+    """Kernels of r21d.triton_kernels that no case launched."""
+    seen = {r.kernel for r in rows}
+    return [k for k in _all_kernels() if k not in seen]
+
+
+def _demangle(symbols: list[str]) -> list[str]:
+    tool = shutil.which("c++filt")
+    if not tool or not symbols:
+        return symbols
+    proc = subprocess.run([tool], input="\n".join(symbols), capture_output=True, text=True)
+    out = proc.stdout.splitlines()
+    return out if proc.returncode == 0 and len(out) == len(symbols) else symbols
+
+
+def csrc_report(archs=None) -> dict:
+    """Per (arch, function) stats of the CUDA kernels in the built r21d._C (only the cubins for
+    ``archs`` when given: 90 matches sm_90 and sm_90a)."""
+    try:
+        spec = importlib.util.find_spec("r21d._C")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin or not os.path.exists(spec.origin):
+        return dict(path=None, status="not built", functions=[])
+    stats = read_cubin(spec.origin)
+    symbols = sorted({fn for _, fn in stats})
+    names = dict(zip(symbols, _demangle(symbols)))
+    functions = []
+    for (arch, fn), s in sorted(stats.items()):
+        number = re.sub(r"\D", "", arch)
+        if archs is not None and number and int(number) not in archs:
+            continue
+        failures = []
+        if s["local"] or s["stack"]:
+            failures.append(f"spills: LOCAL={s['local']} STACK={s['stack']}")
+        functions.append(dict(arch=arch, function=names[fn], symbol=fn, failures=failures, **s))
+    return dict(path=spec.origin, status="ok" if functions else "no CUDA kernels",
+                functions=functions)
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def _short(values: list) -> str:
+    return ",".join(values)
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'arch':<5}{'dtype':<16}{'layout':<11}{'cases':<22}{'config':<13}{'w':>2}{'s':>2}"
+            f"{'regs':>5}{'stack':>6}{'local':>6}{'smemKB':>7}{'HGMMA':>6}{'HMMA':>5}{'LDG128':>7}"
+            f"{'LDG64':>6}{'LDGSTS':>7}{'LDL/STL':>12}  status")
+    lines = []
+    current = None
+    for r in rows:
+        group = (r.family, r.module, r.kernel)
+        if group != current:
+            current = group
+            kind = "GEMM (tl.dot)" if r.gemm else "memory-bound"
+            lines.append("")
+            lines.append(f"== [{r.family}] {r.module}.{r.kernel}  ({kind})")
+            lines.append(head)
+        status = "FAIL: " + "; ".join(r.failures) if r.failures else "ok"
+        if not r.failures and r.gemm and not r.tensor_core_operands:
+            status = "ok (IEEE fp32: no tensor cores by design)"
+        elif not r.failures and r.arch == 80 and r.tensor_core_operands and not r.hmma:
+            status = "ok (note: no HMMA on sm_80)"
+        dtype = _short(r.dtypes)
+        if r.gemm and r.precision and r.precision != "ieee" and any(d.startswith("fp32") for d in r.dtypes):
+            dtype += f"[{r.precision}]"
+        lines.append(
+            f"sm{r.arch:<3}{dtype:<16.16}{_short(r.layouts):<11}{_short(r.cases):<22.22}"
+            f"{r.config:<13}{r.num_warps:>2}{r.num_stages:>2}{r.regs:>5}{r.stack:>6}{r.local:>6}"
+            f"{r.shared / 1024:>7.1f}{r.hgmma:>6}{r.hmma:>5}{r.ldg128:>7}{r.ldg64:>6}"
+            f"{r.ldgsts128:>7}{f'{r.ldl}/{r.stl}':>12}  {status}")
+    return "\n".join(lines)
+
+
+def vector_load_summary(rows: list[Row], layouts=ALL_LAYOUTS) -> list[str]:
+    """Whether each memory-bound kernel uses 128-bit global loads, per layout (reported, not
+    checked; channels_last_3d is the layout where they are expected)."""
+    out = []
+    for layout in layouts:
+        for arch in sorted({r.arch for r in rows}, reverse=True):
+            kernels = sorted({r.kernel for r in rows
+                              if not r.gemm and r.arch == arch and layout in r.layouts})
+            for k in kernels:
+                rs = [r for r in rows if r.kernel == k and r.arch == arch and layout in r.layouts]
+                vec = [r for r in rs if r.ldg128]
+                verdict = "yes" if len(vec) == len(rs) else ("no" if not vec else "partly")
+                detail = ", ".join(f"{_short(r.dtypes)} [{_short(r.cases)}]: {r.ldg128}/{r.ldg} LDG 128-bit"
+                                   for r in rs)
+                out.append(f"{layout:<6} sm{arch} {k:<27} 128-bit loads: {verdict:<6} ({detail})")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m r21d.static", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when a rule fails")
+    parser.add_argument("--json", metavar="PATH", help="write every row (and the csrc report) as JSON")
+    parser.add_argument("--archs", default=",".join(map(str, ARCHS)),
+                        help="comma-separated compute capabilities (default 90,80)")
+    parser.add_argument("--family", action="append", help="only the cases of this family (repeatable)")
+    parser.add_argument("--cases", action="append", metavar="GLOB",
+                        help="only the cases whose label (family/name/dtype/layout, e.g. "
+                             "'pointwise/*/bf16/cl3d') matches (repeatable)")
+    parser.add_argument("--list-cases", action="store_true", help="print the case labels and exit")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes")
+    args = parser.parse_args(argv)
+
+    from r21d.triton_kernels import _launch
+
+    if _launch.interpreted():
+        print("r21d.static: unset TRITON_INTERPRET (interpreted kernels cannot be compiled)",
+              file=sys.stderr)
+        return 2
+    import triton
+
+    archs = tuple(int(a) for a in args.archs.split(",") if a.strip())
+    cases = [c for c in CASES if (not args.family or c.family in args.family)
+             and (not args.cases or any(fnmatch.fnmatchcase(c.label, g) for g in args.cases))]
+    if args.list_cases:
+        print("\n".join(c.label for c in cases))
+        return 0
+    if not cases:
+        print("r21d.static: no case matches", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    rows = collect(archs, cases, args.jobs)
+    elapsed = time.perf_counter() - start
+    uncovered = coverage(rows) if not (args.family or args.cases) else []
+    csrc = csrc_report(archs)
+
+    print(f"r21d static report: triton {triton.__version__}, archs {archs}, {len(cases)} cases, "
+          f"{len(rows)} compiled kernel configs in {elapsed:.0f} s")
+    print(format_table(rows))
+    print("\n== memory-bound kernels, 128-bit global loads (reported, not checked)")
+    print("\n".join(vector_load_summary(rows)) or "(none)")
+    print("\n== csrc (r21d._C)")
+    if csrc["status"] != "ok":
+        print(f"r21d._C: {csrc['status']}" + (f" ({csrc['path']})" if csrc["path"] else ""))
+    for f in csrc["functions"]:
+        print(f"{f['arch']:<7}{f['function']:<60} regs {f['regs']:>3} stack {f['stack']} local "
+              f"{f['local']} shared {f['shared_static']} HGMMA {f['hgmma']} HMMA {f['hmma']} "
+              f"LDG128 {f['ldg128']}" + (f"  FAIL: {'; '.join(f['failures'])}" if f["failures"] else ""))
+
+    failures = [f"{r.family} {r.kernel} sm{r.arch} {r.config} w{r.num_warps} s{r.num_stages} "
+                f"{_short(r.dtypes)} {_short(r.layouts)} [{_short(r.cases)}]: {'; '.join(r.failures)}"
+                for r in rows if r.failures]
+    failures += [f"csrc {f['function']} {f['arch']}: {'; '.join(f['failures'])}"
+                 for f in csrc["functions"] if f["failures"]]
+    failures += [f"coverage: no case launches {k}" for k in uncovered]
+    print(f"\n== rules: {'all pass' if not failures else f'{len(failures)} failure(s)'}")
+    by_kernel: dict[str, int] = {}
+    for r in rows:
+        if r.failures:
+            key = f"{r.kernel} sm{r.arch}"
+            by_kernel[key] = by_kernel.get(key, 0) + 1
+    for key, n in sorted(by_kernel.items()):
+        print(f"  {n:>4} failing configs: {key}")
+    for line in failures:
+        print("FAIL", line)
+    n_gemm = sum(r.gemm for r in rows)
+    print(f"{len(rows)} rows ({n_gemm} GEMM, {len(rows) - n_gemm} memory-bound), "
+          f"{elapsed:.0f} s, compile time {sum(r.compile_s for r in rows):.0f} s total")
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(triton=triton.__version__, archs=list(archs), elapsed_s=round(elapsed, 1),
+                           cases=[c.label for c in cases], kernels=_all_kernels(),
+                           uncovered=uncovered, failures=failures,
+                           rows=[dataclasses.asdict(r) | {"tensor_core_operands": r.tensor_core_operands}
+                                 for r in rows],
+                           csrc=csrc), f, indent=1)
+    return 1 if (args.check and failures) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The static report (DESIGN.md §8): every Triton kernel configuration compiled ahead of time for
+sm_90, without a GPU, and read with cuobjdump: no spills anywhere, shared memory within the limit,
+and Hopper tensor cores (HGMMA) in every GEMM with fp16 / bf16 / TF32 operands.
+
+The report runs in a subprocess with TRITON_INTERPRET removed: this process has it set (conftest),
+and kernels decorated under the interpreter cannot be compiled. sm_90 only, to keep CI time down
+(2 cores: about 4 minutes with a cold Triton cache when no kernel spills -- ptxas is several
+times slower on spilling kernels -- and seconds with a warm one); ``make static`` reports sm_80 too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+POINTWISE_GEMMS = {"_pointwise_fwd_kernel", "_pointwise_dgrad_kernel", "_pointwise_wgrad_kernel"}
+POINTWISE_MEMORY_BOUND = {"_bn_act_normalize_kernel", "_bn_act_bwd_reduce_kernel",
+                          "_bn_stats_finalize_kernel", "_bn_bwd_finalize_kernel",
+                          "_sum_splits_kernel"}
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("static")
+    path = tmp / "static.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # cwd outside the repository: r21d is imported as installed (r21d.triton_kernels included)
+    proc = subprocess.run(
+        [sys.executable, "-m", "r21d.static", "--check", "--archs", "90", "--json", str(path)],
+        env=env, cwd=tmp, capture_output=True, text=True, timeout=1800,
+    )
+    failures = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    return proc, (json.loads(path.read_text()) if path.exists() else None), failures
+
+
+def test_report_passes(report):
+    proc, data, failures = report
+    assert data is not None, f"no JSON written:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert proc.returncode == 0, "static rules failed:\n" + "\n".join(failures[:60]) + \
+        f"\n({len(failures)} failures)\n{proc.stderr[-2000:]}"
+
+
+def test_no_spills(report):
+    _, data, _ = report
+    assert data is not None
+    spilling = [f"{r['kernel']} {r['config']} w{r['num_warps']} s{r['num_stages']} {r['dtypes']} "
+                f"{r['layouts']} {r['cases']}: LOCAL={r['local']} STACK={r['stack']}"
+                for r in data["rows"] if r["local"] or r["stack"] or r["error"]]
+    assert not spilling, f"{len(spilling)} configs spill or fail to compile:\n" + "\n".join(spilling)
+
+
+def test_hopper_tensor_cores(report):
+    _, data, _ = report
+    assert data is not None
+    rows = [r for r in data["rows"] if r["arch"] == 90 and r["gemm"]]
+    assert rows
+    tc = [r for r in rows if r["tensor_core_operands"]]
+    # fp16, bf16 and TF32 operands all reach the tensor-core rule
+    assert {"bf16", "fp16", "fp32-tf32"} <= {d for r in tc for d in r["dtypes"]}
+    missing = [f"{r['kernel']} {r['config']} {r['dtypes']} {r['layouts']}" for r in tc if r["hgmma"] < 1]
+    assert not missing, "no HGMMA in:\n" + "\n".join(missing)
+    # IEEE fp32 dots are reported, not required to use tensor cores
+    assert all(not r["tensor_core_operands"] for r in rows if r["dtypes"] == ["fp32-ieee"])
+
+
+def test_pointwise_family_covered(report):
+    _, data, _ = report
+    assert data is not None
+    pointwise = [r for r in data["rows"] if "pointwise" in r["family"].split(",")]
+    gemms = {r["kernel"] for r in pointwise if r["gemm"]}
+    assert gemms == POINTWISE_GEMMS
+    assert POINTWISE_MEMORY_BOUND <= {r["kernel"] for r in pointwise if not r["gemm"]}
+    assert data["uncovered"] == [], "kernels no static case launches"
+    for kernel in POINTWISE_GEMMS:  # every dtype and layout compiled
+        rows = [r for r in pointwise if r["kernel"] == kernel]
+        assert {d for r in rows for d in r["dtypes"]} == {"bf16", "fp16", "fp32-tf32", "fp32-ieee"}
+        assert {lay for r in rows for lay in r["layouts"]} == {"cl3d", "cl3d-odd"}
