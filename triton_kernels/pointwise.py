@@ -149,17 +149,22 @@ def _tile(bm, bn_, bk, warps, stages):
 # channel counts) loads channel vectors narrower than 16 bytes, whose addresses take registers,
 # so fewer pipeline stages.
 _FWD_UNALIGNED = {  # these tiles fit a residual epilogue too
-    "16bit": [_tile(128, 64, 64, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
-    "tf32": [_tile(128, 64, 16, 8, 2), _tile(128, 64, 32, 8, 1), _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "16bit": [_tile(128, 64, 64, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
+              _tile(64, 64, 32, 4, 3)],
+    "tf32": [_tile(128, 64, 16, 8, 2), _tile(128, 64, 32, 8, 1), _tile(64, 128, 16, 8, 2),
+             _tile(64, 64, 32, 4, 3)],
     "ieee": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
 }
-_FWD_IEEE = [_tile(64, 64, 16, 4, 2), _tile(64, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)]
+_FWD_IEEE = [_tile(64, 64, 16, 4, 2), _tile(64, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2),
+             _tile(128, 128, 16, 8, 2)]
 _FWD_EVAL = Tuned(
     _pointwise_fwd_kernel,
     {
-        "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4), _tile(64, 64, 64, 4, 4)],
+        "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4),
+                  _tile(64, 64, 64, 4, 4)],
         "16bit-res": [_tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4), _tile(64, 64, 64, 4, 4)],
-        "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3), _tile(64, 64, 32, 4, 3)],
+        "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3),
+                 _tile(64, 64, 32, 4, 3)],
         "tf32-res": [_tile(128, 64, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
         "ieee": _FWD_IEEE,
         "ieee-res": _FWD_IEEE,
@@ -398,36 +403,23 @@ def _pointwise_wgrad_kernel(
     tl.store(dw_ptr + w_off, acc, mask=comask[:, None] & cimask[None, :])
 
 
-_DGRAD = Tuned(
-    _pointwise_dgrad_kernel,
-    {
-        "16bit": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3), _tile(64, 64, 64, 4, 3)],
-        "16bit-unaligned": [_tile(128, 64, 64, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
-                            _tile(64, 64, 32, 4, 3)],
-        "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
-        "tf32-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(128, 64, 16, 8, 2),
-                           _tile(64, 64, 32, 4, 3)],
-        "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
-        "ieee-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
-    },
-    key=["M_in", "C_in", "C_out", "HAS_RES"], interpret=_INTERPRET_GEMM,
-)
-# wgrad: BLOCK_M = output channels, BLOCK_N = input channels, BLOCK_K = rows per step.
-_WGRAD = Tuned(
-    _pointwise_wgrad_kernel,
-    {
-        "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 4, 3), _tile(128, 64, 32, 4, 3), _tile(64, 64, 64, 4, 3)],
-        "16bit-unaligned": [_tile(128, 128, 32, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
-                            _tile(64, 64, 32, 4, 3)],
-        "tf32": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
-        "tf32-unaligned": [_tile(128, 128, 32, 8, 1), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
-                           _tile(64, 64, 32, 4, 3)],
-        "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
-        "ieee-unaligned": [_tile(128, 128, 32, 8, 1), _tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2),
-                           _tile(64, 64, 16, 4, 2)],
-    },
-    key=["M", "C_in", "C_out", "HAS_RES"], interpret=_INTERPRET_GEMM,
-)
+# dgrad and wgrad (where BLOCK_M = output channels, BLOCK_N = input channels and BLOCK_K = rows
+# per step) have the same register profile: one table of spill-free tiles serves both.
+_BWD_TILES = {
+    "16bit": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3),
+              _tile(64, 64, 64, 4, 3)],
+    "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 128, 32, 8, 3),
+             _tile(64, 64, 32, 4, 3)],
+    "tf32-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(128, 64, 16, 8, 2),
+                       _tile(64, 64, 32, 4, 3)],
+    "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
+    "ieee-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
+}
+_DGRAD = Tuned(_pointwise_dgrad_kernel, _BWD_TILES, key=["M_in", "C_in", "C_out", "HAS_RES"],
+               interpret=_INTERPRET_GEMM)
+_WGRAD = Tuned(_pointwise_wgrad_kernel, _BWD_TILES, key=["M", "C_in", "C_out", "HAS_RES"],
+               interpret=_INTERPRET_GEMM)
 
 
 def _row_splits(M: int, C_in: int, C_out: int, device: torch.device) -> int:
