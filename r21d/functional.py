@@ -8,6 +8,7 @@ or a fused op of r21d.ops.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Optional
 
@@ -135,6 +136,9 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
                 f"dilated kernel ({d * (k - 1) + 1}); output would be empty")
         spatial.append(out)
     output_shape = (N, C_out, *spatial)
+    positions = max(N * math.prod(x.shape[2:]), N * math.prod(spatial))
+    if blocker is None and positions >= 2**31:
+        blocker = f"{positions} positions (N*T*H*W) exceed the kernels' 32-bit row index"
     if training and N * spatial[0] * spatial[1] * spatial[2] == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {torch.Size(output_shape)}")

@@ -128,3 +128,11 @@ def test_autocast_casts_like_conv3d(strict):
                 a["running_var"], training=False)
     assert outs["triton"].dtype == outs["torch"].dtype == torch.float16
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=2e-3, atol=2e-3)
+
+
+def test_more_positions_than_a_32_bit_row_index_falls_back(strict):
+    """2^32 positions (a broadcast view: no memory): the kernels index rows in 32 bits."""
+    x = torch.empty(1, 1, 1, 1, 1).expand(2**12, 1, 2**10, 2**9, 2)
+    with r21d.use_backend("triton"), pytest.raises(r21d.FusedKernelUnavailable, match="32-bit row index"):
+        r21d.functional.plan(x, torch.randn(1, 1, 1, 1, 1), running_mean=torch.zeros(1),
+                             running_var=torch.ones(1))
