@@ -4,7 +4,9 @@
 ``triton`` the kernels in ``r21d.triton_kernels``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``.
 ``cuda``   the csrc kernels in ``r21d._C``; CUDA tensors, when the extension is built.
 ``auto``   per op and device: the fastest implementation the committed benchmark results justify
-           (``r21d/auto_choices.py``); with no result for an op, Triton on a GPU; ``torch`` on CPU.
+           (``r21d/auto_choices.py``); with no result for an op, Triton on a GPU; ``torch`` on CPU
+           and for conv families no fused backend has a kernel for (silently: that is auto's
+           choice, not a fallback).
 
 A configuration the requested backend does not cover falls back to ``torch`` with one warning per
 configuration; with ``R21D_STRICT=1`` it raises :class:`FusedKernelUnavailable` instead, so tests can

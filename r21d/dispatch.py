@@ -95,13 +95,15 @@ def resolve(cfg: FusedConfig, blocker: str | None = None) -> tuple[str, str | No
     ``blocker`` is a caller's reason why no fused kernel may run ``cfg`` (e.g. a residual of
     another dtype); it counts like an unsupported configuration.
     """
+    from .ops import FUSED_CALLS
+
     requested = backends.get_backend()
     if requested == "torch":
         return "torch", None
     if requested == "auto":
-        if cfg.device_type != "cuda":
-            return "torch", None
-        order = auto_choices.preferred(cfg.family)
+        order = tuple(b for b in auto_choices.preferred(cfg.family) if (b, cfg.family) in FUSED_CALLS)
+        if cfg.device_type != "cuda" or not order:
+            return "torch", None  # auto's choice, not a fallback: no fused kernel applies here
     else:
         order = (requested,)
     if blocker is not None:

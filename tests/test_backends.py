@@ -56,6 +56,16 @@ def test_auto_on_cpu_is_torch():
     assert dispatch.choose(POINTWISE_CPU) == "torch"
 
 
+def test_auto_on_gpu_uses_triton_where_it_has_a_kernel_and_torch_silently_elsewhere(strict):
+    gpu = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "device_type": "cuda"})
+    assert dispatch.resolve(gpu) == ("triton", None)
+    dense = gpu.__class__(**{**gpu.__dict__, "family": "dense", "kernel_size": (3, 3, 3)})
+    assert dispatch.choose(dense) == "torch"  # no warning, and no error even in strict mode
+    fp64 = gpu.__class__(**{**gpu.__dict__, "dtype": torch.float64})
+    with pytest.raises(r21d.FusedKernelUnavailable, match="not torch.float64"):
+        dispatch.choose(fp64)  # a pointwise configuration the kernel cannot run: a fallback
+
+
 def test_explicit_triton_runs_supported_config():
     with r21d.use_backend("triton"):
         assert dispatch.choose(POINTWISE_CPU) == "triton"
