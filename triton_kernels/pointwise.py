@@ -94,14 +94,16 @@ def _pointwise_fwd_kernel(
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
 
+    bias = tl.zeros((BLOCK_N,), tl.float32)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     mask = rmask[:, None] & cmask[None, :]
     o_off = cm.row_offsets(n, to, ho, wo, son, sot, soh, sow, O_ALIGN)[:, None] + cols[None, :]
 
     if STATS:
         # Training: keep z for the normalise pass; this tile's per-channel mean and M2
         # (sum of squared deviations from the tile mean) for the numerically safe merge.
+        acc += bias[None, :]
         tl.store(z_ptr + o_off, acc, mask=mask)
         count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
         tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
@@ -110,21 +112,23 @@ def _pointwise_fwd_kernel(
         tl.store(part_mean_ptr + part, tile_mean, mask=cmask)
         tl.store(part_m2_ptr + part, tl.sum(d * d, axis=0), mask=cmask)
     else:
-        # Eval: BN folded into a per-channel scale and shift, computed here so the op is one launch.
+        # Eval: y = act(acc * scale + shift [+ r]), BN and the conv bias folded into one scale and
+        # shift per channel, computed here so that the op is one launch.
         mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         var = tl.load(rvar_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
         invstd = 1.0 / tl.sqrt(var + eps)
         scale = invstd
         if HAS_GAMMA:
             scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        v = (acc - mean[None, :]) * scale[None, :]
+        shift = (bias - mean) * scale
         if HAS_BETA:
-            v = v + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            shift += tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         if SAVE:  # autograd needs z and the statistics used
-            tl.store(z_ptr + o_off, acc, mask=mask)
+            tl.store(z_ptr + o_off, acc + bias[None, :], mask=mask)
             if pid_m == 0:
                 tl.store(save_mean_ptr + cols, mean, mask=cmask)
                 tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
+        v = acc * scale[None, :] + shift[None, :]
         if HAS_RES:
             r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
             v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
@@ -144,31 +148,36 @@ def _tile(bm, bn_, bk, warps, stages):
 
 
 # Tile sizes per variant, kept to those that compile without spills on sm_90 and sm_80
-# (python -m r21d.static checks every one): a residual epilogue and fp32 operands need smaller
-# tiles, IEEE fp32 (no tensor cores) smaller still; "-unaligned" (rows not 16-byte aligned: odd
-# channel counts) loads channel vectors narrower than 16 bytes, whose addresses take registers,
+# (python -m r21d.static checks every one, with SiLU, the costlier activation): a larger epilogue
+# ("-res": a residual, or z and the statistics saved for autograd) and fp32 operands need smaller
+# tiles, IEEE fp32 (no tensor cores) smaller still; "-unaligned" rows (not 16-byte aligned: odd
+# channel counts) move channel vectors narrower than 16 bytes, whose addresses take registers,
 # so fewer pipeline stages.
-_FWD_UNALIGNED = {  # these tiles fit a residual epilogue too
-    "16bit": [_tile(128, 64, 64, 8, 2), _tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2),
-              _tile(64, 64, 32, 4, 3)],
-    "tf32": [_tile(128, 64, 16, 8, 2), _tile(128, 64, 32, 8, 1), _tile(64, 128, 16, 8, 2),
-             _tile(64, 64, 32, 4, 3)],
-    "ieee": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
-}
-_FWD_IEEE = [_tile(64, 64, 16, 4, 2), _tile(64, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2),
-             _tile(128, 128, 16, 8, 2)]
 _FWD_EVAL = Tuned(
     _pointwise_fwd_kernel,
     {
         "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4),
                   _tile(64, 64, 64, 4, 4)],
         "16bit-res": [_tile(128, 64, 64, 4, 4), _tile(64, 128, 64, 4, 4), _tile(64, 64, 64, 4, 4)],
+        "16bit-unaligned": [_tile(128, 64, 64, 8, 2), _tile(128, 64, 32, 8, 2),
+                            _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
+        "16bit-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2),
+                                _tile(64, 32, 32, 4, 2)],
         "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3),
                  _tile(64, 64, 32, 4, 3)],
         "tf32-res": [_tile(128, 64, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
-        "ieee": _FWD_IEEE,
-        "ieee-res": _FWD_IEEE,
-        **{f"{v}{res}-unaligned": tiles for v, tiles in _FWD_UNALIGNED.items() for res in ("", "-res")},
+        "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(128, 64, 32, 8, 1),
+                           _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 3)],
+        "tf32-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2),
+                               _tile(64, 32, 32, 4, 2)],
+        "ieee": [_tile(64, 64, 16, 4, 2), _tile(64, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2),
+                 _tile(128, 128, 16, 8, 2)],
+        "ieee-res": [_tile(128, 64, 16, 8, 1), _tile(64, 128, 16, 8, 1), _tile(64, 64, 32, 8, 2),
+                     _tile(64, 64, 16, 4, 3)],
+        "ieee-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2),
+                           _tile(64, 64, 16, 4, 2)],
+        "ieee-res-unaligned": [_tile(128, 64, 16, 8, 1), _tile(64, 128, 16, 8, 1),
+                               _tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2)],
     },
     key=["M", "C_in", "C_out", "SAVE"], interpret=_INTERPRET_GEMM,
 )
@@ -235,8 +244,8 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
         part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
     else:
-        res = "-res" if residual is not None else ""
-        kernel, meta = _FWD_EVAL.select(_variant(x.dtype, prec) + res + unaligned)
+        heavy = "-res" if residual is not None or save else ""  # a larger epilogue
+        kernel, meta = _FWD_EVAL.select(_variant(x.dtype, prec) + heavy + unaligned)
         if save:
             z = alloc_channels_last(out.shape, x)
             mean = alloc((C_out,), dtype=torch.float32, device=dev)
@@ -406,15 +415,14 @@ def _pointwise_wgrad_kernel(
 # dgrad and wgrad (where BLOCK_M = output channels, BLOCK_N = input channels and BLOCK_K = rows
 # per step) have the same register profile: one table of spill-free tiles serves both.
 _BWD_TILES = {
-    "16bit": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3),
-              _tile(64, 64, 64, 4, 3)],
+    "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 4, 3), _tile(64, 64, 64, 4, 3)],
     "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
     "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 128, 32, 8, 3),
              _tile(64, 64, 32, 4, 3)],
     "tf32-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(128, 64, 16, 8, 2),
                        _tile(64, 64, 32, 4, 3)],
     "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
-    "ieee-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
+    "ieee-unaligned": [_tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
 }
 _DGRAD = Tuned(_pointwise_dgrad_kernel, _BWD_TILES, key=["M_in", "C_in", "C_out", "HAS_RES"],
                interpret=_INTERPRET_GEMM)
