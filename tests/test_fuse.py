@@ -1,7 +1,6 @@
 """r21d.fuse / unfuse / fusion_report on nn.Sequential runs at any depth and on torchvision's
 video ResNets: state dict, modes and outputs preserved; idempotent; reversible."""
 
-import copy
 import io
 
 import pytest
