@@ -114,42 +114,15 @@ def _as_3d(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.unsqueeze(2) if t is not None else None
 
 
-def run_site(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], x: Tensor,
-             residual: Optional[Tensor] = None) -> Tensor:
-    """``act(bn(conv(x)) + residual)``, fused where the selected backend can."""
-    ndim = 2 if isinstance(conv, nn.Conv2d) else 3
-    activation = activation_name(act)
-    track = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if track else None
-    running_var = bn.running_var if track else None
-    bn_training = bn.training or (bn.running_mean is None and bn.running_var is None)
-    padding, _ = _padding3d(conv, ndim)
-    lift = _as_3d if ndim == 2 else (lambda t: t)
-    if ndim == 2 and x.dim() != 4:
-        raise ValueError(f"{type(conv).__name__} site expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
-
-    p = functional.plan(
-        lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
-        stride=((1,) if ndim == 2 else ()) + tuple(conv.stride), padding=padding,
-        dilation=((1,) if ndim == 2 else ()) + tuple(conv.dilation), groups=conv.groups,
-        training=bn_training, activation=activation, residual=lift(residual),
-        blocker=_blocker(conv, bn, act, ndim),
-    )
-    if p.backend == "torch":
-        y = bn(conv(x))
-        if residual is not None:
-            y = y + residual
-        return act(y) if act is not None else y
-    y = functional.run(
-        p, lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
-        momentum=_bn_momentum(bn), eps=bn.eps, residual=lift(residual))
-    return y.squeeze(2) if ndim == 2 else y
+def _uses_batch_stats(bn: _BatchNorm) -> bool:
+    """BatchNorm normalises with batch statistics in training, or when it tracks none."""
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
 def site_config(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], *,
                 dtype: torch.dtype | None = None, device=None) -> tuple[FusedConfig, str | None]:
-    """The configuration a site would run with (by default in its parameters' dtype and device),
-    and its blocker; for previews such as r21d.fusion_report."""
+    """The 3D configuration a site runs with (by default in its parameters' dtype and device; a
+    Conv2d site is a 3D one with T = 1), and its blocker (see :func:`_blocker`)."""
     ndim = 2 if isinstance(conv, nn.Conv2d) else 3
     lift = (1,) if ndim == 2 else ()
     kernel = lift + tuple(conv.kernel_size)
@@ -160,7 +133,34 @@ def site_config(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], *,
         dilation=lift + tuple(conv.dilation), groups=conv.groups,
         dtype=dtype or conv.weight.dtype,
         device_type=torch.device(device if device is not None else conv.weight.device).type,
-        training=bn.training or (bn.running_mean is None and bn.running_var is None),
-        activation=activation_name(act), residual=False,
+        training=_uses_batch_stats(bn), activation=activation_name(act), residual=False,
     )
     return cfg, _blocker(conv, bn, act, ndim)
+
+
+def run_site(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], x: Tensor,
+             residual: Optional[Tensor] = None) -> Tensor:
+    """``act(bn(conv(x)) + residual)``, fused where the selected backend can."""
+    cfg, blocker = site_config(conv, bn, act)
+    track = not bn.training or bn.track_running_stats
+    running_mean = bn.running_mean if track else None
+    running_var = bn.running_var if track else None
+    two_d = isinstance(conv, nn.Conv2d)
+    if two_d and x.dim() != 4:
+        raise ValueError(f"{type(conv).__name__} site expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    lift = _as_3d if two_d else (lambda t: t)
+
+    p = functional.plan(
+        lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
+        stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=conv.groups,
+        training=cfg.training, activation=cfg.activation, residual=lift(residual), blocker=blocker,
+    )
+    if p.backend == "torch":
+        y = bn(conv(x))
+        if residual is not None:
+            y = y + residual
+        return act(y) if act is not None else y
+    y = functional.run(
+        p, lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
+        momentum=_bn_momentum(bn), eps=bn.eps, residual=lift(residual))
+    return y.squeeze(2) if two_d else y
