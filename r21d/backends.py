@@ -22,9 +22,10 @@ import os
 import warnings
 from typing import Iterator
 
+from .triton_kernels._launch import interpreted
+
 BACKENDS = ("auto", "torch", "triton", "cuda")
 
-_env_choice = os.environ.get("R21D_BACKEND", "auto").strip().lower() or "auto"
 # The process-wide choice (set_backend) and a per-context override (use_backend).
 _global_choice: str | None = None
 _context_choice: contextvars.ContextVar[str | None] = contextvars.ContextVar("r21d_backend", default=None)
@@ -65,17 +66,13 @@ def get_backend() -> str:
     """The backend currently requested: ``use_backend`` > ``set_backend`` > ``R21D_BACKEND``."""
     choice = _context_choice.get() or _global_choice
     if choice is None:
-        choice = _check_name(_env_choice)
+        choice = _check_name(os.environ.get("R21D_BACKEND", "").strip() or "auto")
     return choice
 
 
 def strict() -> bool:
     """True when ``R21D_STRICT=1``: unsupported configurations raise instead of falling back."""
     return os.environ.get("R21D_STRICT", "0").strip().lower() not in ("", "0", "false", "no")
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
 _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
@@ -96,7 +93,7 @@ def available_backends() -> list[str]:
     from . import _extension
 
     names = ["torch"]
-    if triton_installed() and (_cuda_available() or triton_interpreted()):
+    if triton_installed() and (_cuda_available() or interpreted()):
         names.append("triton")
     if _extension.loaded() and _cuda_available():
         names.append("cuda")

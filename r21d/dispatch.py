@@ -12,6 +12,7 @@ import dataclasses
 import torch
 
 from . import _extension, auto_choices, backends
+from .triton_kernels._launch import interpreted
 
 FAMILIES = ("pointwise", "depthwise", "spatial", "temporal", "dense", "grouped")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,7 +59,7 @@ def _triton_reason(cfg: FusedConfig) -> str | None:
     if not backends.triton_installed():
         return "Triton is not installed"
     if cfg.device_type == "cpu":
-        if not backends.triton_interpreted():
+        if not interpreted():
             return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU)"
         if cfg.dtype == torch.bfloat16:
             return "the Triton interpreter has no bf16 arithmetic"

@@ -73,7 +73,9 @@ class Plan:
 def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
          stride=1, padding=0, dilation=1, groups=1, training=False, activation="relu",
          residual=None, blocker: str | None = None) -> Plan:
-    """Validate a conv_bn_act3d call and choose its backend, without side effects.
+    """Validate a conv_bn_act3d call and choose its backend; nothing is computed or updated
+    (where a requested fused backend cannot run it: the one-time fallback warning, or the error
+    under R21D_STRICT=1).
 
     ``blocker`` is a caller's reason why no fused kernel may run it (it then falls back to
     ``torch`` like an unsupported configuration, or raises under R21D_STRICT=1).

@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(config, items):
 def _isolated_backend_state(monkeypatch):
     """Each test starts from R21D_BACKEND=auto with no process-wide override."""
     monkeypatch.setattr(r21d.backends, "_global_choice", None)
-    monkeypatch.setattr(r21d.backends, "_env_choice", "auto")
+    monkeypatch.delenv("R21D_BACKEND", raising=False)
     monkeypatch.setattr(r21d.backends, "_warned", set())
     yield
 

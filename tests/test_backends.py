@@ -34,7 +34,7 @@ def test_unknown_backend_is_rejected(bad):
 
 
 def test_precedence_context_over_process_over_env(monkeypatch):
-    monkeypatch.setattr(backends, "_env_choice", "triton")
+    monkeypatch.setenv("R21D_BACKEND", "triton")
     assert r21d.get_backend() == "triton"
     r21d.set_backend("torch")
     assert r21d.get_backend() == "torch"
@@ -47,7 +47,7 @@ def test_precedence_context_over_process_over_env(monkeypatch):
 
 
 def test_env_variable_is_validated(monkeypatch):
-    monkeypatch.setattr(backends, "_env_choice", "tritonn")
+    monkeypatch.setenv("R21D_BACKEND", "tritonn")
     with pytest.raises(ValueError, match="unknown r21d backend 'tritonn'"):
         r21d.get_backend()
 

@@ -1,12 +1,16 @@
-"""Launch and allocation accounting for the launchers (DESIGN.md §8 structural checks).
+"""How launchers allocate and launch (DESIGN.md §8 structural checks), and pick configurations.
 
-Every launcher allocates through :func:`alloc` and launches through :func:`launch`, so a test can
-prove, without a GPU, that an eval-mode fused op is exactly one kernel launch that allocates only
-its output::
+Every launcher allocates through :func:`alloc` and launches through :func:`launch` (layout copies
+through :func:`relayout`), so a test can prove, without a GPU, that an eval-mode fused op is
+exactly one kernel launch that allocates only its output::
 
     with count() as c:
         y = op(...)
     assert c.launches == 1 and c.allocations == 1
+
+:func:`poisoned` fills every allocation with NaN (tests catch unwritten elements);
+:func:`capture` records launches instead of running them (the static report compiles them);
+:class:`Tuned` holds a kernel's autotuning configurations and the interpreter's one.
 """
 
 from __future__ import annotations
