@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import r21d
-from r21d import backends, dispatch
+from r21d import dispatch
 
 POINTWISE_CPU = dispatch.FusedConfig(
     family="pointwise", kernel_size=(1, 1, 1), stride=(1, 1, 1), padding=(0, 0, 0),
