@@ -109,7 +109,20 @@ def randomize_batchnorm(model: nn.Module, generator: torch.Generator) -> None:
 # ----------------------------------------------------------------------------- conv + BN + act
 
 
-class ConvBNActWorkload:
+class _PlainProviders:
+    """The ``eager`` and ``torch.compile`` providers of a workload: its plain PyTorch module
+    (``_module(variant)``), run as it is or compiled."""
+
+    def eager(self, variant: Variant) -> Prepared:
+        module = self._module(variant)
+        return self._prepared(module, module, variant)
+
+    def compiled(self, variant: Variant, mode: Optional[str]) -> Prepared:
+        module = self._module(variant)
+        return self._prepared(torch.compile(module, mode=mode), module, variant)
+
+
+class ConvBNActWorkload(_PlainProviders):
     """One conv -> BN -> activation site (:class:`ConvBNActCase`)."""
 
     reference_on_cpu = False
@@ -146,7 +159,7 @@ class ConvBNActWorkload:
                 for ac in autocast_choices(self.case.dtype)]
 
     # building blocks
-    def _site(self, variant: Variant) -> nn.Sequential:
+    def _module(self, variant: Variant) -> nn.Sequential:
         site = copy.deepcopy(self.base).to(self.device, memory_format=variant.memory_format)
         if not variant.autocast:
             site[0].to(self.case.dtype)  # the conv in the data dtype; BN stays fp32 as under AMP
@@ -188,14 +201,6 @@ class ConvBNActWorkload:
         args = (x,) if not self.case.training else (x.requires_grad_(True), self.dys[0].to(torch.float64))
         return _flat_tensors(self._prepared(site, site, variant).fn(*args))
 
-    def eager(self, variant: Variant) -> Prepared:
-        site = self._site(variant)
-        return self._prepared(site, site, variant)
-
-    def compiled(self, variant: Variant, mode: Optional[str]) -> Prepared:
-        site = self._site(variant)
-        return self._prepared(torch.compile(site, mode=mode), site, variant)
-
     def _fused_call(self, site: nn.Sequential) -> Callable[[Tensor], Tensor]:
         from ..functional import conv_bn_act3d
 
@@ -233,7 +238,7 @@ class ConvBNActWorkload:
     def fused(self, backend: str, variant: Variant) -> Prepared:
         from ..backends import use_backend
 
-        site = self._site(variant)
+        site = self._module(variant)
         return self._prepared(self._fused_call(site), site, variant, outer=lambda: use_backend(backend))
 
     def matmul(self) -> Optional[Prepared]:
@@ -261,7 +266,7 @@ class ConvBNActWorkload:
 # ----------------------------------------------------------------------------- whole model
 
 
-class ModelWorkload:
+class ModelWorkload(_PlainProviders):
     """A torchvision video model (:class:`ModelCase`): eval forward, or a training step under
     autocast (forward, cross-entropy, backward, SGD with momentum)."""
 
@@ -292,7 +297,7 @@ class ModelWorkload:
     def fused_variants(self) -> list[Variant]:
         return [Variant(self.case.channels_last, ac, self.case.dtype) for ac in self._autocast_choices()]
 
-    def _model(self, variant: Variant) -> nn.Module:
+    def _module(self, variant: Variant) -> nn.Module:
         model = copy.deepcopy(self.base).to(self.device, memory_format=variant.memory_format)
         if not variant.autocast:
             model.to(variant.dtype)
@@ -342,14 +347,6 @@ class ModelWorkload:
                 return [logits]
             return [logits, F.cross_entropy(logits, self.labels[0])]
 
-    def eager(self, variant: Variant) -> Prepared:
-        model = self._model(variant)
-        return self._prepared(model, model, variant)
-
-    def compiled(self, variant: Variant, mode: Optional[str]) -> Prepared:
-        model = self._model(variant)
-        return self._prepared(torch.compile(model, mode=mode), model, variant)
-
     def fused_unavailable(self, backend: str) -> Optional[str]:
         """Sites without a fused kernel run on torch (the fusion report lists them); only the
         Triton interpreter is too slow for a whole training step (the pointwise cases cover it)."""
@@ -365,7 +362,7 @@ class ModelWorkload:
         from .. import fuse, fusion_report
         from ..backends import use_backend
 
-        model = fuse(self._model(variant), inplace=True)
+        model = fuse(self._module(variant), inplace=True)
         prepared = self._prepared(model, model, variant, outer=lambda: use_backend(backend))
         if backend != "torch":  # where each site runs (on torch: everywhere, nothing to show)
             with use_backend(backend):
