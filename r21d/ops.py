@@ -32,8 +32,9 @@ def _out_shape(x: Tensor, weight: Tensor, stride, padding) -> tuple[int, ...]:
     return (N, weight.shape[0], *dims)
 
 
-def _empty_activation(shape, like: Tensor, dtype=None) -> Tensor:
-    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device,
+def _empty_activation(shape, like: Tensor) -> Tensor:
+    """Laid out like the launcher's output: in ``like``'s memory format."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device,
                        memory_format=output_memory_format(like))
 
 
