@@ -69,10 +69,32 @@ def _triton_reason(cfg: FusedConfig) -> str | None:
 
 
 def _cuda_reason(cfg: FusedConfig) -> str | None:
+    from .ops import CSRC_FAMILIES, csrc_op_available
+
     if not _extension.loaded():
         return _extension.unavailable_reason()
+    if not csrc_op_available(CSRC_FAMILIES[cfg.family]):
+        return f"r21d._C was built without the {cfg.family} ops; rebuild it (pip install --no-build-isolation -e .)"
     if cfg.device_type != "cuda":
         return "the csrc kernels need CUDA tensors"
+    return None
+
+
+# The depthwise kernels (both backends) unroll every tap: the geometry they are built for.
+DEPTHWISE_MAX_KERNEL = 7
+DEPTHWISE_STRIDES = (1, 2)
+DEPTHWISE_MAX_DILATION = 3
+
+
+def _geometry_reason(cfg: FusedConfig) -> str | None:
+    if cfg.family != "depthwise":
+        return None
+    if max(cfg.kernel_size) > DEPTHWISE_MAX_KERNEL:
+        return f"depthwise kernels take kernel sizes up to {DEPTHWISE_MAX_KERNEL}, got {cfg.kernel_size}"
+    if any(s not in DEPTHWISE_STRIDES for s in cfg.stride):
+        return f"depthwise kernels take strides 1 or 2, got {cfg.stride}"
+    if max(cfg.dilation) > DEPTHWISE_MAX_DILATION:
+        return f"depthwise kernels take dilations up to {DEPTHWISE_MAX_DILATION}, got {cfg.dilation}"
     return None
 
 
@@ -87,7 +109,7 @@ def unsupported_reason(backend: str, cfg: FusedConfig) -> str | None:
         return f"the {backend} backend has no {cfg.family} kernel yet"
     if cfg.dtype not in FUSED_DTYPES:
         return f"fused kernels take float16, bfloat16 or float32, not {cfg.dtype}"
-    return _DEVICE_CHECKS[backend](cfg)
+    return _geometry_reason(cfg) or _DEVICE_CHECKS[backend](cfg)
 
 
 def resolve(cfg: FusedConfig, blocker: str | None = None) -> tuple[str, str | None]:

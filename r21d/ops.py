@@ -1,41 +1,55 @@
 """The fused ops, registered with torch.library in namespace ``r21d`` (DESIGN.md §3).
 
-Opaque ``custom_op``s with fake (meta) implementations and autograd, so ``torch.compile`` traces
-them without a graph break and ``torch.library.opcheck`` passes. They take already-validated
-arguments: r21d.functional checks inputs and chooses the backend before calling them.
+Every fused conv family has a forward op and a backward op with one shared schema:
 
-``r21d::pointwise_conv_bn_act``           1x1x1 conv + BN + activation (+ residual), forward.
-    Returns (out, z, mean, invstd, new_running_mean, new_running_var): z, the conv output
-    (channels_last_3d), and the (mean, invstd) the BN normalised with, filled only when
-    ``save_for_backward`` is set
-    (else empty); in training, the running statistics updated with ``momentum`` (the
-    exponential-average factor), else empty. The op is functional (torch.library allows autograd
-    only on functional ops): the caller copies the new running statistics back.
-``r21d::pointwise_conv_bn_act_backward``  its gradients (dx, dw, dbias, dgamma, dbeta, dresidual);
-    those not asked for in ``output_mask`` come back empty.
+``r21d::<family>_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+    residual, stride, padding, dilation, training, momentum, eps, activation, save_for_backward)``
+    conv + BN + activation (+ residual). Returns (out, z, mean, invstd, new_running_mean,
+    new_running_var): z, the conv output, and the (mean, invstd) the BN normalised with, filled
+    only when ``save_for_backward`` is set (else empty); in training, the running statistics
+    updated with ``momentum`` (the exponential-average factor), else empty. The ops are functional
+    (torch.library allows autograd only on functional ops): the caller copies the new running
+    statistics back.
+``r21d::<family>_conv_bn_act_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight,
+    bn_bias, residual, stride, padding, dilation, training, activation, output_mask, deterministic)``
+    the gradients (dx, dw, dbias, dgamma, dbeta, dresidual); those not asked for in
+    ``output_mask`` come back empty.
+
+Ops:
+    pointwise_conv_bn_act      Triton (custom_op here); z is channels_last_3d.
+    depthwise_conv_bn_act      Triton (custom_op here); z in x's memory format.
+    depthwise3d_conv_bn_act    CUDA C++ (schema in csrc/ops.cpp, kernels in csrc/cuda/); fake
+                               implementation and autograd registered here when r21d._C is built.
+
+They are opaque to torch.compile (fake implementations give shapes and strides) and take
+already-validated arguments: r21d.functional checks inputs and chooses the backend first.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+import dataclasses
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from . import _extension
 from .triton_kernels._layout import output_memory_format
 
 
-def _out_shape(x: Tensor, weight: Tensor, stride, padding) -> tuple[int, ...]:
-    N, _, T, H, W = x.shape
-    dims = [(size + 2 * p - 1) // s + 1 for size, s, p in zip((T, H, W), stride, padding)]
+@dataclasses.dataclass(frozen=True)
+class _OpFamily:
+    forward: str  # qualified op names
+    backward: str
+    z_channels_last: bool  # z is channels_last_3d (else in x's memory format)
+
+
+def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, ...]:
+    N, _, *sizes = x.shape
+    dims = [(size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, k, s, p, d in zip(sizes, weight.shape[2:], stride, padding, dilation)]
     return (N, weight.shape[0], *dims)
-
-
-def _empty_activation(shape, like: Tensor) -> Tensor:
-    """Laid out like the launcher's output: in ``like``'s memory format."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device,
-                       memory_format=output_memory_format(like))
 
 
 def _on_device(t: Tensor):
@@ -47,53 +61,24 @@ def _activation(name: str) -> str | None:
     return None if name == "none" else name
 
 
-@torch.library.custom_op("r21d::pointwise_conv_bn_act", mutates_args=())
-def pointwise_conv_bn_act(
-    x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
-    bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
-    residual: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], training: bool,
-    momentum: float, eps: float, activation: str, save_for_backward: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .triton_kernels import pointwise
+def _fake_forward(family: _OpFamily):
+    def fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
+             padding, dilation, training, momentum, eps, activation, save_for_backward):
+        shape = _out_shape(x, weight, stride, padding, dilation)
+        out_format = output_memory_format(x)
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format)
+        saved = save_for_backward and out.numel() > 0
+        z_format = torch.channels_last_3d if family.z_channels_last else out_format
+        z = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=z_format) if saved \
+            else x.new_empty(0)
+        stats = (weight.shape[0],) if saved else (0,)
+        updated = training and running_mean is not None and out.numel() > 0
+        new_rm = running_mean.new_empty(running_mean.shape) if updated else x.new_empty(0, dtype=torch.float32)
+        new_rv = running_var.new_empty(running_var.shape) if updated else x.new_empty(0, dtype=torch.float32)
+        return (out, z, x.new_empty(stats, dtype=torch.float32),
+                x.new_empty(stats, dtype=torch.float32), new_rm, new_rv)
 
-    with _on_device(x):
-        return pointwise.conv_bn_act_fwd(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-            tuple(stride), tuple(padding), training, momentum, eps, _activation(activation),
-            save_for_backward)
-
-
-@pointwise_conv_bn_act.register_fake
-def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride, padding,
-      training, momentum, eps, activation, save_for_backward):
-    out = _empty_activation(_out_shape(x, weight, stride, padding), x)
-    saved = save_for_backward and out.numel() > 0
-    z = torch.empty(out.shape, dtype=x.dtype, device=x.device,
-                    memory_format=torch.channels_last_3d) if saved else x.new_empty(0)
-    stats = (weight.shape[0],) if saved else (0,)
-    updated = training and running_mean is not None and out.numel() > 0
-    new_rm = running_mean.new_empty(running_mean.shape) if updated else x.new_empty(0, dtype=torch.float32)
-    new_rv = running_var.new_empty(running_var.shape) if updated else x.new_empty(0, dtype=torch.float32)
-    return (out, z, x.new_empty(stats, dtype=torch.float32), x.new_empty(stats, dtype=torch.float32),
-            new_rm, new_rv)
-
-
-@torch.library.custom_op("r21d::pointwise_conv_bn_act_backward", mutates_args=())
-def pointwise_conv_bn_act_backward(
-    grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor, mean: Tensor,
-    invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
-    residual: Optional[Tensor], stride: Sequence[int], padding: Sequence[int], training: bool,
-    activation: str, output_mask: Sequence[bool],
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .triton_kernels import pointwise
-
-    if z.numel() == 0:  # empty batch: nothing flows back
-        return _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, output_mask)
-    with _on_device(x):
-        grads = pointwise.conv_bn_act_bwd(
-            grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual,
-            tuple(stride), tuple(padding), training, _activation(activation), tuple(output_mask))
-    return tuple(g if g is not None else x.new_empty(0) for g in grads)
+    return fake
 
 
 def _grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Tensor:
@@ -106,63 +91,176 @@ def _grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Te
     return g.zero_() if zero else g
 
 
+def _fake_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride,
+                   padding, dilation, training, activation, output_mask, deterministic):
+    inputs = (x, weight, bias, bn_weight, bn_bias, residual)
+    return tuple(_grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
+
+
 def _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask):
     inputs = (x, weight, bias, bn_weight, bn_bias, residual)
     return tuple(_grad_shaped(t, m, x, zero=True) for t, m in zip(inputs, mask))
 
 
-@pointwise_conv_bn_act_backward.register_fake
-def _(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride, padding,
-      training, activation, output_mask):
-    inputs = (x, weight, bias, bn_weight, bn_bias, residual)
-    return tuple(_grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
-
-
-# Positions of the differentiable inputs of pointwise_conv_bn_act.
+# Positions of the differentiable inputs of a forward op.
 _GRAD_INPUTS = (0, 1, 2, 3, 4, 7)
 
 
-def _setup_context(ctx, inputs, output):
-    (x, weight, bias, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, training, _mom,
-     _eps, activation, saved) = inputs
-    _out, z, mean, invstd, _new_rm, _new_rv = output
-    ctx.mark_non_differentiable(z, mean, invstd, _new_rm, _new_rv)
-    ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd)
-    ctx.config = (tuple(stride), tuple(padding), training, activation, saved)
+def _register_autograd(family: _OpFamily) -> None:
+    op_name = family.forward.split("::")[1]
+
+    def setup_context(ctx, inputs, output):
+        (x, weight, bias, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation,
+         training, _mom, _eps, activation, saved) = inputs
+        _out, z, mean, invstd, new_rm, new_rv = output
+        ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
+        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd)
+        ctx.config = (list(stride), list(padding), list(dilation), training, activation, saved)
+
+    def backward(ctx, grad_out, *_non_differentiable):
+        x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd = ctx.saved_tensors
+        stride, padding, dilation, training, activation, saved = ctx.config
+        mask = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
+        if not saved:
+            raise RuntimeError(
+                f"r21d::{op_name} ran with save_for_backward=False, so it kept nothing to "
+                "differentiate; call it through r21d.functional.conv_bn_act3d")
+        backward_op = getattr(torch.ops.r21d, family.backward.split("::")[1])
+        grads = backward_op(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,
+                            residual, stride, padding, dilation, training, activation, mask,
+                            torch.are_deterministic_algorithms_enabled())
+        dx, dw, db, dg, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
+        return dx, dw, db, dg, dbeta, None, None, dres, *([None] * 8)
+
+    torch.library.register_autograd(family.forward, backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad_out, *_non_differentiable):
-    x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd = ctx.saved_tensors
-    stride, padding, training, activation, saved = ctx.config
-    mask = [ctx.needs_input_grad[i] for i in _GRAD_INPUTS]
-    if not saved:
-        raise RuntimeError(
-            "r21d::pointwise_conv_bn_act ran with save_for_backward=False, so it kept nothing to "
-            "differentiate; call it through r21d.functional.conv_bn_act3d")
-    grads = torch.ops.r21d.pointwise_conv_bn_act_backward(
-        grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride, padding,
-        training, activation, mask)
-    dx, dw, db, dg, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
-    return dx, dw, db, dg, dbeta, None, None, dres, None, None, None, None, None, None, None
+def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Callable,
+                          backward_launcher: Callable) -> _OpFamily:
+    """The forward and backward custom ops of a Triton kernel family, with fake implementations
+    and autograd. The launchers get the op's arguments with tuples for the geometry and None for
+    activation "none"; the backward launcher a tuple ``needs`` for ``output_mask``."""
+    family = _OpFamily(f"r21d::{name}", f"r21d::{name}_backward", z_channels_last)
+
+    def forward(
+        x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
+        bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
+        residual: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+        dilation: Sequence[int], training: bool, momentum: float, eps: float, activation: str,
+        save_for_backward: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        with _on_device(x):
+            return forward_launcher(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
+                tuple(stride), tuple(padding), tuple(dilation), training, momentum, eps,
+                _activation(activation), save_for_backward)
+
+    def backward(
+        grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor,
+        mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
+        residual: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
+        dilation: Sequence[int], training: bool, activation: str, output_mask: Sequence[bool],
+        deterministic: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        # The Triton kernels are deterministic either way (fixed-order partial sums).
+        if z.numel() == 0:  # empty batch: nothing flows back
+            return _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, output_mask)
+        with _on_device(x):
+            grads = backward_launcher(
+                grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual,
+                tuple(stride), tuple(padding), tuple(dilation), training, _activation(activation),
+                tuple(output_mask))
+        return tuple(g if g is not None else x.new_empty(0) for g in grads)
+
+    forward_op = torch.library.custom_op(family.forward, forward, mutates_args=())
+    forward_op.register_fake(_fake_forward(family))
+    backward_op = torch.library.custom_op(family.backward, backward, mutates_args=())
+    backward_op.register_fake(_fake_backward)
+    _register_autograd(family)
+    return family
 
 
-torch.library.register_autograd(
-    "r21d::pointwise_conv_bn_act", _backward, setup_context=_setup_context)
+def _pointwise_forward(x, weight, bias, gamma, beta, rm, rv, residual, stride, padding, _dilation,
+                       training, momentum, eps, activation, save):
+    from .triton_kernels import pointwise
+
+    return pointwise.conv_bn_act_fwd(x, weight, bias, gamma, beta, rm, rv, residual, stride,
+                                     padding, training, momentum, eps, activation, save)
 
 
-def _pointwise_call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *,
-                    stride, padding, dilation, groups, training, momentum, eps, activation, save):
-    out, _z, _mean, _invstd, new_rm, new_rv = torch.ops.r21d.pointwise_conv_bn_act(
-        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, list(stride),
-        list(padding), training, momentum, eps, activation or "none", save)
-    if new_rm.numel():
-        with torch.no_grad():
-            running_mean.copy_(new_rm)
-            running_var.copy_(new_rv)
-    return out
+def _pointwise_backward(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+                        padding, _dilation, training, activation, needs):
+    from .triton_kernels import pointwise
+
+    return pointwise.conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta,
+                                     residual, stride, padding, training, activation, needs)
+
+
+def _depthwise_forward(*args):
+    from .triton_kernels import depthwise
+
+    return depthwise.conv_bn_act_fwd(*args)
+
+
+def _depthwise_backward(*args):
+    from .triton_kernels import depthwise
+
+    return depthwise.conv_bn_act_bwd(*args)
+
+
+POINTWISE = _define_triton_family("pointwise_conv_bn_act", True, _pointwise_forward, _pointwise_backward)
+DEPTHWISE = _define_triton_family("depthwise_conv_bn_act", False, _depthwise_forward, _depthwise_backward)
+# csrc: the schemas come from r21d._C's TORCH_LIBRARY block.
+DEPTHWISE_CUDA = _OpFamily("r21d::depthwise3d_conv_bn_act", "r21d::depthwise3d_conv_bn_act_backward",
+                           False)
+
+
+def csrc_op_available(family: _OpFamily) -> bool:
+    """Whether r21d._C is loaded and defines ``family``'s ops."""
+    if not _extension.loaded():
+        return False
+    namespace = torch.ops.r21d
+    return all(hasattr(namespace, name.split("::")[1]) for name in (family.forward, family.backward))
+
+
+def _register_csrc(family: _OpFamily) -> None:
+    if not csrc_op_available(family):
+        return
+    torch.library.register_fake(family.forward)(_fake_forward(family))
+    torch.library.register_fake(family.backward)(_fake_backward)
+    _register_autograd(family)
+
+
+_register_csrc(DEPTHWISE_CUDA)
+
+
+def _fused_call(family: _OpFamily, bn_float32: bool = False):
+    """The call r21d.functional.run makes: the op, then the running statistics copied back.
+    ``bn_float32``: the kernels take float32 BN vectors (others are cast, differentiably)."""
+    op_name = family.forward.split("::")[1]
+
+    def call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *, stride,
+             padding, dilation, groups, training, momentum, eps, activation, save):
+        bn = (bn_weight, bn_bias, running_mean, running_var)
+        if bn_float32:
+            bn = tuple(t.float() if t is not None and t.dtype != torch.float32 else t for t in bn)
+        out, _z, _mean, _invstd, new_rm, new_rv = getattr(torch.ops.r21d, op_name)(
+            x, weight, bias, bn[0], bn[1], bn[2], bn[3], residual, list(stride), list(padding),
+            list(dilation), training, momentum, eps, activation or "none", save)
+        if new_rm.numel():
+            with torch.no_grad():
+                running_mean.copy_(new_rm)
+                running_var.copy_(new_rv)
+        return out
+
+    return call
 
 
 # (backend, conv family) -> the call that runs it; r21d.dispatch offers exactly these.
 FUSED_CALLS = {
-    ("triton", "pointwise"): _pointwise_call,
+    ("triton", "pointwise"): _fused_call(POINTWISE),
+    ("triton", "depthwise"): _fused_call(DEPTHWISE),
+    ("cuda", "depthwise"): _fused_call(DEPTHWISE_CUDA, bn_float32=True),
 }
+# The csrc op families behind the cuda backend's calls (dispatch checks that r21d._C has them).
+CSRC_FAMILIES = {"depthwise": DEPTHWISE_CUDA}

@@ -252,13 +252,24 @@ def test_depthwise_separable(cls, x_shape):
     assert torch.equal(y, ref(x))
 
 
-def test_depthwise_separable_triton_falls_back_only_for_depthwise(strict, monkeypatch):
-    m = r21d.DepthwiseSeparableConv3d(12, 20, 3, padding=1).eval()
-    x = torch.randn(2, 12, 3, 5, 5)
-    with r21d.use_backend("triton"), pytest.raises(r21d.FusedKernelUnavailable, match="no depthwise kernel"):
-        m(x)
-    monkeypatch.delenv("R21D_STRICT")
-    with r21d.use_backend("triton"), _launch.count() as counter, pytest.warns(r21d.FallbackWarning):
-        m(x)
-    # NCDHW in and out: the kernel addresses contiguous channels, so x and y change layout
-    assert counter.kernels == ["relayout", "_pointwise_fwd_kernel", "relayout"]
+@pytest.mark.parametrize("cls,x_shape,layout", [
+    (r21d.DepthwiseSeparableConv3d, (2, 12, 3, 5, 5), torch.contiguous_format),
+    (r21d.DepthwiseSeparableConv3d, (2, 12, 3, 5, 5), torch.channels_last_3d),
+    (r21d.DepthwiseSeparableConv2d, (2, 12, 5, 6), torch.contiguous_format),
+], ids=["3d-ncdhw", "3d-cl3d", "2d"])
+def test_depthwise_separable_runs_both_fused_kernels(strict, cls, x_shape, layout):
+    m = cls(12, 20, 3, padding=1)
+    x = torch.randn(*x_shape)
+    if layout != torch.contiguous_format:
+        x = x.contiguous(memory_format=layout)
+    for training in (False, True):
+        m.train(training)
+        ref = copy.deepcopy(m)
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            y = m(x)
+        with r21d.use_backend("torch"):
+            y_ref = ref(x)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(m.state_dict(), ref.state_dict(), rtol=1e-4, atol=1e-5)
+        assert counter.kernels.count("_depthwise_fwd_kernel") == (2 if training else 1)
+        assert counter.kernels.count("_pointwise_fwd_kernel") == 1

@@ -13,35 +13,48 @@ pytestmark = pytest.mark.usefixtures("strict")
 def _op_args(case, training, save, dtype=torch.float32):
     a = make_inputs(case, dtype, "cpu")
     return (a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
-            a["running_var"], a["residual"], list(case.stride), list(case.padding), training, 0.1,
-            1e-5, case.activation or "none", save)
+            a["running_var"], a["residual"], list(case.stride), list(case.padding),
+            list(case.dilation), training, 0.1, 1e-5, case.activation or "none", save)
 
 
+def _depthwise(C=6, **kw):
+    return ConvCase(C_in=C, C_out=C, groups=C, kernel=(3, 3, 3), padding=(1, 1, 1), **kw)
+
+
+# (op, case, training)
 OPCHECK_CASES = {
-    "eval": (ConvCase(C_in=9, C_out=12, residual=True), False),
-    "train": (ConvCase(C_in=9, C_out=12, stride=(1, 2, 2), padding=(0, 1, 0)), True),
-    "train-cl3d-silu": (ConvCase(C_in=8, C_out=16, layout="cl3d", activation="silu", bias=False), True),
+    "pointwise-eval": ("pointwise_conv_bn_act", ConvCase(C_in=9, C_out=12, residual=True), False),
+    "pointwise-train": ("pointwise_conv_bn_act",
+                        ConvCase(C_in=9, C_out=12, stride=(1, 2, 2), padding=(0, 1, 0)), True),
+    "pointwise-train-cl3d-silu": ("pointwise_conv_bn_act",
+                                  ConvCase(C_in=8, C_out=16, layout="cl3d", activation="silu", bias=False), True),
+    "depthwise-eval": ("depthwise_conv_bn_act", _depthwise(residual=True), False),
+    "depthwise-train-cl3d-silu": ("depthwise_conv_bn_act",
+                                  _depthwise(C=8, layout="cl3d", activation="silu", stride=(1, 2, 2)), True),
 }
 
 
 @pytest.mark.parametrize("name", list(OPCHECK_CASES))
 def test_opcheck_forward(name):
-    case, training = OPCHECK_CASES[name]
+    op, case, training = OPCHECK_CASES[name]
     args = _op_args(case, training, save=True)
     for t in args[:5] + (args[7],):
         if t is not None:
             t.requires_grad_(True)
-    torch.library.opcheck(torch.ops.r21d.pointwise_conv_bn_act.default, args)
+    torch.library.opcheck(getattr(torch.ops.r21d, op).default, args)
 
 
-def test_opcheck_backward():
-    case = ConvCase(C_in=9, C_out=12, residual=True)
+@pytest.mark.parametrize("op,case", [("pointwise_conv_bn_act", ConvCase(C_in=9, C_out=12, residual=True)),
+                                     ("depthwise_conv_bn_act", _depthwise(residual=True, layout="cl3d"))],
+                         ids=["pointwise", "depthwise"])
+def test_opcheck_backward(op, case):
     args = _op_args(case, True, save=True)
-    out, z, mean, invstd, _, _ = torch.ops.r21d.pointwise_conv_bn_act(*args)
+    out, z, mean, invstd, _, _ = getattr(torch.ops.r21d, op)(*args)
     x, weight, bias, g, b, _, _, residual = args[:8]
     bwd_args = (torch.randn_like(out), x, weight, bias, z, mean, invstd, g, b, residual,
-                list(case.stride), list(case.padding), True, "relu", [True] * 6)
-    torch.library.opcheck(torch.ops.r21d.pointwise_conv_bn_act_backward.default, bwd_args)
+                list(case.stride), list(case.padding), list(case.dilation), True, "relu", [True] * 6,
+                False)
+    torch.library.opcheck(getattr(torch.ops.r21d, op + "_backward").default, bwd_args)
 
 
 def test_compile_fullgraph_forward_and_backward():

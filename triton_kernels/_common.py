@@ -55,3 +55,47 @@ def row_offsets(n, t, h, w, sN, sT, sH, sW, ALIGN: tl.constexpr):
     if ALIGN > 1:
         off = tl.multiple_of(off, ALIGN)
     return off
+
+
+# Tiles of positions x channels in either orientation (constexpr CL): [P, C] when channels are
+# contiguous (channels_last_3d: threads run along channels and move channel vectors), else [C, P]
+# (NCDHW: threads run along positions, whose W is contiguous, so accesses still coalesce).
+@triton.jit
+def pc_tile(p, c, CL: tl.constexpr):
+    """The 2-D sum of a per-position vector and a per-channel vector (offsets)."""
+    if CL:
+        return p[:, None] + c[None, :]
+    else:
+        return c[:, None] + p[None, :]
+
+
+@triton.jit
+def pc_mask(pmask, cmask, CL: tl.constexpr):
+    if CL:
+        return pmask[:, None] & cmask[None, :]
+    else:
+        return cmask[:, None] & pmask[None, :]
+
+
+@triton.jit
+def per_channel(v, CL: tl.constexpr):
+    """A per-channel vector broadcast against a tile."""
+    if CL:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def sum_positions(v, CL: tl.constexpr):
+    """Per-channel sums of a tile over its positions."""
+    if CL:
+        return tl.sum(v, axis=0)
+    else:
+        return tl.sum(v, axis=1)
+
+
+@triton.jit
+def position_offsets(n, t, h, w, sN, sT, sH, sW):
+    """64-bit element offsets of positions (n, t, h, w) under the given strides."""
+    return n.to(tl.int64) * sN + t.to(tl.int64) * sT + h.to(tl.int64) * sH + w.to(tl.int64) * sW

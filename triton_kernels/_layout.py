@@ -29,6 +29,16 @@ def rows_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
     return (s[0], s[2], s[3], s[4])
 
 
+def pc_strides(t: torch.Tensor | None) -> tuple[int, int, int, int, int]:
+    """(sN, sC, sT, sH, sW) of an (N, C, T, H, W) tensor, in elements; zeros for None."""
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0, 0)
+
+
+def channels_last(t: torch.Tensor) -> bool:
+    """Whether kernels should tile ``t`` channels-innermost (its channels are contiguous)."""
+    return t.stride(1) == 1 and t.shape[1] > 1
+
+
 def rows_alignment(t: torch.Tensor | None) -> int:
     """The largest vector (in elements, at most 16 bytes) that every row's start is aligned to, so
     channel vectors of that width can be moved at once (the kernels assert it with tl.multiple_of).
@@ -49,6 +59,12 @@ def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     if not x.is_contiguous() and x.dim() == 5 and x.stride(1) == 1:
         return torch.channels_last_3d  # channel-innermost strides of a sliced channels_last tensor
     return torch.contiguous_format
+
+
+def alloc_like(shape, like: torch.Tensor) -> torch.Tensor:
+    """An (N, C, T, H, W) tensor of ``like``'s dtype and device in its memory format (see
+    :func:`output_memory_format`)."""
+    return alloc(shape, dtype=like.dtype, device=like.device, memory_format=output_memory_format(like))
 
 
 def alloc_channels_last(shape, like: torch.Tensor) -> torch.Tensor:

@@ -25,15 +25,19 @@ import triton.language as tl
 
 from . import _common as cm
 from ._launch import alloc, interpreted, launch
-from ._layout import alloc_channels_last, rows_alignment, rows_strides
+from ._layout import alloc_like, channels_last, pc_strides, rows_alignment, rows_strides
 
 # Row of the coefficient table (COEF[i * C + c]).
 COEF_MEAN, COEF_A, COEF_BETA, COEF_KG, COEF_KZ, COEF_K0 = range(6)
 NUM_COEF = 6
 
 
-def _elementwise_blocks(C: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_C) for the row x channel passes: 16-byte channel vectors, ~4K elements."""
+def _elementwise_blocks(C: int, channels_innermost: bool = True) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) for the row x channel passes, ~4K elements: up to 128 channels when
+    channels are contiguous (16-byte channel vectors), else long runs of rows and few channels."""
+    if not channels_innermost:
+        block_c = min(triton.next_power_of_2(max(C, 1)), 4 if interpreted() else 8)
+        return (32 if interpreted() else 4096 // block_c), block_c
     block_c = min(triton.next_power_of_2(max(C, 1)), 128)
     if interpreted():
         return 16, min(block_c, 32)
@@ -163,44 +167,46 @@ def _bn_act_bwd_reduce_kernel(
     dy_ptr, z_ptr, res_ptr, dres_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     part_g_ptr, part_gx_ptr,
     M, C, T, H, W,
-    sdn, sdt, sdh, sdw,
-    szn, szt, szh, szw,
-    srn, srt, srh, srw,
-    sgn, sgt, sgh, sgw,
+    sdn, sdc, sdt, sdh, sdw,
+    szn, szc, szt, szh, szw,
+    srn, src, srt, srh, srw,
+    sgn, sgc, sgt, sgh, sgw,
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
-    WRITE_DRES: tl.constexpr, ACT: tl.constexpr,
+    WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    # Tiles of rows x channels in either orientation (cm.pc_tile): CL for contiguous channels.
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask = rows < M
     cmask = cols < C
-    mask = rmask[:, None] & cmask[None, :]
+    mask = cm.pc_mask(rmask, cmask, CL)
     n, t, h, w = cm.split_rows(rows, T, H, W)
-    d_off = cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + cols[None, :]
-    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN)[:, None] + cols[None, :]
+    c64 = cols.to(tl.int64)
+    d_off = cm.pc_tile(cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGN), c64 * sdc, CL)
+    z_off = cm.pc_tile(cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN), c64 * szc, CL)
     dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    xhat = (z - mean[None, :]) * invstd[None, :]
+    xhat = (z - cm.per_channel(mean, CL)) * cm.per_channel(invstd, CL)
     pre = xhat
     if HAS_GAMMA:
-        pre = pre * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        pre = pre * cm.per_channel(tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
     if HAS_BETA:
-        pre = pre + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        pre = pre + cm.per_channel(tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
     if HAS_RES:
-        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
+        r_off = cm.pc_tile(cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN), c64 * src, CL)
         pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.where(mask, cm.activation_grad(pre, dy, ACT), 0.0)
     if WRITE_DRES:
-        g_off = cm.row_offsets(n, t, h, w, sgn, sgt, sgh, sgw, G_ALIGN)[:, None] + cols[None, :]
+        g_off = cm.pc_tile(cm.row_offsets(n, t, h, w, sgn, sgt, sgh, sgw, G_ALIGN), c64 * sgc, CL)
         tl.store(dres_ptr + g_off, g, mask=mask)
     part = pid_m.to(tl.int64) * C + cols
-    tl.store(part_g_ptr + part, tl.sum(g, axis=0), mask=cmask)
-    tl.store(part_gx_ptr + part, tl.sum(g * xhat, axis=0), mask=cmask)
+    tl.store(part_g_ptr + part, cm.sum_positions(g, CL), mask=cmask)
+    tl.store(part_gx_ptr + part, cm.sum_positions(g * xhat, CL), mask=cmask)
 
 
 @triton.jit
@@ -259,30 +265,31 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
                         bias_dtype: torch.dtype | None = None):
     """Runs the backward reduction and finalisation.
 
-    ``grad_out``, ``z`` and ``residual`` have contiguous channels; ``dres`` comes back in
-    channels_last_3d. Returns (coef, dgamma, dbeta, dbias, dres); unrequested gradients are None. ``coef`` is the
+    ``grad_out``, ``z`` and ``residual`` have any strides (tiled channels-innermost when ``z``'s
+    channels are contiguous); ``dres`` comes back in the residual's memory format. Returns (coef, dgamma, dbeta, dbias, dres); unrequested gradients are None. ``coef`` is the
     6 x C fp32 table of the module docstring, for the conv backward prologues; dbias (the conv
     bias's gradient, in ``bias_dtype``) is the row sum of dz, which needs no pass of its own.
     """
     N, C, T, H, W = z.shape
     M = N * T * H * W
     dev = z.device
-    block_m, block_c = _elementwise_blocks(C)
+    cl = channels_last(z)
+    block_m, block_c = _elementwise_blocks(C, cl)
     num_tiles = triton.cdiv(M, block_m)
     part_g = alloc((num_tiles, C), dtype=torch.float32, device=dev)
     part_gx = alloc((num_tiles, C), dtype=torch.float32, device=dev)
     dres = None
     if need_dres:
-        dres = alloc_channels_last(residual.shape, residual)
+        dres = alloc_like(residual.shape, residual)
     launch(
         _bn_act_bwd_reduce_kernel, (num_tiles, triton.cdiv(C, block_c)),
         grad_out, z, residual if residual is not None else z, dres if dres is not None else z,
         mean, invstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
         part_g, part_gx,
         M, C, T, H, W,
-        *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(dres),
+        *pc_strides(grad_out), *pc_strides(z), *pc_strides(residual), *pc_strides(dres),
         HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RES=residual is not None,
-        WRITE_DRES=dres is not None, ACT=act,
+        WRITE_DRES=dres is not None, ACT=act, CL=cl,
         D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
         R_ALIGN=rows_alignment(residual), G_ALIGN=rows_alignment(dres),
         BLOCK_M=block_m, BLOCK_C=block_c,

@@ -1,0 +1,192 @@
+"""The fused depthwise conv + BN + activation kernels against the float64 oracle.
+
+Triton on the CPU in the interpreter (fp32, fp16) and on a GPU (``-m gpu``, also bf16); the CUDA
+C++ kernels (backend ``cuda``) on a GPU only. Strict mode throughout: a fallback to the torch path
+would raise, and the launch counter proves the Triton kernels ran.
+"""
+
+import pytest
+import torch
+
+import r21d
+from r21d.triton_kernels import _launch
+from tests.utils import (DEVICE_DTYPES, ConvCase, assert_oracle_close, clone_inputs, gpu,
+                         make_inputs, oracle, run_backend)
+
+pytestmark = pytest.mark.usefixtures("strict")
+
+
+def depthwise(C=6, kernel=(3, 3, 3), padding=None, **kw):
+    if padding is None:
+        padding = tuple(k // 2 for k in kernel)
+    return ConvCase(C_in=C, C_out=C, groups=C, kernel=kernel, padding=padding, **kw)
+
+
+# Every geometry class of the issue, on odd sizes, both layouts and a strided view.
+GEOMETRIES = {
+    "3x3x3": depthwise(C=5),
+    "3x3x3-cl3d-residual": depthwise(C=8, layout="cl3d", residual=True),
+    "1x3x3-stride2-hw": depthwise(C=7, kernel=(1, 3, 3), stride=(1, 2, 2), T=2, H=7, W=6),
+    "3x1x1-T1": depthwise(C=9, kernel=(3, 1, 1), T=1, layout="cl3d"),
+    "5x1x1-stem": depthwise(C=12, kernel=(5, 1, 1), T=6, H=3, W=3, activation="silu"),
+    "1x5x5-pad0": depthwise(C=4, kernel=(1, 5, 5), padding=(0, 0, 0), H=6, W=7),
+    "5x3x3-stride2-t": depthwise(C=6, kernel=(5, 3, 3), stride=(2, 1, 1), T=5, layout="cl3d"),
+    "7x7x7-pad3": depthwise(C=3, kernel=(7, 7, 7), T=3, H=4, W=4, N=1),
+    "dilation2-pad2": depthwise(C=5, dilation=(2, 2, 2), padding=(2, 2, 2), T=4),
+    "dilation3-mixed": depthwise(C=6, dilation=(1, 3, 2), padding=(1, 3, 0), H=7, W=6, layout="cl3d"),
+    "stride2-all-pad0": depthwise(C=10, stride=(2, 2, 2), padding=(0, 0, 0), T=5, H=6, W=7),
+    "strided-view": depthwise(C=7, layout="strided", activation=None, bias=False),
+    "no-affine": depthwise(C=5, affine=False, activation="silu"),
+    "channels-54": depthwise(C=54, N=1, T=2, H=3, W=3, layout="cl3d"),
+}
+FP16_CASES = ("3x3x3-cl3d-residual", "1x3x3-stride2-hw", "5x1x1-stem", "dilation2-pad2")
+
+# (backend, device, dtype): Triton everywhere, the CUDA C++ kernels on a GPU.
+BACKEND_DEVICE_DTYPES = [
+    pytest.param("triton", *p.values, id=f"triton-{p.id}", marks=p.marks) for p in DEVICE_DTYPES
+] + [gpu("cuda", "cuda", dt, id=f"cuda-{str(dt)[6:]}") for dt in (torch.float32, torch.float16, torch.bfloat16)]
+
+
+def _check(backend, device, dtype, case, training, momentum=0.1):
+    args = make_inputs(case, dtype, device)
+    grad_out = torch.randn(case.output_shape(), dtype=dtype, device=device)
+    with _launch.count() as counter, _launch.poisoned():
+        y, grads, (rm, rv) = run_backend(backend, args, case, training, grad_out, momentum)
+    if backend == "triton":
+        assert counter.launches > 0, "the fused kernels did not run"
+    ref, ref_grads, (ref_rm, ref_rv) = oracle(args, case, training, grad_out, momentum)
+    base, base_grads, _ = run_backend("torch", args, case, training, grad_out, momentum)
+    assert_oracle_close("out", y, ref, dtype, base)
+    assert set(grads) == set(ref_grads)
+    for name, g in ref_grads.items():
+        assert_oracle_close(f"grad {name}", grads[name], g, dtype, base_grads[name])
+    if case.running:
+        assert_oracle_close("running_mean", rm, ref_rm, torch.float32)
+        assert_oracle_close("running_var", rv, ref_rv, torch.float32)
+    return y
+
+
+def _params():
+    for p in BACKEND_DEVICE_DTYPES:
+        backend, device, dtype = p.values
+        for name in GEOMETRIES:
+            if device == "cpu" and dtype == torch.float16 and name not in FP16_CASES:
+                continue
+            yield pytest.param(backend, device, dtype, name, id=f"{p.id}-{name}", marks=p.marks)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("backend,device,dtype,name", list(_params()))
+def test_forward_backward_matches_oracle(backend, device, dtype, name, training):
+    case = GEOMETRIES[name]
+    y = _check(backend, device, dtype, case, training)
+    assert y.dtype == dtype
+    fmt = torch.channels_last_3d if case.layout == "cl3d" else torch.contiguous_format
+    assert y.is_contiguous(memory_format=fmt), "the output follows the input's memory format"
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DEVICE_DTYPES)
+def test_training_without_running_stats_and_other_momentum(backend, device, dtype):
+    _check(backend, device, dtype, depthwise(C=6, running=False), training=True)
+    _check(backend, device, dtype, depthwise(C=6, layout="cl3d"), training=True, momentum=0.7)
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DEVICE_DTYPES)
+def test_large_mean_offset_is_numerically_safe(backend, device, dtype):
+    """Conv outputs far from zero: a naive sum-of-squares variance would lose them. 2 x 4 x 9 x 9
+    positions: more statistics tiles than one block of the merge."""
+    case = depthwise(C=4, T=4, H=9, W=9, layout="cl3d")
+    args = make_inputs(case, dtype, device)
+    args["bias"] = args["bias"] + (1000.0 if dtype == torch.float32 else 60.0)
+    y, _, (_, rv) = run_backend(backend, args, case, True)
+    ref, _, (_, ref_rv) = oracle(args, case, True)
+    base, _, _ = run_backend("torch", args, case, True)
+    assert_oracle_close("out", y, ref, dtype, base)
+    assert_oracle_close("running_var", rv, ref_rv, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DEVICE_DTYPES)
+def test_empty_batch(backend, device, dtype):
+    case = depthwise(C=4, N=0)
+    args = make_inputs(case, dtype, device)
+    for training in (False, True):
+        before = args["running_mean"].clone()
+        grad_out = torch.randn(case.output_shape(), dtype=dtype, device=device)
+        y, grads, (rm, _) = run_backend(backend, args, case, training, grad_out)
+        assert y.shape == case.output_shape()
+        assert torch.equal(rm, before), "an empty batch must leave the running statistics alone"
+        assert all(torch.count_nonzero(g) == 0 for g in grads.values())
+        assert grads["weight"].shape == args["weight"].shape
+
+
+@pytest.mark.parametrize("backend,device,dtype", BACKEND_DEVICE_DTYPES)
+def test_weight_gradient_is_deterministic(backend, device, dtype):
+    case = depthwise(C=6, T=4, H=6, W=5, layout="cl3d")
+    args = make_inputs(case, dtype, device)
+    grad_out = torch.randn(case.output_shape(), dtype=dtype, device=device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = [run_backend(backend, args, case, True, grad_out)[1] for _ in range(2)]
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for name in runs[0]:
+        assert torch.equal(runs[0][name], runs[1][name]), name
+
+
+def _launches(case, training):
+    args = make_inputs(case, torch.float32, "cpu")
+    with torch.no_grad(), r21d.use_backend("triton"), _launch.count() as counter:
+        r21d.functional.conv_bn_act3d(
+            args["x"], args["weight"], args["bias"], args["bn_weight"], args["bn_bias"],
+            args["running_mean"], args["running_var"], residual=args["residual"],
+            groups=case.groups, padding=case.padding, training=training)
+    return counter
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "cl3d"])
+def test_eval_forward_is_one_launch_allocating_only_its_output(layout):
+    """Both layouts are addressed in place: no conversion before or after the kernel."""
+    counter = _launches(depthwise(C=6, residual=True, layout=layout), training=False)
+    assert counter.kernels == ["_depthwise_fwd_kernel"]
+    assert counter.allocations == 1
+
+
+def test_train_forward_launches_as_designed():
+    """Statistics pass (writes only per-tile partials), their merge, then the conv recomputed with
+    normalise + activation: the output is written once and no conv output is stored."""
+    counter = _launches(depthwise(C=6, layout="cl3d"), training=True)
+    assert counter.kernels == ["_depthwise_fwd_kernel", "_bn_stats_finalize_kernel",
+                               "_depthwise_fwd_kernel"]
+    assert counter.allocations == 7  # out, 2 partials, mean, invstd, 2 running stats
+
+
+def test_backward_launches_as_designed():
+    case = depthwise(C=6, layout="cl3d")
+    args = clone_inputs(make_inputs(case, torch.float32, "cpu"), requires_grad=True)
+    with r21d.use_backend("triton"):
+        y = r21d.functional.conv_bn_act3d(
+            args["x"], args["weight"], args["bias"], args["bn_weight"], args["bn_bias"],
+            args["running_mean"], args["running_var"], groups=6, padding=1, training=True)
+    with _launch.count() as counter:
+        y.backward(torch.randn_like(y))
+    assert counter.kernels == ["_bn_act_bwd_reduce_kernel", "_bn_bwd_finalize_kernel",
+                               "_depthwise_bwd_kernel", "_sum_splits_kernel"]
+
+
+def test_unsupported_geometry_falls_back_or_raises_in_strict_mode():
+    case = depthwise(C=4, kernel=(1, 9, 9), H=9, W=9)
+    args = make_inputs(case, torch.float32, "cpu")
+    with pytest.raises(r21d.FusedKernelUnavailable, match="kernel sizes up to 7"):
+        run_backend("triton", args, case, False)
+    stride3 = depthwise(C=4, stride=(1, 3, 3), H=7, W=7)
+    with pytest.raises(r21d.FusedKernelUnavailable, match="strides 1 or 2"):
+        run_backend("triton", make_inputs(stride3, torch.float32, "cpu"), stride3, False)
+
+
+def test_depth_multiplier_is_not_depthwise():
+    """groups == C_in but C_out = 2 * C_in (a depth multiplier) is a grouped conv, not this kernel."""
+    case = ConvCase(C_in=4, C_out=8, groups=4, kernel=(3, 3, 3), padding=(1, 1, 1))
+    args = make_inputs(case, torch.float32, "cpu")
+    with pytest.raises(r21d.FusedKernelUnavailable, match="no grouped kernel"):
+        run_backend("triton", args, case, False)

@@ -1,0 +1,406 @@
+"""Depthwise conv3d (groups == C_in == C_out) fused with BatchNorm and activation.
+
+A depthwise conv is a per-channel stencil: memory-bound, so every kernel here reads each input once
+from HBM (the taps' overlapping reads hit L1/L2) and writes each output once. Programs own a tile
+of BLOCK_P output positions x BLOCK_C channels, oriented for the layout (cm.pc_tile): channels
+innermost for channels_last_3d (channel vectors move at once), positions innermost for NCDHW
+(consecutive W coalesce). Both layouts and any strides are addressed in place: no conversions.
+
+``_depthwise_fwd_kernel``  MODE_EVAL: y = act((conv(x) + b) * scale + shift [+ r]) with the
+                           running statistics folded in (one launch); MODE_STATS: the training
+                           pass that writes nothing but, per tile of positions, each channel's mean
+                           and M2 (batchnorm.finalize_stats merges them); MODE_APPLY: the training
+                           pass that recomputes the conv (cheaper than storing and re-reading it)
+                           and normalises with the batch statistics.
+``_depthwise_bwd_kernel``  input-centred: for a tile of input positions, dx = sum over taps of
+                           w * dz at the output position that tap reads from, with dz rebuilt from
+                           dy and z by the BN/activation backward coefficients (never stored), and
+                           the weight gradient's per-tap sums of dz * x accumulated in registers
+                           over a range of tiles, written as per-range partials that are summed
+                           in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as cm
+from . import batchnorm as bn
+from . import splitk
+from ._launch import Tuned, alloc, interpreted, launch
+from ._layout import alloc_like, channels_last, pc_strides, rows_alignment
+
+MODE_EVAL, MODE_STATS, MODE_APPLY = 0, 1, 2
+
+
+def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
+@triton.jit
+def _zero_tile(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
+    return cm.pc_tile(tl.zeros((BLOCK_P,), tl.float32), tl.zeros((BLOCK_C,), tl.float32), CL)
+
+
+@triton.jit
+def _offsets(n, t, h, w, cols64, sn, sc, st, sh, sw, ALIGN: tl.constexpr, CL: tl.constexpr):
+    return cm.pc_tile(cm.row_offsets(n, t, h, w, sn, st, sh, sw, ALIGN), cols64 * sc, CL)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _depthwise_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr,
+    out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
+    M, C, T_out, H_out, W_out, T_in, H_in, W_in,
+    sxn, sxc, sxt, sxh, sxw,
+    swc, swt, swh, sww,
+    son, soc, sot, soh, sow,
+    srn, src, srt, srh, srw,
+    szn, szc, szt, szh, szw,
+    st, sh, sw, pt, ph, pw, dt, dh, dw, eps,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr, CL: tl.constexpr,
+    X_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    pmask = rows < M
+    cmask = cols < C
+    cols64 = cols.to(tl.int64)
+    n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
+    t0 = to * st - pt
+    h0 = ho * sh - ph
+    w0 = wo * sw - pw
+    x_c = cols64 * sxc
+
+    acc = _zero_tile(BLOCK_P, BLOCK_C, CL)
+    for kt in tl.static_range(KT):
+        ti = t0 + kt * dt
+        ok_t = pmask & (ti >= 0) & (ti < T_in)
+        for kh in tl.static_range(KH):
+            hi = h0 + kh * dh
+            ok_h = ok_t & (hi >= 0) & (hi < H_in)
+            for kw in tl.static_range(KW):
+                wi = w0 + kw * dw
+                ok = ok_h & (wi >= 0) & (wi < W_in)
+                x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)
+                xv = tl.load(x_ptr + cm.pc_tile(x_off, x_c, CL), mask=cm.pc_mask(ok, cmask, CL),
+                             other=0.0)
+                wv = tl.load(w_ptr + cols * swc + (kt * swt + kh * swh + kw * sww), mask=cmask,
+                             other=0.0)
+                acc += xv.to(tl.float32) * cm.per_channel(wv.to(tl.float32), CL)
+
+    mask = cm.pc_mask(pmask, cmask, CL)
+    if HAS_BIAS:
+        acc += cm.per_channel(tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
+    if MODE == 1:  # MODE_STATS: this tile's per-channel mean and M2, for the numerically safe merge
+        count = tl.minimum(M - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
+        tile_mean = cm.sum_positions(tl.where(mask, acc, 0.0), CL) / count
+        d = tl.where(mask, acc - cm.per_channel(tile_mean, CL), 0.0)
+        part = pid_p.to(tl.int64) * C + cols
+        tl.store(part_mean_ptr + part, tile_mean, mask=cmask)
+        tl.store(part_m2_ptr + part, cm.sum_positions(d * d, CL), mask=cmask)
+    else:
+        if MODE == 0:  # MODE_EVAL: the running statistics, folded here so the op is one launch
+            mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+            invstd = 1.0 / tl.sqrt(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(tl.float32) + eps)
+        else:  # MODE_APPLY: the batch statistics (var_ptr holds invstd)
+            mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
+            invstd = tl.load(var_ptr + cols, mask=cmask, other=0.0)
+        scale = invstd
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        shift = -mean * scale
+        if HAS_BETA:
+            shift += tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        if SAVE:  # autograd needs z and the statistics used
+            z_off = _offsets(n, to, ho, wo, cols64, szn, szc, szt, szh, szw, Z_ALIGN, CL)
+            tl.store(z_ptr + z_off, acc, mask=mask)
+            if MODE == 0:
+                if pid_p == 0:
+                    tl.store(save_mean_ptr + cols, mean, mask=cmask)
+                    tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
+        v = acc * cm.per_channel(scale, CL) + cm.per_channel(shift, CL)
+        if HAS_RES:
+            r_off = _offsets(n, to, ho, wo, cols64, srn, src, srt, srh, srw, R_ALIGN, CL)
+            v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        v = cm.activation(v, ACT)
+        o_off = _offsets(n, to, ho, wo, cols64, son, soc, sot, soh, sow, O_ALIGN, CL)
+        tl.store(out_ptr + o_off, v, mask=mask)
+
+
+def _cfg(block_p, block_c, warps):
+    return triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
+
+
+# Training statistics tiles are always STATS_BLOCK_P positions on a GPU (the merge depends on it).
+STATS_BLOCK_P = 128
+_INTERPRET = {True: dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), False: dict(BLOCK_P=16, BLOCK_C=4, num_warps=1)}
+
+# Variants: "cl" tiles channels-innermost (channels_last_3d), "ncdhw" positions-innermost.
+_FWD = Tuned(
+    _depthwise_fwd_kernel,
+    {
+        "cl": [_cfg(64, 64, 4), _cfg(128, 32, 4), _cfg(32, 128, 4), _cfg(128, 64, 8)],
+        "ncdhw": [_cfg(256, 4, 4), _cfg(128, 8, 4), _cfg(512, 2, 4), _cfg(256, 8, 8)],
+    },
+    key=["M", "C", "T_out", "H_out", "W_out"], interpret=_INTERPRET[True],
+)
+_FWD_STATS = Tuned(
+    _depthwise_fwd_kernel,
+    {
+        "cl": [_cfg(STATS_BLOCK_P, 32, 4), _cfg(STATS_BLOCK_P, 64, 8), _cfg(STATS_BLOCK_P, 16, 4)],
+        "ncdhw": [_cfg(STATS_BLOCK_P, 4, 4), _cfg(STATS_BLOCK_P, 8, 4), _cfg(STATS_BLOCK_P, 16, 8)],
+    },
+    key=["M", "C", "T_out", "H_out", "W_out"], interpret=_INTERPRET[True],
+)
+
+
+def _select(tuned: Tuned, cl: bool):
+    kernel, meta = tuned.select("cl" if cl else "ncdhw")
+    return kernel, (dict(_INTERPRET[cl]) if interpreted() else meta)
+
+
+def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+                    stride, padding, dilation, training: bool, momentum: float, eps: float,
+                    activation: str | None, save: bool):
+    """Depthwise conv + BN + activation forward; x in any layout and strides, weight (C, 1, kT, kH,
+    kW). Returns (out, z, mean, invstd, new_running_mean, new_running_var) like
+    pointwise.conv_bn_act_fwd, with ``out`` and ``z`` (conv output incl. bias, saved for autograd
+    when ``save``) in ``x``'s memory format. Nothing is modified in place.
+    """
+    N, C, T_in, H_in, W_in = x.shape
+    KT, KH, KW = weight.shape[2:]
+    (st, sh, sw), (pt, ph, pw), (dt, dh, dw) = stride, padding, dilation
+    T_out, H_out, W_out = (out_size(T_in, KT, st, pt, dt), out_size(H_in, KH, sh, ph, dh),
+                           out_size(W_in, KW, sw, pw, dw))
+    M = N * T_out * H_out * W_out
+    dev = x.device
+    act = cm.ACTIVATIONS[activation]
+
+    def absent(dtype=torch.float32):  # a distinct empty tensor for each output not produced
+        return x.new_empty(0, dtype=dtype)
+
+    out = alloc_like((N, C, T_out, H_out, W_out), x)
+    z = absent(x.dtype)
+    mean, invstd, new_rm, new_rv = absent(), absent(), absent(), absent()
+    if M == 0:  # PyTorch leaves the running statistics as they are
+        return out, z, mean, invstd, new_rm, new_rv
+    if save:
+        z = alloc_like(out.shape, x)
+    cl = channels_last(x)
+    some = x  # stands in for absent optional pointers (never dereferenced)
+
+    def run(selected, mode, mean_arg, var_arg, part_mean, part_m2, save_here):
+        kernel, meta = selected
+
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+
+        launch(
+            kernel, grid,
+            x, weight, bias if bias is not None else some,
+            gamma if gamma is not None else some, beta if beta is not None else some,
+            mean_arg, var_arg, residual if residual is not None else some,
+            out, z if z.numel() else out, mean if mean.numel() else some,
+            invstd if invstd.numel() else some, part_mean, part_m2,
+            M, C, T_out, H_out, W_out, T_in, H_in, W_in,
+            *pc_strides(x), *weight.stride()[:1], *weight.stride()[2:],
+            *pc_strides(out), *pc_strides(residual), *pc_strides(z if z.numel() else None),
+            st, sh, sw, pt, ph, pw, dt, dh, dw, float(eps),
+            KT=KT, KH=KH, KW=KW, MODE=mode, HAS_BIAS=bias is not None,
+            HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+            HAS_RES=residual is not None and mode != MODE_STATS, ACT=act, SAVE=save_here, CL=cl,
+            X_ALIGN=rows_alignment(x), O_ALIGN=rows_alignment(out),
+            R_ALIGN=rows_alignment(residual), Z_ALIGN=rows_alignment(z if z.numel() else None),
+            **meta,
+        )
+
+    if not training:
+        if save:
+            mean = alloc((C,), dtype=torch.float32, device=dev)
+            invstd = alloc((C,), dtype=torch.float32, device=dev)
+        run(_select(_FWD, cl), MODE_EVAL, running_mean, running_var, some, some, save)
+        return out, z, mean, invstd, new_rm, new_rv
+
+    stats = _select(_FWD_STATS, cl)
+    block_p = stats[1].get("BLOCK_P", STATS_BLOCK_P)  # the interpreter's, or every GPU config's
+    num_tiles = triton.cdiv(M, block_p)
+    part_mean = alloc((num_tiles, C), dtype=torch.float32, device=dev)
+    part_m2 = alloc((num_tiles, C), dtype=torch.float32, device=dev)
+    run(stats, MODE_STATS, some, some, part_mean, part_m2, False)
+    bmean, binvstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_p, M, running_mean,
+                                               running_var, momentum, eps)
+    run(_select(_FWD, cl), MODE_APPLY, bmean, binvstd, some, some, save)
+    if save:
+        mean, invstd = bmean, binvstd
+    if running_mean is not None:
+        new_rm, new_rv = rm, rv
+    return out, z, mean, invstd, new_rm, new_rv
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _depthwise_bwd_kernel(
+    dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr,
+    M_in, C, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
+    sdn, sdc, sdt, sdh, sdw,
+    szn, szc, szt, szh, szw,
+    srn, src, srt, srh, srw,
+    sxn, sxc, sxt, sxh, sxw,
+    sgn, sgc, sgt, sgh, sgw,
+    swc, swt, swh, sww,
+    st, sh, sw, pt, ph, pw, dt, dh, dw,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    CL: tl.constexpr, D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    split = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    cols64 = cols.to(tl.int64)
+    # dz = k_g * g + k_z * (z - mean) + k_0, g = dy * act'((z - mean) * a + beta [+ r])
+    mean = cm.per_channel(tl.load(coef_ptr + bn.COEF_MEAN * C + cols, mask=cmask, other=0.0), CL)
+    a = cm.per_channel(tl.load(coef_ptr + bn.COEF_A * C + cols, mask=cmask, other=0.0), CL)
+    beta = cm.per_channel(tl.load(coef_ptr + bn.COEF_BETA * C + cols, mask=cmask, other=0.0), CL)
+    k_g = cm.per_channel(tl.load(coef_ptr + bn.COEF_KG * C + cols, mask=cmask, other=0.0), CL)
+    k_z = cm.per_channel(tl.load(coef_ptr + bn.COEF_KZ * C + cols, mask=cmask, other=0.0), CL)
+    k_0 = cm.per_channel(tl.load(coef_ptr + bn.COEF_K0 * C + cols, mask=cmask, other=0.0), CL)
+    taps = tl.arange(0, TAPS)
+    dw_acc = tl.zeros((TAPS, BLOCK_C), tl.float32)
+
+    row_start = split * rows_per_split
+    row_end = tl.minimum(row_start + rows_per_split, M_in)
+    for r0 in range(row_start, row_end, BLOCK_P):
+        rows = r0 + tl.arange(0, BLOCK_P)
+        pmask = rows < row_end
+        n, ti, hi, wi = cm.split_rows(rows, T_in, H_in, W_in)
+        if NEED_DW:
+            x_off = _offsets(n, ti, hi, wi, cols64, sxn, sxc, sxt, sxh, sxw, X_ALIGN, CL)
+            xv = tl.load(x_ptr + x_off, mask=cm.pc_mask(pmask, cmask, CL), other=0.0).to(tl.float32)
+        dx = _zero_tile(BLOCK_P, BLOCK_C, CL)
+        for kt in tl.static_range(KT):
+            tp = ti + pt - kt * dt  # = to * st for the output position this tap feeds
+            to = tp // st
+            ok_t = pmask & (tp >= 0) & (tp % st == 0) & (to < T_out)
+            for kh in tl.static_range(KH):
+                hp = hi + ph - kh * dh
+                ho = hp // sh
+                ok_h = ok_t & (hp >= 0) & (hp % sh == 0) & (ho < H_out)
+                for kw in tl.static_range(KW):
+                    wp = wi + pw - kw * dw
+                    wo = wp // sw
+                    ok = ok_h & (wp >= 0) & (wp % sw == 0) & (wo < W_out)
+                    mask = cm.pc_mask(ok, cmask, CL)
+                    d_off = _offsets(n, to, ho, wo, cols64, sdn, sdc, sdt, sdh, sdw, D_ALIGN, CL)
+                    z_off = _offsets(n, to, ho, wo, cols64, szn, szc, szt, szh, szw, Z_ALIGN, CL)
+                    dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+                    zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean
+                    pre = zc * a + beta
+                    if HAS_RES:
+                        r_off = _offsets(n, to, ho, wo, cols64, srn, src, srt, srh, srw, R_ALIGN, CL)
+                        pre += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+                    g = cm.activation_grad(pre, dyv, ACT)
+                    dz = tl.where(mask, k_g * g + k_z * zc + k_0, 0.0)
+                    if NEED_DX:
+                        wv = tl.load(w_ptr + cols * swc + (kt * swt + kh * swh + kw * sww),
+                                     mask=cmask, other=0.0).to(tl.float32)
+                        dx += dz * cm.per_channel(wv, CL)
+                    if NEED_DW:
+                        s = cm.sum_positions(dz * xv, CL)
+                        tap = (kt * KH + kh) * KW + kw
+                        dw_acc += tl.where(taps[:, None] == tap, s[None, :], 0.0)
+        if NEED_DX:
+            g_off = _offsets(n, ti, hi, wi, cols64, sgn, sgc, sgt, sgh, sgw, G_ALIGN, CL)
+            tl.store(dx_ptr + g_off, dx, mask=cm.pc_mask(pmask, cmask, CL))
+
+    if NEED_DW:  # partial[split, c, tap]: summed over splits it is the (C, 1, kT, kH, kW) gradient
+        K = KT * KH * KW
+        offs = split.to(tl.int64) * C * K + cols64[None, :] * K + taps[:, None]
+        tl.store(dw_part_ptr + offs, dw_acc, mask=(taps[:, None] < K) & cmask[None, :])
+
+
+_BWD = Tuned(
+    _depthwise_bwd_kernel,
+    {
+        "cl": [_cfg(64, 32, 4), _cfg(32, 64, 4), _cfg(128, 16, 4)],
+        "ncdhw": [_cfg(128, 4, 4), _cfg(256, 2, 4), _cfg(64, 8, 4)],
+    },
+    key=["M_in", "C", "T_out", "H_out", "W_out", "NEED_DX", "NEED_DW"], interpret=_INTERPRET[True],
+)
+
+# Each program of the backward takes a range of input positions (a multiple of every BLOCK_P)
+# for one channel block; the weight gradient is written per range, as partials summed in a fixed
+# order. About 4 programs per SM of a 132-SM GPU keep it busy and the partials small.
+_BWD_PROGRAMS = 4 * 132
+_BWD_ROWS_QUANTUM = 256
+
+
+def _rows_per_split(M_in: int, C: int) -> int:
+    if interpreted():
+        return 32
+    c_blocks = triton.cdiv(C, 64)
+    per_program = triton.cdiv(M_in, max(1, _BWD_PROGRAMS // c_blocks))
+    return triton.cdiv(per_program, _BWD_ROWS_QUANTUM) * _BWD_ROWS_QUANTUM
+
+
+def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+                    padding, dilation, training: bool, activation: str | None, needs):
+    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, given the
+    ``z``, ``mean`` and ``invstd`` it saved; dx and dresidual in the memory formats of x and
+    residual. ``needs`` says which of the six are wanted; the others come back as None. The
+    weight gradient is deterministic (fixed-order partial sums)."""
+    need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
+    N, C, T_in, H_in, W_in = x.shape
+    KT, KH, KW = weight.shape[2:]
+    _, _, T_out, H_out, W_out = z.shape
+    (st, sh, sw), (pt, ph, pw), (dt, dh, dw_) = stride, padding, dilation
+    M_in = N * T_in * H_in * W_in
+    act = cm.ACTIVATIONS[activation]
+    coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
+        grad_out, z, mean, invstd, gamma, beta, residual, act, training,
+        need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
+    dx = dw = None
+    if need_dx or need_dw:
+        cl = channels_last(x)
+        kernel, meta = _select(_BWD, cl)
+        if need_dx:
+            dx = alloc_like(x.shape, x)
+        K = KT * KH * KW
+        rows_per_split = _rows_per_split(M_in, C) if need_dw else _BWD_ROWS_QUANTUM
+        splits = triton.cdiv(M_in, rows_per_split)
+        partial = alloc((splits, C, K), dtype=torch.float32, device=x.device) if need_dw else None
+
+        def grid(meta):
+            return (splits, triton.cdiv(C, meta["BLOCK_C"]))
+
+        some = z
+        launch(
+            kernel, grid,
+            grad_out, z, residual if residual is not None else some, coef, x, weight,
+            dx if dx is not None else some, partial if partial is not None else coef,
+            M_in, C, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
+            *pc_strides(grad_out), *pc_strides(z), *pc_strides(residual), *pc_strides(x),
+            *pc_strides(dx), *weight.stride()[:1], *weight.stride()[2:],
+            st, sh, sw, pt, ph, pw, dt, dh, dw_,
+            KT=KT, KH=KH, KW=KW, TAPS=triton.next_power_of_2(K), HAS_RES=residual is not None,
+            ACT=act, NEED_DX=need_dx, NEED_DW=need_dw, CL=cl,
+            D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
+            R_ALIGN=rows_alignment(residual), X_ALIGN=rows_alignment(x), G_ALIGN=rows_alignment(dx),
+            **meta,
+        )
+        if need_dw:
+            dw = splitk.sum_splits(partial, weight.dtype).view(weight.shape)
+    return dx, dw, dbias, dgamma, dbeta, dres
