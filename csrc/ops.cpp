@@ -135,6 +135,20 @@ TORCH_LIBRARY(r21d, m) {
   // No tensor arguments: a catch-all (CompositeImplicitAutograd) kernel, so it runs
   // without any dispatch key, on any machine.
   m.def("build_info() -> str", &r21d::build_info_json);
+  // Fused depthwise conv3d + BatchNorm3d + activation (csrc/cuda/depthwise3d_fwd.cu,
+  // csrc/cuda/depthwise3d_bwd.cu; per-thread arithmetic in csrc/depthwise3d.h).
+  // Forward returns (out, z, mean, invstd, new_running_mean, new_running_var).
+  m.def(
+      "depthwise3d_conv_bn_act(Tensor x, Tensor weight, Tensor? bias, Tensor? bn_weight, Tensor? bn_bias, "
+      "Tensor? running_mean, Tensor? running_var, Tensor? residual, int[] stride, int[] padding, "
+      "int[] dilation, bool training, float momentum, float eps, str activation, bool save_for_backward) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Backward returns (dx, dweight, dbias, dgamma, dbeta, dresidual).
+  m.def(
+      "depthwise3d_conv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor z, "
+      "Tensor mean, Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, int[] stride, "
+      "int[] padding, int[] dilation, bool training, str activation, bool[] output_mask, bool deterministic) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

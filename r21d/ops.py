@@ -125,10 +125,13 @@ def _register_autograd(family: _OpFamily) -> None:
             raise RuntimeError(
                 f"r21d::{op_name} ran with save_for_backward=False, so it kept nothing to "
                 "differentiate; call it through r21d.functional.conv_bn_act3d")
-        backward_op = getattr(torch.ops.r21d, family.backward.split("::")[1])
-        grads = backward_op(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,
-                            residual, stride, padding, dilation, training, activation, mask,
-                            torch.are_deterministic_algorithms_enabled())
+        if z.numel() == 0:  # an empty batch: nothing flows back
+            grads = _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask)
+        else:
+            backward_op = getattr(torch.ops.r21d, family.backward.split("::")[1])
+            grads = backward_op(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,
+                                residual, stride, padding, dilation, training, activation, mask,
+                                torch.are_deterministic_algorithms_enabled())
         dx, dw, db, dg, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
         return dx, dw, db, dg, dbeta, None, None, dres, *([None] * 8)
 
@@ -163,8 +166,6 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
         deterministic: bool,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         # The Triton kernels are deterministic either way (fixed-order partial sums).
-        if z.numel() == 0:  # empty batch: nothing flows back
-            return _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, output_mask)
         with _on_device(x):
             grads = backward_launcher(
                 grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual,

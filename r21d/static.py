@@ -53,7 +53,7 @@ from typing import Callable
 # Opt-in shared memory per block (what Triton compares metadata.shared against at launch).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ARCHS = (90, 80)
-KERNEL_MODULES = ("pointwise", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
+KERNEL_MODULES = ("pointwise", "depthwise", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
 
 
 # ----------------------------------------------------------------------------- cases
@@ -163,6 +163,57 @@ def _pointwise_s2(case: Case) -> None:
     _pointwise(case, stride=(1, 2, 2), padding=(0, 0, 0))
 
 
+# Depthwise: an X3D stage (216 channels: a multiple of 8, not of 16), its odd-channel variant
+# (54: rows 4-byte aligned in 16-bit) and NCDHW, which the kernels address in place.
+DW_SHAPES = {
+    "dw-cl3d": dict(N=2, C=216, T=4, H=14, W=14, cl=True),
+    "dw-cl3d-odd": dict(N=2, C=54, T=4, H=14, W=14, cl=True),
+    "dw-ncdhw": dict(N=2, C=216, T=4, H=14, W=14, cl=False),
+}
+DW_LAYOUTS = tuple(DW_SHAPES)
+DW_DTYPES = ("bf16", "fp16", "fp32")
+# name -> (kernel, stride, padding)
+DW_GEOMETRY = {"k333": ((3, 3, 3), (1, 1, 1), (1, 1, 1)), "k133-s2": ((1, 3, 3), (1, 2, 2), (0, 1, 1)),
+               "k511": ((5, 1, 1), (1, 1, 1), (2, 0, 0))}
+
+
+def _depthwise(case: Case) -> None:
+    import torch
+
+    from r21d.triton_kernels import depthwise
+
+    op, geometry = case.name.rsplit("/", 1) if "/" in case.name else (case.name, "k333")
+    kernel, stride, padding = DW_GEOMETRY[geometry]
+    s = DW_SHAPES[case.layout]
+    dt = _torch_dtype(case.dtype)
+    gen = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last_3d if s["cl"] else torch.contiguous_format
+
+    def act(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dt).contiguous(memory_format=fmt)
+
+    def vec(dtype=torch.float32):
+        return torch.randn(s["C"], generator=gen, dtype=dtype)
+
+    x = act(s["N"], s["C"], s["T"], s["H"], s["W"])
+    w = torch.randn(s["C"], 1, *kernel, generator=gen, dtype=dt)
+    bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
+    out_shape = (s["N"], s["C"]) + tuple(
+        depthwise.out_size(n, k, st, p, 1) for n, k, st, p in zip(x.shape[2:], kernel, stride, padding))
+    dilation = (1, 1, 1)
+    # SiLU and a residual everywhere: the costliest epilogue and backward prologue.
+    if op.startswith("fwd"):
+        depthwise.conv_bn_act_fwd(x, w, bias, gamma, beta, rmean, rvar, act(*out_shape), stride,
+                                  padding, dilation, training=op == "fwd-train", momentum=0.1,
+                                  eps=1e-5, activation="silu", save=True)
+    elif op == "bwd":
+        depthwise.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(), vec().abs(),
+                                  gamma, beta, act(*out_shape), stride, padding, dilation,
+                                  training=True, activation="silu", needs=(True,) * 6)
+    else:
+        raise ValueError(case.name)
+
+
 def _grid(family, names, dtypes, layouts, run) -> list[Case]:
     return [Case(family, n, d, lay, run) for n in names for d in dtypes for lay in layouts]
 
@@ -179,6 +230,12 @@ CASES: list[Case] = [
     # a spatially strided (downsampling) pointwise conv: stride is then not a constant 1
     Case("pointwise", "fwd-eval-s2", "bf16", "cl3d", _pointwise_s2),
     Case("pointwise", "bwd-s2", "bf16", "cl3d", _pointwise_s2),
+    # depthwise conv + BN + act: eval (one launch, with residual and saving for autograd),
+    # training forward (statistics pass, finalize, normalising pass), backward; 3x3x3 in every
+    # dtype and layout, the other geometry classes in bf16 channels_last_3d
+    *_grid("depthwise", ("fwd-eval", "fwd-train", "bwd"), DW_DTYPES, DW_LAYOUTS, _depthwise),
+    *_grid("depthwise", [f"{op}/{g}" for op in ("fwd-eval", "bwd") for g in ("k133-s2", "k511")],
+           ("bf16",), ("dw-cl3d",), _depthwise),
 ]
 
 
@@ -486,6 +543,12 @@ def _config_name(cx: dict) -> str:
     return " ".join(f"{k[6:] or k}={cx[k]}" for k in blocks)
 
 
+# Memory-bound kernels that must move 16-byte channel vectors in channels_last_3d with 16-byte
+# aligned rows (DESIGN.md §8): the depthwise stencils.
+VECTOR_KERNELS = {"_depthwise_fwd_kernel", "_depthwise_bwd_kernel"}
+VECTOR_LAYOUTS = {"dw-cl3d"}
+
+
 def _apply_rules(row: Row) -> None:
     f = row.failures
     if row.error:
@@ -498,6 +561,8 @@ def _apply_rules(row: Row) -> None:
         f.append(f"shared memory {row.shared} B > {limit} B")
     if row.arch == 90 and row.tensor_core_operands and row.hgmma == 0:
         f.append(f"no HGMMA ({'/'.join(row.dtypes)}, HMMA={row.hmma})")
+    if row.kernel in VECTOR_KERNELS and set(row.layouts) <= VECTOR_LAYOUTS and row.ldg128 == 0:
+        f.append(f"no 128-bit global loads ({row.ldg} LDG) in a channels_last_3d kernel")
 
 
 def collect(archs=ARCHS, cases: list[Case] | None = None, workers: int | None = None) -> list[Row]:
@@ -607,7 +672,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def vector_load_summary(rows: list[Row], layouts=ALL_LAYOUTS) -> list[str]:
+def vector_load_summary(rows: list[Row], layouts=ALL_LAYOUTS + DW_LAYOUTS) -> list[str]:
     """Whether each memory-bound kernel uses 128-bit global loads, per layout (reported, not
     checked; channels_last_3d is the layout where they are expected)."""
     out = []

@@ -79,3 +79,17 @@ def test_pointwise_family_covered(report):
         rows = [r for r in pointwise if r["kernel"] == kernel]
         assert {d for r in rows for d in r["dtypes"]} == {"bf16", "fp16", "fp32-tf32", "fp32-ieee"}
         assert {lay for r in rows for lay in r["layouts"]} == {"cl3d", "cl3d-odd"}
+
+
+def test_depthwise_family_covered_and_vectorised(report):
+    _, data, _ = report
+    assert data is not None
+    rows = [r for r in data["rows"] if "depthwise" in r["family"].split(",")]
+    assert {"_depthwise_fwd_kernel", "_depthwise_bwd_kernel"} <= {r["kernel"] for r in rows}
+    for kernel in ("_depthwise_fwd_kernel", "_depthwise_bwd_kernel"):
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert {d for r in mine for d in r["dtypes"]} == {"bf16", "fp16", "fp32"}
+        assert {lay for r in mine for lay in r["layouts"]} == {"dw-cl3d", "dw-cl3d-odd", "dw-ncdhw"}
+        # 16-byte aligned channels_last_3d rows: every configuration moves 128-bit vectors
+        aligned = [r for r in mine if r["layouts"] == ["dw-cl3d"]]
+        assert aligned and all(r["ldg128"] > 0 for r in aligned), kernel

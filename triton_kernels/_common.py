@@ -99,3 +99,15 @@ def sum_positions(v, CL: tl.constexpr):
 def position_offsets(n, t, h, w, sN, sT, sH, sW):
     """64-bit element offsets of positions (n, t, h, w) under the given strides."""
     return n.to(tl.int64) * sN + t.to(tl.int64) * sT + h.to(tl.int64) * sH + w.to(tl.int64) * sW
+
+
+@triton.jit
+def channel_mask(cols, C, C_VEC: tl.constexpr):
+    """``cols < C`` written so that Triton sees it constant over groups of C_VEC channels (the
+    launcher guarantees C % C_VEC == 0): masked channel vectors then still move at once. (Triton
+    knows a runtime C only as a multiple of 16 or not, so plain ``cols < C`` with C = 216 would
+    split every vector into scalar loads.)"""
+    if C_VEC > 1:
+        return (cols // C_VEC) < (C // C_VEC)
+    else:
+        return cols < C

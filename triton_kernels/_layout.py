@@ -52,6 +52,15 @@ def rows_alignment(t: torch.Tensor | None) -> int:
     return vec
 
 
+def channel_vector(C: int, *tensors) -> int:
+    """The widest channel vector (elements, at most 16 bytes) that divides C and that every row of
+    every given tensor is aligned to: the C_VEC of _common.channel_mask."""
+    vec = min((rows_alignment(t) for t in tensors if t is not None), default=1)
+    while vec > 1 and C % vec:
+        vec //= 2
+    return vec
+
+
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:
     """The output follows the input: channels_last_3d when the input is in it, else NCDHW."""
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):

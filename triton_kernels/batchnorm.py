@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import _common as cm
 from ._launch import alloc, interpreted, launch
-from ._layout import alloc_like, channels_last, pc_strides, rows_alignment, rows_strides
+from ._layout import alloc_like, channel_vector, channels_last, pc_strides, rows_alignment, rows_strides
 
 # Row of the coefficient table (COEF[i * C + c]).
 COEF_MEAN, COEF_A, COEF_BETA, COEF_KG, COEF_KZ, COEF_K0 = range(6)
@@ -174,14 +174,14 @@ def _bn_act_bwd_reduce_kernel(
     HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
     WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
-    G_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    G_ALIGN: tl.constexpr, C_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     # Tiles of rows x channels in either orientation (cm.pc_tile): CL for contiguous channels.
     pid_m = tl.program_id(0)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     rmask = rows < M
-    cmask = cols < C
+    cmask = cm.channel_mask(cols, C, C_VEC)
     mask = cm.pc_mask(rmask, cmask, CL)
     n, t, h, w = cm.split_rows(rows, T, H, W)
     c64 = cols.to(tl.int64)
@@ -292,6 +292,7 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
         WRITE_DRES=dres is not None, ACT=act, CL=cl,
         D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
         R_ALIGN=rows_alignment(residual), G_ALIGN=rows_alignment(dres),
+        C_VEC=channel_vector(C, grad_out, z, residual, dres) if cl else 1,
         BLOCK_M=block_m, BLOCK_C=block_c,
     )
     coef = alloc((NUM_COEF, C), dtype=torch.float32, device=dev)

@@ -30,7 +30,7 @@ from . import _common as cm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, interpreted, launch
-from ._layout import alloc_like, channels_last, pc_strides, rows_alignment
+from ._layout import alloc_like, channel_vector, channels_last, pc_strides, rows_alignment
 
 MODE_EVAL, MODE_STATS, MODE_APPLY = 0, 1, 2
 
@@ -62,30 +62,33 @@ def _depthwise_fwd_kernel(
     son, soc, sot, soh, sow,
     srn, src, srt, srh, srw,
     szn, szc, szt, szh, szw,
-    st, sh, sw, pt, ph, pw, dt, dh, dw, eps,
-    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, MODE: tl.constexpr,
+    pt, ph, pw, dt, dh, dw, eps,
+    KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, MODE: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr, CL: tl.constexpr,
     X_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_VEC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid_p = tl.program_id(0)
     rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     pmask = rows < M
-    cmask = cols < C
+    cmask = cm.channel_mask(cols, C, C_VEC)
     cols64 = cols.to(tl.int64)
     n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
-    t0 = to * st - pt
-    h0 = ho * sh - ph
-    w0 = wo * sw - pw
+    t0 = to * ST - pt
+    h0 = ho * SH - ph
+    w0 = wo * SW - pw
     x_c = cols64 * sxc
 
     acc = _zero_tile(BLOCK_P, BLOCK_C, CL)
-    for kt in tl.static_range(KT):
+    # Loops over kT and kH, unrolled over kW: KW taps' loads in flight per thread keep registers
+    # bounded (fully unrolled, a 3x3x3 stencil hoists 27 loads and spills).
+    for kt in range(KT):
         ti = t0 + kt * dt
         ok_t = pmask & (ti >= 0) & (ti < T_in)
-        for kh in tl.static_range(KH):
+        for kh in range(KH):
             hi = h0 + kh * dh
             ok_h = ok_t & (hi >= 0) & (hi < H_in)
             for kw in tl.static_range(KW):
@@ -149,7 +152,7 @@ _INTERPRET = {True: dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), False: dict(BLOCK_
 _FWD = Tuned(
     _depthwise_fwd_kernel,
     {
-        "cl": [_cfg(64, 64, 4), _cfg(128, 32, 4), _cfg(32, 128, 4), _cfg(128, 64, 8)],
+        "cl": [_cfg(32, 64, 4), _cfg(64, 32, 4), _cfg(16, 128, 4), _cfg(64, 64, 8)],
         "ncdhw": [_cfg(256, 4, 4), _cfg(128, 8, 4), _cfg(512, 2, 4), _cfg(256, 8, 8)],
     },
     key=["M", "C", "T_out", "H_out", "W_out"], interpret=_INTERPRET[True],
@@ -157,7 +160,8 @@ _FWD = Tuned(
 _FWD_STATS = Tuned(
     _depthwise_fwd_kernel,
     {
-        "cl": [_cfg(STATS_BLOCK_P, 32, 4), _cfg(STATS_BLOCK_P, 64, 8), _cfg(STATS_BLOCK_P, 16, 4)],
+        "cl": [_cfg(STATS_BLOCK_P, 16, 4), _cfg(STATS_BLOCK_P, 8, 4), _cfg(STATS_BLOCK_P, 32, 8),
+               _cfg(STATS_BLOCK_P, 16, 8)],
         "ncdhw": [_cfg(STATS_BLOCK_P, 4, 4), _cfg(STATS_BLOCK_P, 8, 4), _cfg(STATS_BLOCK_P, 16, 8)],
     },
     key=["M", "C", "T_out", "H_out", "W_out"], interpret=_INTERPRET[True],
@@ -215,12 +219,13 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             M, C, T_out, H_out, W_out, T_in, H_in, W_in,
             *pc_strides(x), *weight.stride()[:1], *weight.stride()[2:],
             *pc_strides(out), *pc_strides(residual), *pc_strides(z if z.numel() else None),
-            st, sh, sw, pt, ph, pw, dt, dh, dw, float(eps),
-            KT=KT, KH=KH, KW=KW, MODE=mode, HAS_BIAS=bias is not None,
+            pt, ph, pw, dt, dh, dw, float(eps),
+            KT=KT, KH=KH, KW=KW, ST=st, SH=sh, SW=sw, MODE=mode, HAS_BIAS=bias is not None,
             HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
             HAS_RES=residual is not None and mode != MODE_STATS, ACT=act, SAVE=save_here, CL=cl,
             X_ALIGN=rows_alignment(x), O_ALIGN=rows_alignment(out),
             R_ALIGN=rows_alignment(residual), Z_ALIGN=rows_alignment(z if z.numel() else None),
+            C_VEC=channel_vector(C, x, out, residual, z if z.numel() else None) if cl else 1,
             **meta,
         )
 
@@ -260,16 +265,17 @@ def _depthwise_bwd_kernel(
     sxn, sxc, sxt, sxh, sxw,
     sgn, sgc, sgt, sgh, sgw,
     swc, swt, swh, sww,
-    st, sh, sw, pt, ph, pw, dt, dh, dw,
+    pt, ph, pw, dt, dh, dw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
+    ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
     CL: tl.constexpr, D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
-    X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, C_VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     split = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = cols < C
+    cmask = cm.channel_mask(cols, C, C_VEC)
     cols64 = cols.to(tl.int64)
     # dz = k_g * g + k_z * (z - mean) + k_0, g = dy * act'((z - mean) * a + beta [+ r])
     mean = cm.per_channel(tl.load(coef_ptr + bn.COEF_MEAN * C + cols, mask=cmask, other=0.0), CL)
@@ -291,18 +297,18 @@ def _depthwise_bwd_kernel(
             x_off = _offsets(n, ti, hi, wi, cols64, sxn, sxc, sxt, sxh, sxw, X_ALIGN, CL)
             xv = tl.load(x_ptr + x_off, mask=cm.pc_mask(pmask, cmask, CL), other=0.0).to(tl.float32)
         dx = _zero_tile(BLOCK_P, BLOCK_C, CL)
-        for kt in tl.static_range(KT):
+        for kt in range(KT):  # not unrolled: each tap holds dy, z (and r) tiles and a dz
             tp = ti + pt - kt * dt  # = to * st for the output position this tap feeds
-            to = tp // st
-            ok_t = pmask & (tp >= 0) & (tp % st == 0) & (to < T_out)
-            for kh in tl.static_range(KH):
+            to = tp // ST
+            ok_t = pmask & (tp >= 0) & (tp % ST == 0) & (to < T_out)
+            for kh in range(KH):
                 hp = hi + ph - kh * dh
-                ho = hp // sh
-                ok_h = ok_t & (hp >= 0) & (hp % sh == 0) & (ho < H_out)
-                for kw in tl.static_range(KW):
+                ho = hp // SH
+                ok_h = ok_t & (hp >= 0) & (hp % SH == 0) & (ho < H_out)
+                for kw in range(KW):
                     wp = wi + pw - kw * dw
-                    wo = wp // sw
-                    ok = ok_h & (wp >= 0) & (wp % sw == 0) & (wo < W_out)
+                    wo = wp // SW
+                    ok = ok_h & (wp >= 0) & (wp % SW == 0) & (wo < W_out)
                     mask = cm.pc_mask(ok, cmask, CL)
                     d_off = _offsets(n, to, ho, wo, cols64, sdn, sdc, sdt, sdh, sdw, D_ALIGN, CL)
                     z_off = _offsets(n, to, ho, wo, cols64, szn, szc, szt, szh, szw, Z_ALIGN, CL)
@@ -335,8 +341,8 @@ def _depthwise_bwd_kernel(
 _BWD = Tuned(
     _depthwise_bwd_kernel,
     {
-        "cl": [_cfg(64, 32, 4), _cfg(32, 64, 4), _cfg(128, 16, 4)],
-        "ncdhw": [_cfg(128, 4, 4), _cfg(256, 2, 4), _cfg(64, 8, 4)],
+        "cl": [_cfg(16, 64, 4), _cfg(32, 32, 4), _cfg(32, 64, 8)],
+        "ncdhw": [_cfg(128, 8, 8), _cfg(64, 16, 8), _cfg(128, 4, 8)],
     },
     key=["M_in", "C", "T_out", "H_out", "W_out", "NEED_DX", "NEED_DW"], interpret=_INTERPRET[True],
 )
@@ -394,12 +400,12 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
             M_in, C, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
             *pc_strides(grad_out), *pc_strides(z), *pc_strides(residual), *pc_strides(x),
             *pc_strides(dx), *weight.stride()[:1], *weight.stride()[2:],
-            st, sh, sw, pt, ph, pw, dt, dh, dw_,
-            KT=KT, KH=KH, KW=KW, TAPS=triton.next_power_of_2(K), HAS_RES=residual is not None,
+            pt, ph, pw, dt, dh, dw_,
+            KT=KT, KH=KH, KW=KW, TAPS=triton.next_power_of_2(K), ST=st, SH=sh, SW=sw, HAS_RES=residual is not None,
             ACT=act, NEED_DX=need_dx, NEED_DW=need_dw, CL=cl,
             D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
             R_ALIGN=rows_alignment(residual), X_ALIGN=rows_alignment(x), G_ALIGN=rows_alignment(dx),
-            **meta,
+            C_VEC=channel_vector(C, grad_out, z, residual, x, dx) if cl else 1, **meta,
         )
         if need_dw:
             dw = splitk.sum_splits(partial, weight.dtype).view(weight.shape)

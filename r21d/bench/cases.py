@@ -206,6 +206,59 @@ def r2plus1d_18(training: bool, batch: int = 16) -> ModelCase:
         target=Target("torch.compile/max-autotune", 0.75))
 
 
+def depthwise(channels: int, batch: int, frames: int, size: int, training: bool, *,
+              kernel_size: Triple = (3, 3, 3), stride: Triple = (1, 1, 1),
+              dtype: torch.dtype = torch.bfloat16, channels_last: bool = True,
+              activation: Optional[str] = "relu", model: str = "",
+              target: Optional[Target] = None) -> ConvBNActCase:
+    mode = "train" if training else "eval"
+    padding = tuple(k // 2 for k in kernel_size)
+    k = "x".join(map(str, kernel_size))
+    dt = str(dtype).replace("torch.", "")
+    layout = "cl3d" if channels_last else "ncdhw"
+    s = "" if stride == (1, 1, 1) else "-s" + "".join(map(str, stride))
+    return ConvBNActCase(
+        id=f"depthwise{k}{s}-{channels}-n{batch}t{frames}s{size}-{dt}-{layout}-{mode}",
+        description=(f"depthwise {k} conv+BN+{activation or 'none'} C{channels}, N{batch} T{frames} "
+                     f"{size}x{size}, stride {stride}, {dt} {layout}, {mode}"
+                     + (" (forward+backward)" if training else " (forward)")
+                     + (f" [{model}]" if model else "")),
+        batch=batch, in_channels=channels, out_channels=channels, frames=frames, height=size,
+        width=size, kernel_size=kernel_size, stride=stride, padding=padding, groups=channels,
+        training=training, activation=activation, dtype=dtype, channels_last=channels_last,
+        target=target)
+
+
+# Depthwise targets (BASELINES.md): eval at most 1.3x the memory floor; training forward+backward
+# at least 8x faster than PyTorch's best layout.
+_DW_FLOOR_TARGET = Target("floor", 1.3)
+_DW_TRAIN_TARGET = Target("eager", 1 / 8)
+
+
+def _depthwise_cases() -> list[ConvBNActCase]:
+    cases = []
+    for channels, size in ((216, 56), (432, 28), (864, 14)):  # the shapes, N8 T16
+        for dtype in (torch.bfloat16, torch.float32):
+            for cl in (True, False):
+                cases.append(depthwise(channels, 8, 16, size, False, dtype=dtype, channels_last=cl,
+                                       target=_DW_FLOOR_TARGET))
+    # X3D-M (16x224^2 clips: stages at 56^2 .. 7^2, SiLU after the depthwise conv; stride (1,2,2)
+    # in each stage's first block) and CSN-R101 (32 frames, ReLU); batch 8
+    for channels, size in ((54, 56), (108, 28), (216, 14), (432, 7)):
+        cases.append(depthwise(channels, 8, 16, size, False, activation="silu", model="X3D-M",
+                               target=_DW_FLOOR_TARGET))
+    cases.append(depthwise(108, 8, 16, 56, False, stride=(1, 2, 2), activation="silu",
+                           model="X3D-M stage 2 first block", target=_DW_FLOOR_TARGET))
+    for channels, frames, size in ((64, 32, 56), (256, 16, 28), (512, 8, 14)):
+        cases.append(depthwise(channels, 8, frames, size, False, model="CSN-R101",
+                               target=_DW_FLOOR_TARGET))
+    # training forward + backward, both layouts
+    for cl in (True, False):
+        cases.append(depthwise(216, 8, 16, 56, True, channels_last=cl, target=_DW_TRAIN_TARGET))
+    cases.append(depthwise(432, 8, 16, 28, True, target=_DW_TRAIN_TARGET))
+    return cases
+
+
 # The targets for fused pointwise: eval no slower than 1.1x the plain GEMM (BASELINES.md);
 # training forward+backward at most 0.5x eager PyTorch.
 _GEMM_TARGET = Target("matmul", 1.1)
@@ -218,6 +271,7 @@ CASES: list[Case] = [
     pointwise(64, 256, batch=8, frames=16, size=56, training=True, target=_TRAIN_TARGET),
     pointwise(256, 64, batch=8, frames=16, size=56, training=True, target=_TRAIN_TARGET),
     pointwise(512, 512, batch=8, frames=8, size=14, training=True, target=_TRAIN_TARGET),
+    *_depthwise_cases(),
     r2plus1d_18(training=False),
     r2plus1d_18(training=True),
 ]
