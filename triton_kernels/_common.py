@@ -111,3 +111,10 @@ def channel_mask(cols, C, C_VEC: tl.constexpr):
         return (cols // C_VEC) < (C // C_VEC)
     else:
         return cols < C
+
+
+@triton.jit
+def as_int64(v):
+    """A scalar index (a loop variable, a plain int under the interpreter) as an int64 tensor, so
+    products with strides cannot overflow 32 bits."""
+    return tl.full((), 0, tl.int64) + v

@@ -46,9 +46,10 @@ def _elementwise_blocks(C: int, channels_innermost: bool = True) -> tuple[int, i
 
 @triton.jit
 def _bn_stats_finalize_kernel(
-    part_mean_ptr, part_m2_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr, new_rmean_ptr,
-    new_rvar_ptr, num_tiles, rows_per_tile, M, Mf, C, momentum, eps,
-    UPDATE_RUNNING: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
+    new_rmean_ptr, new_rvar_ptr, num_tiles, rows_per_tile, M, Mf, C, momentum, eps,
+    UPDATE_RUNNING: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -58,7 +59,10 @@ def _bn_stats_finalize_kernel(
     for t0 in range(0, num_tiles, BLOCK_T):
         tiles = t0 + tl.arange(0, BLOCK_T)
         tmask = tiles < num_tiles
-        n_i = tl.where(tmask, tl.minimum(rows_per_tile, M - tiles * rows_per_tile), 0).to(tl.float32)
+        if HAS_COUNT:  # tiles of any shape, each with its own count
+            n_i = tl.load(part_count_ptr + tiles, mask=tmask, other=0.0)
+        else:  # tiles of rows_per_tile consecutive rows
+            n_i = tl.where(tmask, tl.minimum(rows_per_tile, M - tiles * rows_per_tile), 0).to(tl.float32)
         offs = tiles[:, None].to(tl.int64) * C + cols[None, :]
         m = tmask[:, None] & cmask[None, :]
         pm = tl.load(part_mean_ptr + offs, mask=m, other=0.0)
@@ -85,10 +89,11 @@ def _bn_stats_finalize_kernel(
         tl.store(new_rvar_ptr + cols, rv, mask=cmask)
 
 
-def finalize_stats(part_mean, part_m2, rows_per_tile: int, M: int, running_mean, running_var,
-                   momentum: float, eps: float):
+def finalize_stats(part_mean, part_m2, rows_per_tile: int | None, M: int, running_mean, running_var,
+                   momentum: float, eps: float, part_count=None):
     """Batch (mean, invstd) from per-tile partials, and the running statistics updated with
-    ``momentum`` as new tensors (None when ``running_mean`` is None)."""
+    ``momentum`` as new tensors (None when ``running_mean`` is None). Tile i holds the rows
+    [i * rows_per_tile, (i + 1) * rows_per_tile), or ``part_count[i]`` rows when given."""
     num_tiles, C = part_mean.shape
     mean = alloc((C,), dtype=torch.float32, device=part_mean.device)
     invstd = alloc((C,), dtype=torch.float32, device=part_mean.device)
@@ -101,10 +106,11 @@ def finalize_stats(part_mean, part_m2, rows_per_tile: int, M: int, running_mean,
     block_t = 16 if interpreted() else 64
     launch(
         _bn_stats_finalize_kernel, (triton.cdiv(C, block_c),),
-        part_mean, part_m2, mean, invstd,
+        part_mean, part_m2, part_count if part_count is not None else mean, mean, invstd,
         running_mean if update else mean, running_var if update else invstd,
-        new_rm if update else mean, new_rv if update else invstd, num_tiles, rows_per_tile, M, float(M), C, float(momentum), float(eps),
-        UPDATE_RUNNING=update, BLOCK_T=block_t, BLOCK_C=block_c,
+        new_rm if update else mean, new_rv if update else invstd, num_tiles, rows_per_tile or 1, M,
+        float(M), C, float(momentum), float(eps), UPDATE_RUNNING=update,
+        HAS_COUNT=part_count is not None, BLOCK_T=block_t, BLOCK_C=block_c,
     )
     return mean, invstd, new_rm, new_rv
 

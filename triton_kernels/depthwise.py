@@ -46,17 +46,52 @@ def _zero_tile(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
 
 @triton.jit
 def _offsets(n, t, h, w, cols64, sn, sc, st, sh, sw, ALIGN: tl.constexpr, CL: tl.constexpr):
-    return cm.pc_tile(cm.row_offsets(n, t, h, w, sn, st, sh, sw, ALIGN), cols64 * sc, CL)
+    return cm.pc_tile(cm.row_offsets(cm.as_int64(n), cm.as_int64(t), h, w, sn, st, sh, sw, ALIGN),
+                      cols64 * sc, CL)
 
 
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
+def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
+               T_in, H_in, W_in, sxn, sxt, sxh, sxw, swc, swt, swh, sww, pt, ph, pw, dt, dh, dw,
+               KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+               ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, X_ALIGN: tl.constexpr,
+               CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The depthwise conv (no bias) of one frame ``to`` of sample ``n`` at the tile's (ho, wo)."""
+    t0 = to * ST - pt
+    h0 = ho * SH - ph
+    w0 = wo * SW - pw
+    acc = _zero_tile(BLOCK_P, BLOCK_C, CL)
+    # Loops over kT and kH, unrolled over kW: KW taps' loads in flight per thread keep registers
+    # bounded (fully unrolled, a 3x3x3 stencil hoists 27 loads and spills).
+    for kt in range(KT):
+        ti = t0 + kt * dt
+        x_t = cm.as_int64(n) * sxn + cm.as_int64(ti) * sxt
+        ok_t = (ti >= 0) & (ti < T_in)
+        for kh in range(KH):
+            hi = h0 + kh * dh
+            ok_h = pmask & ok_t & (hi >= 0) & (hi < H_in)
+            for kw in tl.static_range(KW):
+                wi = w0 + kw * dw
+                ok = ok_h & (wi >= 0) & (wi < W_in)
+                x_off = x_t + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+                if X_ALIGN > 1:
+                    x_off = tl.multiple_of(x_off, X_ALIGN)
+                xv = tl.load(x_ptr + cm.pc_tile(x_off, x_c, CL), mask=cm.pc_mask(ok, cmask, CL),
+                             other=0.0)
+                wv = tl.load(w_ptr + cols * swc + (kt * swt + kh * swh + kw * sww), mask=cmask,
+                             other=0.0)
+                acc += xv.to(tl.float32) * cm.per_channel(wv.to(tl.float32), CL)
+    return acc
+
+
+@triton.jit
 def _depthwise_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr,
-    out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
-    M, C, T_out, H_out, W_out, T_in, H_in, W_in,
+    out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr,
+    C, T_out, H_out, W_out, T_in, H_in, W_in, t_chunk,
     sxn, sxc, sxt, sxh, sxw,
     swc, swt, swh, sww,
     son, soc, sot, soh, sow,
@@ -68,109 +103,149 @@ def _depthwise_fwd_kernel(
     HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr, CL: tl.constexpr,
     X_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr,
-    C_VEC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+    C_VEC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    rows = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    # A program owns a BH x BW tile of output positions of one sample, for t_chunk consecutive
+    # frames, and walks them in order: the kT input planes a frame reads were mostly read by the
+    # frames before it, so they come from L1 / L2 and x crosses HBM about once.
+    BLOCK_P: tl.constexpr = BH * BW
+    pid = tl.program_id(0)
+    num_wb = tl.cdiv(W_out, BW)
+    num_hb = tl.cdiv(H_out, BH)
+    num_tc = tl.cdiv(T_out, t_chunk)
+    wb = pid % num_wb
+    hb = (pid // num_wb) % num_hb
+    tc = (pid // (num_wb * num_hb)) % num_tc
+    n = pid // (num_wb * num_hb * num_tc)
+    i = tl.arange(0, BLOCK_P)
+    ho = hb * BH + i // BW
+    wo = wb * BW + i % BW
+    pmask = (ho < H_out) & (wo < W_out)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    pmask = rows < M
     cmask = cm.channel_mask(cols, C, C_VEC)
     cols64 = cols.to(tl.int64)
-    n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
-    t0 = to * ST - pt
-    h0 = ho * SH - ph
-    w0 = wo * SW - pw
     x_c = cols64 * sxc
-
-    acc = _zero_tile(BLOCK_P, BLOCK_C, CL)
-    # Loops over kT and kH, unrolled over kW: KW taps' loads in flight per thread keep registers
-    # bounded (fully unrolled, a 3x3x3 stencil hoists 27 loads and spills).
-    for kt in range(KT):
-        ti = t0 + kt * dt
-        ok_t = pmask & (ti >= 0) & (ti < T_in)
-        for kh in range(KH):
-            hi = h0 + kh * dh
-            ok_h = ok_t & (hi >= 0) & (hi < H_in)
-            for kw in tl.static_range(KW):
-                wi = w0 + kw * dw
-                ok = ok_h & (wi >= 0) & (wi < W_in)
-                x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)
-                xv = tl.load(x_ptr + cm.pc_tile(x_off, x_c, CL), mask=cm.pc_mask(ok, cmask, CL),
-                             other=0.0)
-                wv = tl.load(w_ptr + cols * swc + (kt * swt + kh * swh + kw * sww), mask=cmask,
-                             other=0.0)
-                acc += xv.to(tl.float32) * cm.per_channel(wv.to(tl.float32), CL)
-
     mask = cm.pc_mask(pmask, cmask, CL)
+    bias = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_BIAS:
-        acc += cm.per_channel(tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
-    if MODE == 1:  # MODE_STATS: this tile's per-channel mean and M2, for the numerically safe merge
-        count = tl.minimum(M - pid_p * BLOCK_P, BLOCK_P).to(tl.float32)
-        tile_mean = cm.sum_positions(tl.where(mask, acc, 0.0), CL) / count
-        d = tl.where(mask, acc - cm.per_channel(tile_mean, CL), 0.0)
-        part = pid_p.to(tl.int64) * C + cols
-        tl.store(part_mean_ptr + part, tile_mean, mask=cmask)
-        tl.store(part_m2_ptr + part, cm.sum_positions(d * d, CL), mask=cmask)
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    t_start = tc * t_chunk
+    t_end = tl.minimum(t_start + t_chunk, T_out)
+
+    if MODE == 1:  # MODE_STATS: per-channel (count, mean, M2) of this program's positions
+        count_t = tl.sum(pmask.to(tl.float32), axis=0)  # positions per frame
+        n_a = count_t * 0.0
+        mean_a = tl.zeros((BLOCK_C,), tl.float32)
+        m2_a = tl.zeros((BLOCK_C,), tl.float32)
+        for to in range(t_start, t_end):
+            z = _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c, T_in, H_in, W_in,
+                           sxn, sxt, sxh, sxw, swc, swt, swh, sww, pt, ph, pw, dt, dh, dw,
+                           KT, KH, KW, ST, SH, SW, X_ALIGN, CL, BLOCK_P, BLOCK_C)
+            z += cm.per_channel(bias, CL)
+            # this frame's mean and M2, merged into the running triple (Chan et al.); divisions
+            # approximate (2 ulp, as the CUDA kernels' __fdividef): IEEE ones call a slow path
+            mean_t = tl.fdiv(cm.sum_positions(tl.where(mask, z, 0.0), CL), count_t, ieee_rounding=False)
+            d = tl.where(mask, z - cm.per_channel(mean_t, CL), 0.0)
+            m2_t = cm.sum_positions(d * d, CL)
+            n_b = n_a + count_t
+            frac = tl.fdiv(count_t, n_b, ieee_rounding=False)
+            delta = mean_t - mean_a
+            mean_a += delta * frac
+            m2_a += m2_t + delta * delta * (n_a * frac)
+            n_a = n_b
+        part = pid.to(tl.int64) * C + cols
+        tl.store(part_mean_ptr + part, mean_a, mask=cmask)
+        tl.store(part_m2_ptr + part, m2_a, mask=cmask)
+        if tl.program_id(1) == 0:
+            tl.store(part_count_ptr + pid, n_a)
     else:
         if MODE == 0:  # MODE_EVAL: the running statistics, folded here so the op is one launch
             mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-            invstd = 1.0 / tl.sqrt(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(tl.float32) + eps)
+            # rsqrt, not 1 / sqrt: an IEEE division's slow path is a call with a stack frame
+            invstd = tl.math.rsqrt(tl.load(var_ptr + cols, mask=cmask, other=1.0).to(tl.float32) + eps)
+            if SAVE:  # autograd needs the statistics used
+                if pid == 0:
+                    tl.store(save_mean_ptr + cols, mean, mask=cmask)
+                    tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
         else:  # MODE_APPLY: the batch statistics (var_ptr holds invstd)
             mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
             invstd = tl.load(var_ptr + cols, mask=cmask, other=0.0)
         scale = invstd
         if HAS_GAMMA:
             scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        shift = -mean * scale
+        shift = (bias - mean) * scale
         if HAS_BETA:
             shift += tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        if SAVE:  # autograd needs z and the statistics used
-            z_off = _offsets(n, to, ho, wo, cols64, szn, szc, szt, szh, szw, Z_ALIGN, CL)
-            tl.store(z_ptr + z_off, acc, mask=mask)
-            if MODE == 0:
-                if pid_p == 0:
-                    tl.store(save_mean_ptr + cols, mean, mask=cmask)
-                    tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
-        v = acc * cm.per_channel(scale, CL) + cm.per_channel(shift, CL)
-        if HAS_RES:
-            r_off = _offsets(n, to, ho, wo, cols64, srn, src, srt, srh, srw, R_ALIGN, CL)
-            v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
-        v = cm.activation(v, ACT)
-        o_off = _offsets(n, to, ho, wo, cols64, son, soc, sot, soh, sow, O_ALIGN, CL)
-        tl.store(out_ptr + o_off, v, mask=mask)
+        for to in range(t_start, t_end):
+            acc = _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c, T_in, H_in, W_in,
+                             sxn, sxt, sxh, sxw, swc, swt, swh, sww, pt, ph, pw, dt, dh, dw,
+                             KT, KH, KW, ST, SH, SW, X_ALIGN, CL, BLOCK_P, BLOCK_C)
+            if SAVE:  # autograd needs z (conv + bias)
+                z_off = _offsets(n, to, ho, wo, cols64, szn, szc, szt, szh, szw, Z_ALIGN, CL)
+                tl.store(z_ptr + z_off, acc + cm.per_channel(bias, CL), mask=mask)
+            v = acc * cm.per_channel(scale, CL) + cm.per_channel(shift, CL)
+            if HAS_RES:
+                r_off = _offsets(n, to, ho, wo, cols64, srn, src, srt, srh, srw, R_ALIGN, CL)
+                v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+            v = cm.activation(v, ACT)
+            o_off = _offsets(n, to, ho, wo, cols64, son, soc, sot, soh, sow, O_ALIGN, CL)
+            tl.store(out_ptr + o_off, v, mask=mask)
 
 
 def _cfg(block_p, block_c, warps):
     return triton.Config({"BLOCK_P": block_p, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
 
 
-# Training statistics tiles are always STATS_BLOCK_P positions on a GPU (the merge depends on it).
-STATS_BLOCK_P = 128
-_INTERPRET = {True: dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), False: dict(BLOCK_P=16, BLOCK_C=4, num_warps=1)}
+def _tile(bh, bw, block_c, warps):
+    return triton.Config({"BH": bh, "BW": bw, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
 
-# Variants: "cl" tiles channels-innermost (channels_last_3d), "ncdhw" positions-innermost.
+
+_INTERPRET = {True: dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), False: dict(BLOCK_P=16, BLOCK_C=4, num_warps=1)}
+_INTERPRET_FWD = {True: dict(BH=2, BW=4, BLOCK_C=8, num_warps=1), False: dict(BH=2, BW=8, BLOCK_C=4, num_warps=1)}
+# Training statistics: the partial-statistics buffers are sized by the tile, so every statistics
+# configuration of an orientation has the same BH x BW.
+STATS_TILE = {True: (4, 8), False: (2, 32)}
+
+# Variants: "cl" tiles channels-innermost (channels_last_3d), "ncdhw" positions-innermost (W
+# runs of 16-64 positions). Kept to configurations that compile without spills on sm_90 and
+# sm_80 and, in channels_last_3d, give every thread a 16-byte channel vector
+# (python -m r21d.static checks both).
 _FWD = Tuned(
     _depthwise_fwd_kernel,
     {
-        "cl": [_cfg(32, 64, 4), _cfg(64, 32, 4), _cfg(16, 128, 4), _cfg(64, 64, 8)],
-        "ncdhw": [_cfg(256, 4, 4), _cfg(128, 8, 4), _cfg(512, 2, 4), _cfg(256, 8, 8)],
+        "cl": [_tile(4, 8, 32, 4), _tile(4, 8, 64, 8)],
+        "ncdhw": [_tile(2, 32, 8, 4), _tile(4, 16, 8, 4), _tile(2, 64, 8, 8), _tile(4, 32, 8, 8)],
     },
-    key=["M", "C", "T_out", "H_out", "W_out"], interpret=_INTERPRET[True],
+    key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD[True],
 )
 _FWD_STATS = Tuned(
     _depthwise_fwd_kernel,
     {
-        "cl": [_cfg(STATS_BLOCK_P, 16, 4), _cfg(STATS_BLOCK_P, 8, 4), _cfg(STATS_BLOCK_P, 32, 8),
-               _cfg(STATS_BLOCK_P, 16, 8)],
-        "ncdhw": [_cfg(STATS_BLOCK_P, 4, 4), _cfg(STATS_BLOCK_P, 8, 4), _cfg(STATS_BLOCK_P, 16, 8)],
+        "cl": [_tile(*STATS_TILE[True], bc, w) for bc, w in ((32, 4), (64, 8), (128, 8))],
+        "ncdhw": [_tile(*STATS_TILE[False], bc, w) for bc, w in ((2, 4), (4, 4), (4, 8), (8, 8))],
     },
-    key=["M", "C", "T_out", "H_out", "W_out"], interpret=_INTERPRET[True],
+    key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD[True],
 )
+
+# About 8 programs per SM of a 132-SM GPU: a program walks t_chunk frames of its tile, so the
+# frames are chunked only as far as that many programs need.
+_FWD_PROGRAMS = 8 * 132
+
+
+def _t_chunk(N: int, T_out: int, H_out: int, W_out: int, C: int, cl: bool) -> int:
+    if interpreted():
+        return 2
+    bh, bw, bc = (4, 8, 32) if cl else (2, 32, 8)  # a typical tile
+    per_frame = N * triton.cdiv(H_out, bh) * triton.cdiv(W_out, bw) * triton.cdiv(C, bc)
+    chunks = min(T_out, max(1, triton.cdiv(_FWD_PROGRAMS, per_frame)))
+    return triton.cdiv(T_out, chunks)
 
 
 def _select(tuned: Tuned, cl: bool):
     kernel, meta = tuned.select("cl" if cl else "ncdhw")
-    return kernel, (dict(_INTERPRET[cl]) if interpreted() else meta)
+    if not interpreted():
+        return kernel, meta
+    return kernel, dict((_INTERPRET if tuned is _BWD else _INTERPRET_FWD)[cl])
 
 
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
@@ -202,12 +277,16 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         z = alloc_like(out.shape, x)
     cl = channels_last(x)
     some = x  # stands in for absent optional pointers (never dereferenced)
+    t_chunk = _t_chunk(N, T_out, H_out, W_out, C, cl)
 
-    def run(selected, mode, mean_arg, var_arg, part_mean, part_m2, save_here):
+    def programs(bh, bw):  # tiles of positions: (sample, frame chunk, H tile, W tile)
+        return N * triton.cdiv(T_out, t_chunk) * triton.cdiv(H_out, bh) * triton.cdiv(W_out, bw)
+
+    def run(selected, mode, mean_arg, var_arg, parts, save_here):
         kernel, meta = selected
 
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_P"]), triton.cdiv(C, meta["BLOCK_C"]))
+            return (programs(meta["BH"], meta["BW"]), triton.cdiv(C, meta["BLOCK_C"]))
 
         launch(
             kernel, grid,
@@ -215,8 +294,8 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             gamma if gamma is not None else some, beta if beta is not None else some,
             mean_arg, var_arg, residual if residual is not None else some,
             out, z if z.numel() else out, mean if mean.numel() else some,
-            invstd if invstd.numel() else some, part_mean, part_m2,
-            M, C, T_out, H_out, W_out, T_in, H_in, W_in,
+            invstd if invstd.numel() else some, *parts,
+            C, T_out, H_out, W_out, T_in, H_in, W_in, t_chunk,
             *pc_strides(x), *weight.stride()[:1], *weight.stride()[2:],
             *pc_strides(out), *pc_strides(residual), *pc_strides(z if z.numel() else None),
             pt, ph, pw, dt, dh, dw, float(eps),
@@ -233,18 +312,18 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         if save:
             mean = alloc((C,), dtype=torch.float32, device=dev)
             invstd = alloc((C,), dtype=torch.float32, device=dev)
-        run(_select(_FWD, cl), MODE_EVAL, running_mean, running_var, some, some, save)
+        run(_select(_FWD, cl), MODE_EVAL, running_mean, running_var, (some,) * 3, save)
         return out, z, mean, invstd, new_rm, new_rv
 
     stats = _select(_FWD_STATS, cl)
-    block_p = stats[1].get("BLOCK_P", STATS_BLOCK_P)  # the interpreter's, or every GPU config's
-    num_tiles = triton.cdiv(M, block_p)
+    num_tiles = programs(*((stats[1]["BH"], stats[1]["BW"]) if interpreted() else STATS_TILE[cl]))
     part_mean = alloc((num_tiles, C), dtype=torch.float32, device=dev)
     part_m2 = alloc((num_tiles, C), dtype=torch.float32, device=dev)
-    run(stats, MODE_STATS, some, some, part_mean, part_m2, False)
-    bmean, binvstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_p, M, running_mean,
-                                               running_var, momentum, eps)
-    run(_select(_FWD, cl), MODE_APPLY, bmean, binvstd, some, some, save)
+    part_count = alloc((num_tiles,), dtype=torch.float32, device=dev)
+    run(stats, MODE_STATS, some, some, (part_mean, part_m2, part_count), False)
+    bmean, binvstd, rm, rv = bn.finalize_stats(part_mean, part_m2, None, M, running_mean,
+                                               running_var, momentum, eps, part_count=part_count)
+    run(_select(_FWD, cl), MODE_APPLY, bmean, binvstd, (some,) * 3, save)
     if save:
         mean, invstd = bmean, binvstd
     if running_mean is not None:

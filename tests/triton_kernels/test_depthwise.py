@@ -158,7 +158,7 @@ def test_train_forward_launches_as_designed():
     counter = _launches(depthwise(C=6, layout="cl3d"), training=True)
     assert counter.kernels == ["_depthwise_fwd_kernel", "_bn_stats_finalize_kernel",
                                "_depthwise_fwd_kernel"]
-    assert counter.allocations == 7  # out, 2 partials, mean, invstd, 2 running stats
+    assert counter.allocations == 8  # out, 3 partials (mean, M2, count), mean, invstd, 2 running stats
 
 
 def test_backward_launches_as_designed():
@@ -190,3 +190,40 @@ def test_depth_multiplier_is_not_depthwise():
     args = make_inputs(case, torch.float32, "cpu")
     with pytest.raises(r21d.FusedKernelUnavailable, match="no grouped kernel"):
         run_backend("triton", args, case, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("layout", ["ncdhw", "cl3d"])
+def test_more_than_2_31_elements(strict, backend, layout):
+    """64-bit offsets: a 2.3e9-element input (4.6 GB in bf16); the far corner, where 32-bit
+    offsets would wrap, against cuDNN on a crop."""
+    torch.manual_seed(0)
+    shape = (1, 64, 32, 1024, 1100)
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    if layout == "cl3d":
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    assert x.numel() > 2**31
+    w = torch.randn(64, 1, 3, 3, 3, device="cuda", dtype=torch.bfloat16) / 27 ** 0.5
+    rm, rv = torch.zeros(64, device="cuda"), torch.ones(64, device="cuda")
+    with torch.no_grad(), r21d.use_backend(backend):
+        y = r21d.functional.conv_bn_act3d(x, w, None, None, None, rm, rv, padding=1, groups=64)
+    crop = x[:, :, -4:, -4:, -4:].float()
+    ref = torch.relu(torch.nn.functional.conv3d(crop, w.float(), padding=1, groups=64))[:, :, 1:, 1:, 1:]
+    torch.testing.assert_close(y[:, :, -3:, -3:, -3:].float(), ref / (1 + 1e-5) ** 0.5, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_half_module_with_half_batchnorm(strict, backend):
+    """A model cast with .half() has float16 BN parameters and running statistics too."""
+    m = r21d.ConvBNReLU3d(24, 24, 3, padding=1, groups=24).cuda().half()
+    ref = r21d.unfuse(m)
+    x = torch.randn(2, 24, 4, 9, 9, device="cuda", dtype=torch.float16)
+    for training in (True, False):
+        m.train(training)
+        ref.train(training)
+        with r21d.use_backend(backend):
+            y = m(x)
+        torch.testing.assert_close(y, ref(x), rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(m.state_dict(), ref.state_dict(), rtol=2e-2, atol=2e-2)

@@ -1,6 +1,7 @@
-"""pytest-benchmark timings of the pointwise cases of r21d-bench (GPU only).
+"""pytest-benchmark timings of the fused-site cases (pointwise, depthwise) of r21d-bench (GPU only).
 
-    pytest benchmarks -m gpu                                  # table of all pointwise timings
+    pytest benchmarks -m gpu                                  # table of all site timings
+    pytest benchmarks -m gpu -k depthwise                     # one family
     pytest benchmarks -m gpu --benchmark-autosave             # keep them in .benchmarks/
     pytest benchmarks -m gpu --benchmark-compare              # against the last saved run
 
@@ -29,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest benchmarks -m gpu)"),
 ]
 
-POINTWISE = [c for c in cases.CASES if c.family == "pointwise"]
+SITES = [c for c in cases.CASES if c.family in ("pointwise", "depthwise")]
 PROVIDERS = ["eager", "r21d/triton", "r21d/cuda", "torch.compile", "matmul"]
 ROUNDS, WARMUP_ROUNDS = 50, 10
 
@@ -56,7 +57,10 @@ def _prepare(workload, case, provider: str, variant: providers.Variant) -> provi
     if provider == "eager":
         return workload.eager(variant)
     if provider == "matmul":
-        return workload.matmul()
+        prepared = workload.matmul()
+        if prepared is None:
+            pytest.skip(f"no matmul equivalent of a {case.family} conv")
+        return prepared
     if provider == "torch.compile":
         torch._dynamo.reset()
         return workload.compiled(variant, None)
@@ -70,8 +74,8 @@ def _prepare(workload, case, provider: str, variant: providers.Variant) -> provi
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("case", POINTWISE, ids=lambda c: c.id)
-def test_pointwise(benchmark, workload_for, case, provider):
+@pytest.mark.parametrize("case", SITES, ids=lambda c: c.id)
+def test_site(benchmark, workload_for, case, provider):
     workload = workload_for(case)
     variant = providers.Variant(case.channels_last, False, case.dtype)
     prepared = _prepare(workload, case, provider, variant)
