@@ -1,15 +1,18 @@
 """Depthwise conv3d (groups == C_in == C_out) fused with BatchNorm and activation.
 
-A depthwise conv is a per-channel stencil: memory-bound, so every kernel here reads each input once
-from HBM (the taps' overlapping reads hit L1/L2) and writes each output once. Programs own a tile
-of BLOCK_P output positions x BLOCK_C channels, oriented for the layout (cm.pc_tile): channels
-innermost for channels_last_3d (channel vectors move at once), positions innermost for NCDHW
-(consecutive W coalesce). Both layouts and any strides are addressed in place: no conversions.
+A depthwise conv is a per-channel stencil: memory-bound, so the kernels aim to read each input once
+from HBM (the taps' overlapping reads hit L1/L2) and write each output once. Programs own tiles of
+positions x BLOCK_C channels, oriented for the layout (cm.pc_tile): channels innermost for
+channels_last_3d (channel vectors move at once), positions innermost for NCDHW (consecutive W
+coalesce). Both layouts and any strides are addressed in place: no conversions. The forward's
+tile is BH x BW output positions of one sample, walked through t_chunk consecutive frames (the
+input planes a frame reads were mostly read for the frame before); the backward's is BLOCK_P
+consecutive input positions.
 
 ``_depthwise_fwd_kernel``  MODE_EVAL: y = act((conv(x) + b) * scale + shift [+ r]) with the
                            running statistics folded in (one launch); MODE_STATS: the training
-                           pass that writes nothing but, per tile of positions, each channel's mean
-                           and M2 (batchnorm.finalize_stats merges them); MODE_APPLY: the training
+                           pass that writes nothing but, per program, its position count and each
+                           channel's mean and M2 (batchnorm.finalize_stats merges them); MODE_APPLY: the training
                            pass that recomputes the conv (cheaper than storing and re-reading it)
                            and normalises with the batch statistics.
 ``_depthwise_bwd_kernel``  input-centred: for a tile of input positions, dx = sum over taps of
