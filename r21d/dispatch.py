@@ -80,7 +80,8 @@ def _cuda_reason(cfg: FusedConfig) -> str | None:
     return None
 
 
-# The depthwise kernels (both backends) unroll every tap: the geometry they are built for.
+# The geometry the depthwise kernels of both backends are built and tested for (the csrc ops
+# also TORCH_CHECK it).
 DEPTHWISE_MAX_KERNEL = 7
 DEPTHWISE_STRIDES = (1, 2)
 DEPTHWISE_MAX_DILATION = 3
