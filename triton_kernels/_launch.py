@@ -123,8 +123,9 @@ def interpreted() -> bool:
 class Tuned:
     """A kernel with GPU autotuning configurations per variant (operand precision, epilogue, ...:
     what makes a tile size spill or not) and the one configuration the interpreter runs
-    (DESIGN.md §6: tiny shapes, one config). ``select(variant)`` gives what to launch and the meta
-    arguments to pass; each variant's autotuner is built on first GPU use."""
+    (DESIGN.md §6: tiny shapes, one config; ``interpret`` may instead map each variant to its own,
+    where variants differ in more than tile sizes). ``select(variant)`` gives what to launch and
+    the meta arguments to pass; each variant's autotuner is built on first GPU use."""
 
     def __init__(self, fn, configs: dict, key, interpret: dict):
         self.fn = fn
@@ -135,7 +136,7 @@ class Tuned:
 
     def select(self, variant: str):
         if interpreted():
-            return self.fn, dict(self.interpret)
+            return self.fn, dict(self.interpret.get(variant, self.interpret))
         if variant not in self._autotuners:
             import triton
 

@@ -45,6 +45,20 @@ def _elementwise_blocks(C: int, channels_innermost: bool = True) -> tuple[int, i
 
 
 @triton.jit
+def fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask,
+         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+    """(scale, shift) per channel with bn(conv + bias) = conv * scale + shift: BN and the conv
+    bias folded for a conv epilogue."""
+    scale = invstd
+    if HAS_GAMMA:
+        scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    shift = (bias - mean) * scale
+    if HAS_BETA:
+        shift += tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    return scale, shift
+
+
+@triton.jit
 def _bn_stats_finalize_kernel(
     part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
     new_rmean_ptr, new_rvar_ptr, num_tiles, rows_per_tile, M, Mf, C, momentum, eps,

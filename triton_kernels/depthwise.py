@@ -173,12 +173,7 @@ def _depthwise_fwd_kernel(
         else:  # MODE_APPLY: the batch statistics (var_ptr holds invstd)
             mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
             invstd = tl.load(var_ptr + cols, mask=cmask, other=0.0)
-        scale = invstd
-        if HAS_GAMMA:
-            scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        shift = (bias - mean) * scale
-        if HAS_BETA:
-            shift += tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        scale, shift = bn.fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask, HAS_GAMMA, HAS_BETA)
         for to in range(t_start, t_end):
             acc = _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c, T_in, H_in, W_in,
                              sxn, sxt, sxh, sxw, swc, swt, swh, sww, pt, ph, pw, dt, dh, dw,
@@ -203,8 +198,10 @@ def _tile(bh, bw, block_c, warps):
     return triton.Config({"BH": bh, "BW": bw, "BLOCK_C": block_c}, num_warps=warps, num_stages=1)
 
 
-_INTERPRET = {True: dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), False: dict(BLOCK_P=16, BLOCK_C=4, num_warps=1)}
-_INTERPRET_FWD = {True: dict(BH=2, BW=4, BLOCK_C=8, num_warps=1), False: dict(BH=2, BW=8, BLOCK_C=4, num_warps=1)}
+# The interpreter's one configuration per variant.
+_INTERPRET = {"cl": dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), "ncdhw": dict(BLOCK_P=16, BLOCK_C=4, num_warps=1)}
+_INTERPRET_FWD = {"cl": dict(BH=2, BW=4, BLOCK_C=8, num_warps=1),
+                  "ncdhw": dict(BH=2, BW=8, BLOCK_C=4, num_warps=1)}
 # Training statistics: the partial-statistics buffers are sized by the tile, so every statistics
 # configuration of an orientation has the same BH x BW.
 STATS_TILE = {True: (4, 8), False: (2, 32)}
@@ -219,7 +216,7 @@ _FWD = Tuned(
         "cl": [_tile(4, 8, 32, 4), _tile(4, 8, 64, 8)],
         "ncdhw": [_tile(2, 32, 8, 4), _tile(4, 16, 8, 4), _tile(2, 64, 8, 8), _tile(4, 32, 8, 8)],
     },
-    key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD[True],
+    key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD,
 )
 _FWD_STATS = Tuned(
     _depthwise_fwd_kernel,
@@ -227,7 +224,7 @@ _FWD_STATS = Tuned(
         "cl": [_tile(*STATS_TILE[True], bc, w) for bc, w in ((32, 4), (64, 8), (128, 8))],
         "ncdhw": [_tile(*STATS_TILE[False], bc, w) for bc, w in ((2, 4), (4, 4), (4, 8), (8, 8))],
     },
-    key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD[True],
+    key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD,
 )
 
 # About 8 programs per SM of a 132-SM GPU: a program walks t_chunk frames of its tile, so the
@@ -245,10 +242,7 @@ def _t_chunk(N: int, T_out: int, H_out: int, W_out: int, C: int, cl: bool) -> in
 
 
 def _select(tuned: Tuned, cl: bool):
-    kernel, meta = tuned.select("cl" if cl else "ncdhw")
-    if not interpreted():
-        return kernel, meta
-    return kernel, dict((_INTERPRET if tuned is _BWD else _INTERPRET_FWD)[cl])
+    return tuned.select("cl" if cl else "ncdhw")
 
 
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
@@ -426,7 +420,7 @@ _BWD = Tuned(
         "cl": [_cfg(16, 64, 4), _cfg(32, 32, 4), _cfg(32, 64, 8)],
         "ncdhw": [_cfg(128, 8, 8), _cfg(64, 16, 8), _cfg(128, 4, 8)],
     },
-    key=["M_in", "C", "T_out", "H_out", "W_out", "NEED_DX", "NEED_DW"], interpret=_INTERPRET[True],
+    key=["M_in", "C", "T_out", "H_out", "W_out", "NEED_DX", "NEED_DW"], interpret=_INTERPRET,
 )
 
 # Each program of the backward takes a range of input positions (a multiple of every BLOCK_P)

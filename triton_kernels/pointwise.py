@@ -117,12 +117,7 @@ def _pointwise_fwd_kernel(
         mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         var = tl.load(rvar_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
         invstd = 1.0 / tl.sqrt(var + eps)
-        scale = invstd
-        if HAS_GAMMA:
-            scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        shift = (bias - mean) * scale
-        if HAS_BETA:
-            shift += tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        scale, shift = bn.fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask, HAS_GAMMA, HAS_BETA)
         if SAVE:  # autograd needs z and the statistics used
             tl.store(z_ptr + o_off, acc + bias[None, :], mask=mask)
             if pid_m == 0:
