@@ -14,6 +14,11 @@ import torch
 from ._launch import alloc, relayout
 
 
+def out_size(size: int, k: int, stride: int, pad: int, dil: int = 1) -> int:
+    """A conv's output size along one axis."""
+    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
+
+
 def channels_contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
     """``t`` if its channels are contiguous, else a channels_last_3d copy (counted launch)."""
     if t is None or t.stride(1) == 1 or t.shape[1] == 1:

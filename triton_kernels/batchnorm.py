@@ -313,7 +313,7 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
         D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
         R_ALIGN=rows_alignment(residual), G_ALIGN=rows_alignment(dres),
         C_VEC=channel_vector(C, grad_out, z, residual, dres) if cl else 1,
-        BLOCK_M=block_m, BLOCK_C=block_c,
+        BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8,  # 4 warps spill with scalar (odd-C) loads
     )
     coef = alloc((NUM_COEF, C), dtype=torch.float32, device=dev)
     dgamma = alloc((C,), dtype=gamma.dtype, device=dev) if need_dgamma else None

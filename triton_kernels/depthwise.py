@@ -33,13 +33,9 @@ from . import _common as cm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, interpreted, launch
-from ._layout import alloc_like, channel_vector, channels_last, pc_strides, rows_alignment
+from ._layout import alloc_like, channel_vector, channels_last, out_size, pc_strides, rows_alignment
 
 MODE_EVAL, MODE_STATS, MODE_APPLY = 0, 1, 2
-
-
-def out_size(size: int, k: int, stride: int, pad: int, dil: int) -> int:
-    return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1
 
 
 @triton.jit

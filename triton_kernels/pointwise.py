@@ -22,33 +22,21 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
+from . import _gemm as gm
 from . import batchnorm as bn
 from . import splitk
-from ._launch import Tuned, alloc, interpreted, launch
-from ._layout import (alloc_channels_last, channels_contiguous, in_format_of, rows_alignment,
-                      rows_strides)
+from ._launch import Tuned, alloc, launch
+from ._layout import (alloc_channels_last, channels_contiguous, in_format_of, out_size,
+                      rows_alignment, rows_strides)
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 convs use TF32 only where PyTorch lets cuDNN use it (DESIGN.md §3)."""
-    if dtype != torch.float32:
-        return "ieee"
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    precision = getattr(conv, "fp32_precision", None)
-    if precision in ("tf32", "ieee"):
-        return precision
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+STATS_BLOCK_M = gm.STATS_BLOCK_M
+_tile = gm.tile
 
 
-def _variant(dtype: torch.dtype, prec: str) -> str:
-    """The operand class that decides which tiles fit in registers and shared memory."""
-    if dtype != torch.float32:
-        return "16bit"
-    return prec  # "tf32" or "ieee"
-
-
-def _out_size(size: int, stride: int, pad: int) -> int:
-    return (size + 2 * pad - 1) // stride + 1
+def _fully_aligned(*tensors) -> bool:
+    """Every row of every tensor starts on a 16-byte boundary (full-width channel vectors)."""
+    return all(rows_alignment(t) * t.element_size() == 16 for t in tensors if t is not None)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -94,52 +82,12 @@ def _pointwise_fwd_kernel(
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PREC)
 
-    bias = tl.zeros((BLOCK_N,), tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    mask = rmask[:, None] & cmask[None, :]
-    o_off = cm.row_offsets(n, to, ho, wo, son, sot, soh, sow, O_ALIGN)[:, None] + cols[None, :]
-
-    if STATS:
-        # Training: keep z for the normalise pass; this tile's per-channel mean and M2
-        # (sum of squared deviations from the tile mean) for the numerically safe merge.
-        acc += bias[None, :]
-        tl.store(z_ptr + o_off, acc, mask=mask)
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-        tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
-        d = tl.where(mask, acc - tile_mean[None, :], 0.0)
-        part = pid_m.to(tl.int64) * C_out + cols
-        tl.store(part_mean_ptr + part, tile_mean, mask=cmask)
-        tl.store(part_m2_ptr + part, tl.sum(d * d, axis=0), mask=cmask)
-    else:
-        # Eval: y = act(acc * scale + shift [+ r]), BN and the conv bias folded into one scale and
-        # shift per channel, computed here so that the op is one launch.
-        mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-        var = tl.load(rvar_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
-        invstd = 1.0 / tl.sqrt(var + eps)
-        scale, shift = bn.fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask, HAS_GAMMA, HAS_BETA)
-        if SAVE:  # autograd needs z and the statistics used
-            tl.store(z_ptr + o_off, acc + bias[None, :], mask=mask)
-            if pid_m == 0:
-                tl.store(save_mean_ptr + cols, mean, mask=cmask)
-                tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
-        v = acc * scale[None, :] + shift[None, :]
-        if HAS_RES:
-            r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
-            v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
-        v = cm.activation(v, ACT)
-        tl.store(out_ptr + o_off, v, mask=mask)
-
-
-# Training (STATS) tiles are always STATS_BLOCK_M rows: the partial-statistics buffers and their
-# merge depend on it, so autotuning may change every other block size but not this one.
-STATS_BLOCK_M = 128
-_INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
-
-
-def _tile(bm, bn_, bk, warps, stages):
-    """An autotuning configuration: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages."""
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn_, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+    gm.bn_act_epilogue(
+        acc, pid_m, M, n, to, ho, wo, rmask, cols, cmask, C_out,
+        bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+        out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
+        son, sot, soh, sow, srn, srt, srh, srw, eps,
+        HAS_BIAS, HAS_GAMMA, HAS_BETA, HAS_RES, ACT, STATS, SAVE, O_ALIGN, R_ALIGN, BLOCK_M)
 
 
 # Tile sizes per variant, kept to those that compile without spills on sm_90 and sm_80
@@ -174,7 +122,7 @@ _FWD_EVAL = Tuned(
         "ieee-res-unaligned": [_tile(128, 64, 16, 8, 1), _tile(64, 128, 16, 8, 1),
                                _tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2)],
     },
-    key=["M", "C_in", "C_out", "SAVE"], interpret=_INTERPRET_GEMM,
+    key=["M", "C_in", "C_out", "SAVE"], interpret=gm.INTERPRET_GEMM,
 )
 _FWD_STATS = Tuned(
     _pointwise_fwd_kernel,
@@ -189,13 +137,8 @@ _FWD_STATS = Tuned(
         "ieee": [_tile(STATS_BLOCK_M, 64, 16, 8, 2), _tile(STATS_BLOCK_M, 128, 16, 8, 2)],
         "ieee-unaligned": [_tile(STATS_BLOCK_M, 64, 16, 8, 2)],
     },
-    key=["M", "C_in", "C_out"], interpret=_INTERPRET_GEMM,
+    key=["M", "C_in", "C_out"], interpret=gm.INTERPRET_GEMM,
 )
-
-
-def _fully_aligned(*tensors) -> bool:
-    """Every row of every tensor starts on a 16-byte boundary (full-width channel vectors)."""
-    return all(rows_alignment(t) * t.element_size() == 16 for t in tensors if t is not None)
 
 
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
@@ -212,7 +155,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
     N, C_in, T_in, H_in, W_in = x.shape
     C_out = weight.shape[0]
     (st, sh, sw), (pt, ph, pw) = stride, padding
-    T_out, H_out, W_out = _out_size(T_in, st, pt), _out_size(H_in, sh, ph), _out_size(W_in, sw, pw)
+    T_out, H_out, W_out = out_size(T_in, 1, st, pt), out_size(H_in, 1, sh, ph), out_size(W_in, 1, sw, pw)
     M = N * T_out * H_out * W_out
     dev = x.device
     act = cm.ACTIVATIONS[activation]
@@ -228,10 +171,10 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
 
     x_in, x, residual = x, channels_contiguous(x), channels_contiguous(residual)
     out = alloc_channels_last((N, C_out, T_out, H_out, W_out), x)
-    prec = _dot_precision(x.dtype)
+    prec = gm.dot_precision(x.dtype)
     unaligned = "" if _fully_aligned(x, out, residual) else "-unaligned"
     if training:
-        kernel, meta = _FWD_STATS.select(_variant(x.dtype, prec) + unaligned)
+        kernel, meta = _FWD_STATS.select(gm.operand_class(x.dtype, prec) + unaligned)
         block_m = meta.get("BLOCK_M", STATS_BLOCK_M)
         num_tiles = triton.cdiv(M, block_m)
         # The normalise pass overwrites z in place when autograd does not need it.
@@ -240,7 +183,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
     else:
         heavy = "-res" if residual is not None or save else ""  # a larger epilogue
-        kernel, meta = _FWD_EVAL.select(_variant(x.dtype, prec) + heavy + unaligned)
+        kernel, meta = _FWD_EVAL.select(gm.operand_class(x.dtype, prec) + heavy + unaligned)
         if save:
             z = alloc_channels_last(out.shape, x)
             mean = alloc((C_out,), dtype=torch.float32, device=dev)
@@ -285,28 +228,6 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
 
 
 @triton.jit
-def _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, C,
-             HAS_RES: tl.constexpr, ACT: tl.constexpr):
-    """The conv-output gradient dz of a (rows x channels) tile, rebuilt from dy and z with the
-    coefficient table of batchnorm.py; 0 where ``mask`` is off."""
-    cmask = chans < C
-    mean = tl.load(coef_ptr + 0 * C + chans, mask=cmask, other=0.0)
-    a = tl.load(coef_ptr + 1 * C + chans, mask=cmask, other=0.0)
-    beta = tl.load(coef_ptr + 2 * C + chans, mask=cmask, other=0.0)
-    k_g = tl.load(coef_ptr + 3 * C + chans, mask=cmask, other=0.0)
-    k_z = tl.load(coef_ptr + 4 * C + chans, mask=cmask, other=0.0)
-    k_0 = tl.load(coef_ptr + 5 * C + chans, mask=cmask, other=0.0)
-    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
-    zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
-    pre = zc * a[None, :] + beta[None, :]
-    if HAS_RES:
-        pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
-    g = cm.activation_grad(pre, dy, ACT)
-    dz = k_g[None, :] * g + k_z[None, :] * zc + k_0[None, :]
-    return tl.where(mask, dz, 0.0)
-
-
-@triton.jit
 def _pointwise_dgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
     M_in, C_in, C_out, T_in, H_in, W_in, T_out, H_out, W_out,
@@ -348,7 +269,7 @@ def _pointwise_dgrad_kernel(
     for k0 in range(0, C_out, BLOCK_K):
         kk = k0 + ks
         kmask = kk < C_out
-        dz = _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
+        dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
                       z_rows[:, None] + kk[None, :], r_rows[:, None] + kk[None, :], kk,
                       feeds[:, None] & kmask[None, :], C_out, HAS_RES, ACT)
         b = tl.load(w_ptr + kk[:, None] * swo + cols[None, :] * swi,
@@ -393,7 +314,7 @@ def _pointwise_wgrad_kernel(
         d_off = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + co[None, :]
         z_off = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGN)[:, None] + co[None, :]
         r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + co[None, :]
-        dz = _dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, co,
+        dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, co,
                       rmask[:, None] & comask[None, :], C_out, HAS_RES, ACT)
         ti = to * st - pt
         hi = ho * sh - ph
@@ -420,19 +341,9 @@ _BWD_TILES = {
     "ieee-unaligned": [_tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
 }
 _DGRAD = Tuned(_pointwise_dgrad_kernel, _BWD_TILES, key=["M_in", "C_in", "C_out", "HAS_RES"],
-               interpret=_INTERPRET_GEMM)
+               interpret=gm.INTERPRET_GEMM)
 _WGRAD = Tuned(_pointwise_wgrad_kernel, _BWD_TILES, key=["M", "C_in", "C_out", "HAS_RES"],
-               interpret=_INTERPRET_GEMM)
-
-
-def _row_splits(M: int, C_in: int, C_out: int, device: torch.device) -> int:
-    """How many row ranges the weight gradient is split into: enough programs for the GPU
-    (a few per SM for the typical 128 x 128 tile), each with at least 1024 rows."""
-    if interpreted():
-        return 2 if M >= 64 else 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    tiles = triton.cdiv(C_out, 128) * triton.cdiv(C_in, 128)
-    return max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(M, 1024), 256))
+               interpret=gm.INTERPRET_GEMM)
 
 
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
@@ -454,7 +365,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
         grad_out, z, mean, invstd, gamma, beta, residual, act, training,
         need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
-    prec = _dot_precision(x.dtype)
+    prec = gm.dot_precision(x.dtype)
     unaligned = "" if _fully_aligned(grad_out, z, residual) else "-unaligned"
     common = dict(
         HAS_RES=residual is not None, ACT=act, D_ALIGN=rows_alignment(grad_out),
@@ -465,7 +376,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     if need_dx:
         dx = alloc_channels_last(x.shape, x)
         aligned = unaligned or ("" if _fully_aligned(dx) else "-unaligned")
-        kernel, meta = _DGRAD.select(_variant(x.dtype, prec) + aligned)
+        kernel, meta = _DGRAD.select(gm.operand_class(x.dtype, prec) + aligned)
 
         def grid(meta):
             return (triton.cdiv(M_in, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),)
@@ -481,11 +392,11 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         dx = in_format_of(dx, x_in)
     if need_dw:
         x = channels_contiguous(x)
-        splits = _row_splits(M, C_in, C_out, x.device)
+        splits = splitk.row_splits(M, triton.cdiv(C_out, 128) * triton.cdiv(C_in, 128), x.device)
         rows_per_split = triton.cdiv(M, splits)
         partial = alloc((splits, C_out, C_in), dtype=torch.float32, device=x.device)
         aligned = unaligned or ("" if _fully_aligned(x) else "-unaligned")
-        kernel, meta = _WGRAD.select(_variant(x.dtype, prec) + aligned)
+        kernel, meta = _WGRAD.select(gm.operand_class(x.dtype, prec) + aligned)
 
         def grid(meta):
             return (triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), splits)

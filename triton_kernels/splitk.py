@@ -19,6 +19,15 @@ def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, BLOCK: tl.constexpr):
     tl.store(out_ptr + offs, acc, mask=mask)
 
 
+def row_splits(M: int, tiles: int, device: torch.device) -> int:
+    """How many row ranges a weight gradient of ``tiles`` output tiles (of about 128 x 128) is split
+    into: enough programs for the GPU (a few per SM), each with at least 1024 rows."""
+    if interpreted():
+        return 2 if M >= 64 else 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(M, 1024), 256))
+
+
 def sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """(splits, *shape) fp32 partials -> contiguous (*shape) tensor of ``dtype``."""
     splits = partial.shape[0]

@@ -1,0 +1,119 @@
+"""What the GEMM-shaped conv kernels (pointwise.py, implicit_gemm.py) share.
+
+Host side: the dot's input precision, the operand class that picks a tile table, tile
+configurations, the interpreter's one configuration. Device side: the conv epilogue (BN folded
+in eval, or z and per-tile batch statistics in training; residual; activation) and the backward
+prologue that rebuilds the conv-output gradient dz from dy and z as a tile is loaded.
+
+Rows are output positions (n, t, h, w) addressed as in _common.py; channels are contiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as cm
+from . import batchnorm as bn
+
+# Training (STATS) tiles are always STATS_BLOCK_M rows: the partial-statistics buffers and their
+# merge depend on it, so autotuning may change every other block size but not this one.
+STATS_BLOCK_M = 128
+INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 convs use TF32 only where PyTorch lets cuDNN use it (DESIGN.md §3)."""
+    if dtype != torch.float32:
+        return "ieee"
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision
+    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+
+
+def operand_class(dtype: torch.dtype, prec: str) -> str:
+    """The operand class that decides which tiles fit in registers and shared memory."""
+    if dtype != torch.float32:
+        return "16bit"
+    return prec  # "tf32" or "ieee"
+
+
+def tile(bm, bn_, bk, warps, stages):
+    """An autotuning configuration: BLOCK_M x BLOCK_N x BLOCK_K, warps, pipeline stages."""
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn_, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
+
+
+@triton.jit
+def bn_act_epilogue(
+    acc, pid_m, M, n, t, h, w, rmask, cols, cmask, C_out,
+    bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+    out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
+    son, sot, soh, sow, srn, srt, srh, srw, eps,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
+    O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """The epilogue of a conv GEMM tile ``acc`` (rows pid_m * BLOCK_M.. of M at (n, t, h, w) x
+    output channels ``cols``).
+
+    STATS (training): writes z = acc + bias and, for this tile of rows, each channel's mean and
+    M2 (sum of squared deviations from the tile mean) for batchnorm.finalize_stats.
+    Otherwise (eval): y = act(acc * scale + shift [+ r]) with BN and the conv bias folded into one
+    scale and shift per channel, computed here so that the op is one launch; SAVE also writes z
+    and the statistics used, for autograd."""
+    bias = tl.zeros(cols.shape, tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    mask = rmask[:, None] & cmask[None, :]
+    o_off = cm.row_offsets(n, t, h, w, son, sot, soh, sow, O_ALIGN)[:, None] + cols[None, :]
+
+    if STATS:
+        acc += bias[None, :]
+        tl.store(z_ptr + o_off, acc, mask=mask)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
+        d = tl.where(mask, acc - tile_mean[None, :], 0.0)
+        part = pid_m.to(tl.int64) * C_out + cols
+        tl.store(part_mean_ptr + part, tile_mean, mask=cmask)
+        tl.store(part_m2_ptr + part, tl.sum(d * d, axis=0), mask=cmask)
+    else:
+        mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        var = tl.load(rvar_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
+        invstd = 1.0 / tl.sqrt(var + eps)
+        scale, shift = bn.fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask, HAS_GAMMA, HAS_BETA)
+        if SAVE:
+            tl.store(z_ptr + o_off, acc + bias[None, :], mask=mask)
+            if pid_m == 0:
+                tl.store(save_mean_ptr + cols, mean, mask=cmask)
+                tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
+        v = acc * scale[None, :] + shift[None, :]
+        if HAS_RES:
+            r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
+            v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+        v = cm.activation(v, ACT)
+        tl.store(out_ptr + o_off, v, mask=mask)
+
+
+@triton.jit
+def dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, C,
+            HAS_RES: tl.constexpr, ACT: tl.constexpr):
+    """The conv-output gradient dz of a (rows x channels) tile, rebuilt from dy and z with the
+    coefficient table of batchnorm.py; 0 where ``mask`` is off."""
+    cmask = chans < C
+    mean = tl.load(coef_ptr + bn.COEF_MEAN * C + chans, mask=cmask, other=0.0)
+    a = tl.load(coef_ptr + bn.COEF_A * C + chans, mask=cmask, other=0.0)
+    beta = tl.load(coef_ptr + bn.COEF_BETA * C + chans, mask=cmask, other=0.0)
+    k_g = tl.load(coef_ptr + bn.COEF_KG * C + chans, mask=cmask, other=0.0)
+    k_z = tl.load(coef_ptr + bn.COEF_KZ * C + chans, mask=cmask, other=0.0)
+    k_0 = tl.load(coef_ptr + bn.COEF_K0 * C + chans, mask=cmask, other=0.0)
+    dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
+    zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
+    pre = zc * a[None, :] + beta[None, :]
+    if HAS_RES:
+        pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    g = cm.activation_grad(pre, dy, ACT)
+    dz = k_g[None, :] * g + k_z[None, :] * zc + k_0[None, :]
+    return tl.where(mask, dz, 0.0)
