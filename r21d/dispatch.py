@@ -87,7 +87,18 @@ DEPTHWISE_STRIDES = (1, 2)
 DEPTHWISE_MAX_DILATION = 3
 
 
+# The implicit-GEMM kernels put groups and stride residue classes on grid axes (at most 65535).
+IMPLICIT_GEMM_MAX_GRID = 65535
+
+
 def _geometry_reason(cfg: FusedConfig) -> str | None:
+    if cfg.family in ("spatial", "temporal", "dense", "grouped"):
+        if cfg.groups > IMPLICIT_GEMM_MAX_GRID:
+            return f"implicit-GEMM kernels take at most {IMPLICIT_GEMM_MAX_GRID} groups, got {cfg.groups}"
+        classes = cfg.stride[0] * cfg.stride[1] * cfg.stride[2]
+        if classes > IMPLICIT_GEMM_MAX_GRID:
+            return f"implicit-GEMM kernels take strides whose product is at most {IMPLICIT_GEMM_MAX_GRID}, got {cfg.stride}"
+        return None
     if cfg.family != "depthwise":
         return None
     if max(cfg.kernel_size) > DEPTHWISE_MAX_KERNEL:

@@ -141,6 +141,8 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
     positions = max(N * math.prod(x.shape[2:]), N * math.prod(spatial))
     if blocker is None and positions >= 2**31:
         blocker = f"{positions} positions (N*T*H*W) exceed the kernels' 32-bit row index"
+    if blocker is None and weight.numel() >= 2**31:
+        blocker = f"a weight of {weight.numel()} elements exceeds the kernels' 32-bit weight index"
     if training and N * spatial[0] * spatial[1] * spatial[2] == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {torch.Size(output_shape)}")

@@ -18,6 +18,8 @@ Every fused conv family has a forward op and a backward op with one shared schem
 Ops:
     pointwise_conv_bn_act      Triton (custom_op here); z is channels_last_3d.
     depthwise_conv_bn_act      Triton (custom_op here); z in x's memory format.
+    implicit_gemm_conv_bn_act  Triton (custom_op here): spatial, temporal, dense and grouped convs
+                               (groups = x.shape[1] / weight.shape[1]); z is channels_last_3d.
     depthwise3d_conv_bn_act    CUDA C++ (schema in csrc/ops.cpp, kernels in csrc/cuda/); fake
                                implementation and autograd registered here when r21d._C is built.
 
@@ -197,6 +199,18 @@ def _pointwise_backward(grad_out, x, weight, bias, z, mean, invstd, gamma, beta,
                                      residual, stride, padding, training, activation, needs)
 
 
+def _implicit_gemm_forward(*args):
+    from .triton_kernels import implicit_gemm
+
+    return implicit_gemm.conv_bn_act_fwd(*args)
+
+
+def _implicit_gemm_backward(*args):
+    from .triton_kernels import implicit_gemm
+
+    return implicit_gemm.conv_bn_act_bwd(*args)
+
+
 def _depthwise_forward(*args):
     from .triton_kernels import depthwise
 
@@ -211,6 +225,8 @@ def _depthwise_backward(*args):
 
 POINTWISE = _define_triton_family("pointwise_conv_bn_act", True, _pointwise_forward, _pointwise_backward)
 DEPTHWISE = _define_triton_family("depthwise_conv_bn_act", False, _depthwise_forward, _depthwise_backward)
+IMPLICIT_GEMM = _define_triton_family("implicit_gemm_conv_bn_act", True, _implicit_gemm_forward,
+                                      _implicit_gemm_backward)
 # csrc: the schemas come from r21d._C's TORCH_LIBRARY block.
 DEPTHWISE_CUDA = _OpFamily("r21d::depthwise3d_conv_bn_act", "r21d::depthwise3d_conv_bn_act_backward",
                            False)
@@ -261,6 +277,7 @@ def _fused_call(family: _OpFamily, bn_float32: bool = False):
 FUSED_CALLS = {
     ("triton", "pointwise"): _fused_call(POINTWISE),
     ("triton", "depthwise"): _fused_call(DEPTHWISE),
+    **{("triton", family): _fused_call(IMPLICIT_GEMM) for family in ("spatial", "temporal", "dense", "grouped")},
     ("cuda", "depthwise"): _fused_call(DEPTHWISE_CUDA, bn_float32=True),
 }
 # The csrc op families behind the cuda backend's calls (dispatch checks that r21d._C has them).

@@ -53,7 +53,7 @@ from typing import Callable
 # Opt-in shared memory per block (what Triton compares metadata.shared against at launch).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ARCHS = (90, 80)
-KERNEL_MODULES = ("pointwise", "depthwise", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
+KERNEL_MODULES = ("pointwise", "depthwise", "implicit_gemm", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
 
 
 # ----------------------------------------------------------------------------- cases
@@ -214,11 +214,72 @@ def _depthwise(case: Case) -> None:
         raise ValueError(case.name)
 
 
+# Implicit GEMM: an R(2+1)D layer1 unit (64 -> 144 channels: rows 16-byte aligned), its odd-channel
+# variant (45 -> 230, R(2+1)D's stem and layer2 intermediates), and the 3-channel stem, whose
+# K loop runs flat over (tap, channel). Geometries (kernel, stride, padding, groups) are the
+# classes that specialise differently: Triton turns sizes and strides equal to 1 into constants.
+IG_SHAPES = {
+    "ig-cl3d": dict(N=2, C_in=64, C_out=144, T=8, H=14, W=14),
+    "ig-cl3d-odd": dict(N=2, C_in=45, C_out=230, T=8, H=14, W=14),
+    "ig-stem": dict(N=2, C_in=3, C_out=45, T=8, H=28, W=28),
+}
+IG_GEOMETRY = {
+    "k133": ((1, 3, 3), (1, 1, 1), (0, 1, 1), 1),
+    "k311": ((3, 1, 1), (1, 1, 1), (1, 0, 0), 1),
+    "k133-s2": ((1, 3, 3), (1, 2, 2), (0, 1, 1), 1),
+    "k311-s2": ((3, 1, 1), (2, 1, 1), (1, 0, 0), 1),
+    "k333": ((3, 3, 3), (1, 1, 1), (1, 1, 1), 1),
+    "k333-g4": ((3, 3, 3), (1, 1, 1), (1, 1, 1), 4),
+    "k177-s2": ((1, 7, 7), (1, 2, 2), (0, 3, 3), 1),
+}
+
+
+def _implicit_gemm(case: Case) -> None:
+    import torch
+
+    from r21d.triton_kernels import implicit_gemm
+
+    op, geometry = case.name.split("/")
+    kernel, stride, padding, groups = IG_GEOMETRY[geometry]
+    s = IG_SHAPES[case.layout]
+    dt = _torch_dtype(case.dtype)
+    gen = torch.Generator().manual_seed(0)
+
+    def act(*shape):  # channels_last_3d activations and weights, as a converted model has
+        return torch.randn(*shape, generator=gen, dtype=dt).contiguous(
+            memory_format=torch.channels_last_3d)
+
+    def vec(dtype=torch.float32):
+        return torch.randn(s["C_out"], generator=gen, dtype=dtype)
+
+    x = act(s["N"], s["C_in"], s["T"], s["H"], s["W"])
+    w = act(s["C_out"], s["C_in"] // groups, *kernel)
+    bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
+    dilation = (1, 1, 1)
+    out_shape = (s["N"], s["C_out"]) + tuple(implicit_gemm.out_size(n, k, st, p, 1) for n, k, st, p
+                                             in zip(x.shape[2:], kernel, stride, padding))
+    # SiLU everywhere (the costlier epilogue and backward); a residual where it makes the
+    # epilogue heavier (fwd-eval-res also saves z and the statistics for autograd)
+    if op.startswith("fwd"):
+        residual = act(*out_shape) if op == "fwd-eval-res" else None
+        implicit_gemm.conv_bn_act_fwd(x, w, bias, gamma, beta, rmean, rvar, residual, stride,
+                                      padding, dilation, training=op == "fwd-train", momentum=0.1,
+                                      eps=1e-5, activation="silu", save=op != "fwd-eval")
+    elif op in ("bwd", "bwd-eval"):
+        implicit_gemm.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(),
+                                      vec().abs(), gamma, beta, act(*out_shape), stride, padding,
+                                      dilation, training=op == "bwd", activation="silu",
+                                      needs=(True,) * 6)
+    else:
+        raise ValueError(case.name)
+
+
 def _grid(family, names, dtypes, layouts, run) -> list[Case]:
     return [Case(family, n, d, lay, run) for n in names for d in dtypes for lay in layouts]
 
 
 ALL_DTYPES = ("bf16", "fp16", "fp32-tf32", "fp32-ieee")
+IG_OPS = ("fwd-eval", "fwd-eval-res", "fwd-train", "bwd", "bwd-eval")
 ALL_LAYOUTS = tuple(PW_SHAPES)
 
 CASES: list[Case] = [
@@ -236,6 +297,13 @@ CASES: list[Case] = [
     *_grid("depthwise", ("fwd-eval", "fwd-train", "bwd"), DW_DTYPES, DW_LAYOUTS, _depthwise),
     *_grid("depthwise", [f"{op}/{g}" for op in ("fwd-eval", "bwd") for g in ("k133-s2", "k511")],
            ("bf16",), ("dw-cl3d",), _depthwise),
+    # implicit-GEMM conv + BN + act: the spatial unit in every dtype and both channel classes;
+    # the other geometry classes in bf16; the 3-channel stem (flat K loop) in every dtype
+    *_grid("implicit_gemm", [f"{op}/k133" for op in IG_OPS], ALL_DTYPES, ("ig-cl3d", "ig-cl3d-odd"),
+           _implicit_gemm),
+    *_grid("implicit_gemm", [f"{op}/{g}" for op in IG_OPS for g in ("k311", "k133-s2", "k311-s2", "k333", "k333-g4")],
+           ("bf16",), ("ig-cl3d",), _implicit_gemm),
+    *_grid("implicit_gemm", [f"{op}/k177-s2" for op in IG_OPS], ALL_DTYPES, ("ig-stem",), _implicit_gemm),
 ]
 
 

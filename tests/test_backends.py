@@ -56,10 +56,13 @@ def test_auto_on_cpu_is_torch():
     assert dispatch.choose(POINTWISE_CPU) == "torch"
 
 
-def test_auto_on_gpu_uses_triton_where_it_has_a_kernel_and_torch_silently_elsewhere(strict):
+def test_auto_on_gpu_uses_triton_where_it_has_a_kernel_and_torch_silently_elsewhere(strict, monkeypatch):
     gpu = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "device_type": "cuda"})
     assert dispatch.resolve(gpu) == ("triton", None)
     dense = gpu.__class__(**{**gpu.__dict__, "family": "dense", "kernel_size": (3, 3, 3)})
+    assert dispatch.resolve(dense) == ("triton", None)
+    # a family no fused backend has a kernel for
+    monkeypatch.delitem(r21d.ops.FUSED_CALLS, ("triton", "dense"))
     assert dispatch.choose(dense) == "torch"  # no warning, and no error even in strict mode
     fp64 = gpu.__class__(**{**gpu.__dict__, "dtype": torch.float64})
     with pytest.raises(r21d.FusedKernelUnavailable, match="not torch.float64"):
@@ -72,9 +75,10 @@ def test_explicit_triton_runs_supported_config():
 
 
 def test_fallback_warns_once_per_configuration():
-    dense = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "family": "dense", "kernel_size": (3, 3, 3)})
+    dense = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "family": "dense", "kernel_size": (3, 3, 3),
+                                       "dtype": torch.float64})
     with r21d.use_backend("triton"):
-        with pytest.warns(r21d.FallbackWarning, match="no dense kernel"):
+        with pytest.warns(r21d.FallbackWarning, match="not torch.float64"):
             assert dispatch.choose(dense) == "torch"
         with warnings.catch_warnings():
             warnings.simplefilter("error")

@@ -133,9 +133,10 @@ def test_fusion_report_lists_sites_and_unfused_convs():
         ("spatial", "torch"), ("pointwise", "torch"), ("pointwise", "torch"), ("pointwise", "torch"),
         ("-", "unfused")]
     with r21d.use_backend("triton"):
-        report = r21d.fusion_report(r21d.fuse(Net()))
-    assert "the triton backend has no spatial kernel yet" in report
-    assert any(l.startswith("stem[4:7]") and l.endswith("  triton") for l in report.splitlines())
+        sites = r21d.fusion_sites(r21d.fuse(Net()))
+    assert [(s.kernel, s.backend) for s in sites] == [
+        ("spatial", "triton"), ("pointwise", "triton"), ("pointwise", "triton"),
+        ("pointwise", "triton"), ("-", "unfused")]
 
 
 TV_MODELS = ["r2plus1d_18", "r3d_18", "mc3_18"]
@@ -162,18 +163,17 @@ def test_torchvision_video_resnets(name):
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
 
 
-def test_wrapped_torchvision_model_and_triton_downsample_sites(recwarn):
-    """nn.Sequential(*children[:-1]) wrappers are fused too; with the triton backend the 1x1x1
-    strided shortcuts run the fused pointwise kernel (other sites fall back, with a warning)."""
+def test_wrapped_torchvision_model_runs_every_site_fused(strict):
+    """nn.Sequential(*children[:-1]) wrappers are fused too; with the triton backend every site of
+    r3d_18 launches a fused kernel (strict mode: a fallback would raise): the 1x1x1 strided
+    shortcuts the pointwise kernel, the 3x7x7 stem and the 3x3x3 convs the implicit GEMM. The
+    launches are captured, not run (512-channel 3x3x3 convs take minutes in the interpreter; the
+    kernel tests check the numbers)."""
     video = pytest.importorskip("torchvision.models.video")
-    model = _randomize(video.r3d_18()).eval()
-    wrapped = nn.Sequential(*list(model.children())[:-1])
-    fused = r21d.fuse(wrapped)
-    x = torch.randn(1, 3, 4, 16, 16)
-    with torch.no_grad():
-        ref = wrapped(x)
-        with r21d.use_backend("triton"), _launch.count() as counter:
-            y = fused(x)
+    wrapped = nn.Sequential(*list(video.r3d_18().children())[:-1])
+    fused = r21d.fuse(wrapped).eval()
+    with torch.no_grad(), r21d.use_backend("triton"), _launch.count() as counter, _launch.capture():
+        y = fused(torch.randn(1, 3, 4, 16, 16))
+    assert y.shape == (1, 512, 1, 1, 1)
     assert counter.kernels.count("_pointwise_fwd_kernel") == 3  # layer2..4 shortcuts
-    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4)
-    assert any(issubclass(w.category, r21d.FallbackWarning) for w in recwarn)
+    assert counter.kernels.count("_igemm_fwd_kernel") == 17  # the stem and 16 3x3x3 convs

@@ -108,18 +108,29 @@ def test_torch_path_is_exactly_the_plain_modules(g, bn_name, layout):
     _assert_same_state(m, plain)
 
 
+# a pointwise and an implicit-GEMM (spatial) kernel, with the T, H, W of their input
+FUSED_GEOMETRIES = {
+    "pointwise": (dict(in_channels=12, out_channels=20, kernel_size=1, stride=(1, 2, 2), bias=True),
+                  (3, 7, 10)),
+    "spatial": (dict(in_channels=16, out_channels=10, kernel_size=(1, 3, 3), stride=(1, 2, 1),
+                     padding=(0, 1, 1), bias=True), (2, 5, 6)),
+}
+
+
 @pytest.mark.usefixtures("strict")
 @pytest.mark.parametrize("activation,layout", [("relu", "ncdhw"), ("silu", "cl3d"), (None, "strided")])
 @pytest.mark.parametrize("bn_name", list(BN_VARIANTS))
-def test_fused_pointwise_module_keeps_batchnorm_semantics(bn_name, activation, layout):
-    geometry = dict(in_channels=12, out_channels=20, kernel_size=1, stride=(1, 2, 2), bias=True)
+@pytest.mark.parametrize("family", list(FUSED_GEOMETRIES))
+def test_fused_module_keeps_batchnorm_semantics(family, bn_name, activation, layout):
+    geometry, (T, H, W) = FUSED_GEOMETRIES[family]
     m = _make(geometry, BN_VARIANTS[bn_name], activation)
     plain = copy.deepcopy(_plain(m))
-    x = torch.randn(2, 12, 3, 7, 10)
+    c = geometry["in_channels"]
+    x = torch.randn(2, c, T, H, W)
     if layout == "cl3d":
         x = x.contiguous(memory_format=torch.channels_last_3d)
     elif layout == "strided":
-        x = torch.randn(2, 12, 3, 7, 20)[..., ::2]
+        x = torch.randn(2, c, T, H, 2 * W)[..., ::2]
     for step, training in enumerate((True, True, False, True)):
         m.train(training)
         plain.train(training)

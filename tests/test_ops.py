@@ -31,6 +31,11 @@ OPCHECK_CASES = {
     "depthwise-eval": ("depthwise_conv_bn_act", _depthwise(residual=True), False),
     "depthwise-train-cl3d-silu": ("depthwise_conv_bn_act",
                                   _depthwise(C=8, layout="cl3d", activation="silu", stride=(1, 2, 2)), True),
+    "implicit-gemm-eval": ("implicit_gemm_conv_bn_act",
+                           ConvCase(C_in=16, C_out=12, kernel=(1, 3, 3), padding=(0, 1, 1), residual=True), False),
+    "implicit-gemm-train-grouped-cl3d": ("implicit_gemm_conv_bn_act",
+                                         ConvCase(C_in=8, C_out=12, groups=2, kernel=(3, 3, 3), stride=(2, 1, 1),
+                                                  padding=(1, 1, 1), T=4, layout="cl3d", activation="silu"), True),
 }
 
 
@@ -45,8 +50,11 @@ def test_opcheck_forward(name):
 
 
 @pytest.mark.parametrize("op,case", [("pointwise_conv_bn_act", ConvCase(C_in=9, C_out=12, residual=True)),
-                                     ("depthwise_conv_bn_act", _depthwise(residual=True, layout="cl3d"))],
-                         ids=["pointwise", "depthwise"])
+                                     ("depthwise_conv_bn_act", _depthwise(residual=True, layout="cl3d")),
+                                     ("implicit_gemm_conv_bn_act",
+                                      ConvCase(C_in=16, C_out=10, kernel=(3, 1, 1), stride=(2, 1, 1),
+                                               padding=(1, 0, 0), T=5, residual=True))],
+                         ids=["pointwise", "depthwise", "implicit-gemm"])
 def test_opcheck_backward(op, case):
     args = _op_args(case, True, save=True)
     out, z, mean, invstd, _, _ = getattr(torch.ops.r21d, op)(*args)

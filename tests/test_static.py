@@ -93,3 +93,22 @@ def test_depthwise_family_covered_and_vectorised(report):
         # 16-byte aligned channels_last_3d rows: every configuration moves 128-bit vectors
         aligned = [r for r in mine if r["layouts"] == ["dw-cl3d"]]
         assert aligned and all(r["ldg128"] > 0 for r in aligned), kernel
+
+
+IMPLICIT_GEMMS = {"_igemm_fwd_kernel", "_igemm_dgrad_kernel", "_igemm_wgrad_kernel"}
+
+
+def test_implicit_gemm_family_covered(report):
+    """Every implicit-GEMM kernel in every dtype, both channel classes and the flat (3-channel)
+    K loop, with HGMMA on sm_90 (test_hopper_tensor_cores) and no spills (test_no_spills)."""
+    _, data, _ = report
+    assert data is not None
+    rows = [r for r in data["rows"] if "implicit_gemm" in r["family"].split(",")]
+    assert {r["kernel"] for r in rows if r["gemm"]} == IMPLICIT_GEMMS
+    for kernel in IMPLICIT_GEMMS:
+        mine = [r for r in rows if r["kernel"] == kernel]
+        assert {d for r in mine for d in r["dtypes"]} == {"bf16", "fp16", "fp32-tf32", "fp32-ieee"}
+        assert {lay for r in mine for lay in r["layouts"]} == {"ig-cl3d", "ig-cl3d-odd", "ig-stem"}
+        flat = {r["constexprs"].get("FLAT_K") for r in mine}
+        assert kernel == "_igemm_dgrad_kernel" or flat == {True, False}
+        assert {r["constexprs"]["GROUPED"] for r in mine} == {True, False}

@@ -1,0 +1,621 @@
+"""Implicit-GEMM conv3d fused with BatchNorm and activation: spatial (1 x kh x kw), temporal
+(kt x 1 x 1), dense (any kernel) and grouped convolutions, any stride, padding and dilation.
+
+A conv is a GEMM whose A operand is gathered on the fly (im2col never exists): rows are output
+positions (n, t, h, w), the reduction runs over K = (tap, input channel) of the row's group, and
+columns are the group's output channels. Kernels (fp32 accumulation with ``tl.dot``):
+
+``_igemm_fwd_kernel``    eval: y = act((conv(x) + b) * scale + shift [+ r]) with BN folded in the
+                         epilogue (one launch); train (STATS): z and per-tile statistics for
+                         batchnorm.py (see _gemm.bn_act_epilogue).
+``_igemm_dgrad_kernel``  dx as a GEMM over input rows: for each tap, the output position it feeds
+                         and dz there, rebuilt from dy and z in the prologue (never stored). Rows
+                         are grouped by their residue modulo the stride, so every tap a program
+                         visits is valid for all its rows (a strided conv wastes no MMA on taps
+                         that feed nothing).
+``_igemm_wgrad_kernel``  dW[co, (tap, ci)] = dz^T x(tap), split over rows into fp32 partials
+                         summed in a fixed order (deterministic); written in the (C_out, kT, kH,
+                         kW, C_in/groups) order of a channels_last_3d weight.
+
+The K loop has two forms. Tap-major (C_in/groups >= FLAT_BELOW): for each tap, BLOCK_K channels
+at a time, so a row's A slice is one contiguous channel vector. Flat (fewer channels per group,
+e.g. the 3-channel stem): K = taps x channels is one axis decomposed per element, so a 3-channel
+conv does not pad every tap to 16 channels.
+
+Activations are addressed with contiguous channels (other layouts are converted at the boundary,
+see _layout.py) and the weight with contiguous input channels (channels_last_3d: what
+``model.to(memory_format=torch.channels_last_3d)`` gives; other weights are copied into it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common as cm
+from . import _gemm as gm
+from . import batchnorm as bn
+from . import splitk
+from ._launch import Tuned, alloc, launch, relayout
+from ._layout import (alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
+                      out_size, rows_alignment, rows_strides)
+
+# Input channels per group below which the K loop runs flat over (tap, channel).
+FLAT_BELOW = 16
+_tile = gm.tile
+
+
+@triton.jit
+def _tap(tap, KH, KW):
+    """(kt, kh, kw) of flattened tap indices."""
+    kw = tap % KW
+    r = tap // KW
+    return r // KH, r % KH, kw
+
+
+@triton.jit
+def _inside(t, h, w, T, H, W):
+    return (t >= 0) & (t < T) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _igemm_fwd_kernel(
+    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+    out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
+    M, C_in_g, C_out_g, C_out, T_out, H_out, W_out, T_in, H_in, W_in, TAPS, KH, KW,
+    sxn, sxt, sxh, sxw, swo, swi, swt, swh, sww,
+    son, sot, soh, sow,
+    srn, srt, srh, srw,
+    st, sh, sw, pt, ph, pw, dt, dh, dw, eps,
+    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
+    GROUPED: tl.constexpr, FLAT_K: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
+    O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(C_out_g, BLOCK_N)
+    pid_m = pid // num_n  # consecutive programs share the gathered x tile (L2 reuse)
+    pid_n = pid % num_n
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
+    t0 = to * st - pt  # the input position of tap (0, 0, 0)
+    h0 = ho * sh - ph
+    w0 = wo * sw - pw
+    x_rows = cm.position_offsets(n, t0, h0, w0, sxn, sxt, sxh, sxw)
+    co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    comask = co < C_out_g
+    cols = co
+    if GROUPED:  # the group's first channels; X_ALIGN and O_ALIGN divide the channels per group
+        g = tl.program_id(1)
+        x_rows += tl.multiple_of(g * C_in_g, X_ALIGN)
+        cols = tl.multiple_of(g * C_out_g, O_ALIGN) + co
+    w_cols = cols * swo
+    ks = tl.arange(0, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        K = TAPS * C_in_g
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + ks
+            kmask = kk < K
+            tap = kk // C_in_g
+            ci = kk - tap * C_in_g
+            kt, kh, kw = _tap(tap, KH, KW)
+            ok = rmask[:, None] & kmask[None, :] & _inside(
+                t0[:, None] + (kt * dt)[None, :], h0[:, None] + (kh * dh)[None, :],
+                w0[:, None] + (kw * dw)[None, :], T_in, H_in, W_in)
+            a_cols = (kt * dt).to(tl.int64) * sxt + (kh * dh).to(tl.int64) * sxh \
+                + (kw * dw).to(tl.int64) * sxw + ci
+            a = tl.load(x_ptr + x_rows[:, None] + a_cols[None, :], mask=ok, other=0.0)
+            b_rows = ci * swi + kt * swt + kh * swh + kw * sww
+            b = tl.load(w_ptr + b_rows[:, None] + w_cols[None, :],
+                        mask=kmask[:, None] & comask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+    else:
+        num_cb = tl.cdiv(C_in_g, BLOCK_K)
+        for step in range(0, TAPS * num_cb):
+            tap = step // num_cb
+            cc = (step - tap * num_cb) * BLOCK_K + ks
+            kmask = cm.channel_mask(cc, C_in_g, CI_VEC)
+            kt, kh, kw = _tap(tap, KH, KW)
+            ok = rmask & _inside(t0 + kt * dt, h0 + kh * dh, w0 + kw * dw, T_in, H_in, W_in)
+            a_rows = x_rows + (cm.as_int64(kt * dt) * sxt + cm.as_int64(kh * dh) * sxh
+                               + cm.as_int64(kw * dw) * sxw)
+            if X_ALIGN > 1:
+                a_rows = tl.multiple_of(a_rows, X_ALIGN)
+            a = tl.load(x_ptr + a_rows[:, None] + cc[None, :],
+                        mask=ok[:, None] & kmask[None, :], other=0.0)
+            b_cols = w_cols + (kt * swt + kh * swh + kw * sww)
+            if W_ALIGN > 1:
+                b_cols = tl.multiple_of(b_cols, W_ALIGN)
+            b = tl.load(w_ptr + cc[:, None] * swi + b_cols[None, :],
+                        mask=kmask[:, None] & comask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=PREC)
+
+    gm.bn_act_epilogue(
+        acc, pid_m, M, n, to, ho, wo, rmask, cols, comask, C_out,
+        bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+        out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
+        son, sot, soh, sow, srn, srt, srh, srw, eps,
+        HAS_BIAS, HAS_GAMMA, HAS_BETA, HAS_RES, ACT, STATS, SAVE, O_ALIGN, R_ALIGN, BLOCK_M)
+
+
+# Tile sizes per variant (the pointwise tables' classes, see pointwise.py), kept to those that
+# compile without spills on sm_90 and sm_80 (python -m r21d.static checks every one, with SiLU):
+# the gathered A operand's per-row masks and addresses take registers the pointwise GEMM does
+# not need; "-flat" (per-element tap decomposition) more still.
+_FWD_TILES = {
+    "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 3), _tile(64, 128, 64, 4, 3),
+              _tile(64, 64, 64, 4, 4)],
+    "16bit-res": [_tile(128, 64, 64, 4, 3), _tile(64, 128, 64, 4, 3), _tile(64, 64, 64, 4, 3)],
+    "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "16bit-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2), _tile(64, 32, 32, 4, 2)],
+    "16bit-flat": [_tile(128, 64, 32, 8, 2), _tile(64, 64, 32, 4, 2)],
+    "16bit-flat-res": [_tile(64, 64, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
+    "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 64, 32, 4, 3)],
+    "tf32-res": [_tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
+    "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "tf32-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
+    "tf32-flat": [_tile(128, 64, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
+    "tf32-flat-res": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
+    "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2)],
+    "ieee-res": [_tile(64, 64, 16, 4, 2), _tile(64, 128, 16, 8, 1)],
+    "ieee-unaligned": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2)],
+    "ieee-res-unaligned": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
+    "ieee-flat": [_tile(64, 32, 16, 4, 2)],
+    "ieee-flat-res": [_tile(64, 32, 16, 4, 1)],
+}
+_FWD_EVAL = Tuned(_igemm_fwd_kernel, _FWD_TILES,
+                  key=["M", "C_in_g", "C_out_g", "TAPS", "SAVE"], interpret=gm.INTERPRET_GEMM)
+# Training tiles are STATS_BLOCK_M rows (the partial-statistics buffers depend on it).
+_FWD_STATS = Tuned(
+    _igemm_fwd_kernel,
+    {variant: [_tile(gm.STATS_BLOCK_M, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 8, c.num_stages)
+               for c in configs[:2]]
+     for variant, configs in _FWD_TILES.items() if "-res" not in variant},
+    key=["M", "C_in_g", "C_out_g", "TAPS"], interpret=gm.INTERPRET_GEMM,
+)
+
+
+class _Geometry:
+    """Sizes of one conv call, shared by the forward and backward launchers."""
+
+    def __init__(self, x_shape, weight_shape, stride, padding, dilation):
+        self.N, self.C_in, self.T_in, self.H_in, self.W_in = x_shape
+        self.C_out, self.C_in_g, self.KT, self.KH, self.KW = weight_shape
+        self.groups = self.C_in // self.C_in_g
+        self.C_out_g = self.C_out // self.groups
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.T_out, self.H_out, self.W_out = (
+            out_size(n, k, s, p, d) for n, k, s, p, d in
+            zip((self.T_in, self.H_in, self.W_in), (self.KT, self.KH, self.KW), stride, padding, dilation))
+        self.M = self.N * self.T_out * self.H_out * self.W_out
+        self.taps = self.KT * self.KH * self.KW
+        self.flat = self.C_in_g < FLAT_BELOW
+
+    @property
+    def out_shape(self):
+        return (self.N, self.C_out, self.T_out, self.H_out, self.W_out)
+
+    def conv_args(self):
+        """stride, padding and dilation, flattened as the kernels take them."""
+        return (*self.stride, *self.padding, *self.dilation)
+
+
+def _group_alignment(align: int, geom: _Geometry, channels_per_group: int) -> int:
+    """``align`` reduced so that a group's first channel (g * channels_per_group) keeps it."""
+    if geom.groups == 1:
+        return align
+    return math.gcd(align, channels_per_group)
+
+
+def _alignment(t: torch.Tensor | None, geom: _Geometry, channels_per_group: int) -> int:
+    """The channel vector (elements) every row of ``t`` starts on at every group's first channel."""
+    return _group_alignment(rows_alignment(t), geom, channels_per_group)
+
+
+def _unaligned(dtype: torch.dtype, *aligns: int) -> str:
+    """"-unaligned" (the tile tables' class of narrower channel vectors) unless every alignment is a
+    16-byte vector."""
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    return "" if all(a == vec for a in aligns) else "-unaligned"
+
+
+def _weight_cl(weight: torch.Tensor, geom: _Geometry) -> torch.Tensor:
+    """The weight with contiguous input channels (a counted copy if it has not), for the tap-major
+    kernels' vector loads; with fewer than FLAT_BELOW channels per group there are no vectors."""
+    if geom.flat or weight.stride(1) == 1:
+        return weight
+    return relayout(weight, torch.channels_last_3d)
+
+
+def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+                    stride, padding, dilation, training: bool, momentum: float, eps: float,
+                    activation: str | None, save: bool):
+    """Implicit-GEMM conv + BN + activation forward (groups = C_in / weight.shape[1]).
+
+    Returns (out, z, mean, invstd, new_running_mean, new_running_var) like
+    pointwise.conv_bn_act_fwd: ``out`` in ``x``'s memory format, ``z`` channels_last_3d.
+    """
+    geom = _Geometry(x.shape, weight.shape, stride, padding, dilation)
+    M, C_out = geom.M, geom.C_out
+    dev = x.device
+    act = cm.ACTIVATIONS[activation]
+
+    def absent(dtype=torch.float32):  # a distinct empty tensor for each output not produced
+        return x.new_empty(0, dtype=dtype)
+
+    z = absent(x.dtype)
+    mean, invstd, new_rm, new_rv = absent(), absent(), absent(), absent()
+    if M == 0:  # PyTorch leaves the running statistics as they are
+        return in_format_of(alloc_channels_last(geom.out_shape, x), x), z, mean, invstd, new_rm, new_rv
+
+    x_in, x, residual = x, channels_contiguous(x), channels_contiguous(residual)
+    w = _weight_cl(weight, geom)
+    out = alloc_channels_last(geom.out_shape, x)
+    prec = gm.dot_precision(x.dtype)
+    x_align = _alignment(x, geom, geom.C_in_g)
+    o_align = _alignment(out, geom, geom.C_out_g)
+    r_align = _alignment(residual, geom, geom.C_out_g)
+    unaligned = _unaligned(x.dtype, x_align, o_align, *([r_align] if residual is not None else []))
+    shape_class = "-flat" if geom.flat else ""
+    if training:
+        kernel, meta = _FWD_STATS.select(gm.operand_class(x.dtype, prec) + shape_class
+                                         + ("" if geom.flat else unaligned))
+        block_m = meta.get("BLOCK_M", gm.STATS_BLOCK_M)
+        num_tiles = triton.cdiv(M, block_m)
+        z = alloc_channels_last(out.shape, x) if save else out  # normalised in place if not kept
+        part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
+        part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
+    else:
+        heavy = "-res" if residual is not None or save else ""
+        kernel, meta = _FWD_EVAL.select(gm.operand_class(x.dtype, prec) + shape_class + heavy
+                                        + ("" if geom.flat else unaligned))
+        if save:
+            z = alloc_channels_last(out.shape, x)
+            mean = alloc((C_out,), dtype=torch.float32, device=dev)
+            invstd = alloc((C_out,), dtype=torch.float32, device=dev)
+        part_mean = part_m2 = mean
+
+    def grid(meta):
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(geom.C_out_g, meta["BLOCK_N"]), geom.groups)
+
+    some = x  # stands in for absent optional pointers (never dereferenced)
+    launch(
+        kernel, grid,
+        x, w, bias if bias is not None else some,
+        gamma if gamma is not None else some, beta if beta is not None else some,
+        running_mean if running_mean is not None else some,
+        running_var if running_var is not None else some,
+        residual if residual is not None else some,
+        out, z if z.numel() else out, mean if mean.numel() else some,
+        invstd if invstd.numel() else some, part_mean if part_mean.numel() else some,
+        part_m2 if part_m2.numel() else some,
+        M, geom.C_in_g, geom.C_out_g, C_out, geom.T_out, geom.H_out, geom.W_out,
+        geom.T_in, geom.H_in, geom.W_in, geom.taps, geom.KH, geom.KW,
+        *rows_strides(x), w.stride(0), w.stride(1), *w.stride()[2:],
+        *rows_strides(out), *rows_strides(residual), *geom.conv_args(), float(eps),
+        HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+        HAS_RES=residual is not None and not training, ACT=act, STATS=training, SAVE=save,
+        GROUPED=geom.groups > 1, FLAT_K=geom.flat, X_ALIGN=x_align,
+        # a weight's "rows" are its (output channel, tap) runs of input channels
+        W_ALIGN=rows_alignment(w), O_ALIGN=o_align, R_ALIGN=r_align,
+        CI_VEC=channel_vector(geom.C_in_g, x), PREC=prec, **meta,
+    )
+    if training:
+        mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
+                                                 running_var, momentum, eps)
+        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
+        if running_mean is not None:
+            new_rm, new_rv = rm, rv
+        if not save:
+            z, mean, invstd = absent(x.dtype), absent(), absent()
+    return in_format_of(out, x_in), z, mean, invstd, new_rm, new_rv
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def _first_tap(r, p, d, s, K):
+    """The smallest tap k in [0, K) through which input index r (mod the stride s) receives a
+    gradient, (r + p - k * d) % s == 0; K when there is none."""
+    first = K
+    for i in range(0, K):
+        k = K - 1 - i
+        first = tl.where((r + p - k * d) % s == 0, k, first)
+    return first
+
+
+@triton.jit
+def _igemm_dgrad_kernel(
+    dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
+    R, C_in_g, C_out_g, C_out, T_in, H_in, W_in, T_out, H_out, W_out, QT, QH, QW, KT, KH, KW,
+    sdn, sdt, sdh, sdw,
+    szn, szt, szh, szw,
+    srn, srt, srh, srw,
+    sxn, sxt, sxh, sxw, swo, swi, swt, swh, sww,
+    st, sh, sw, pt, ph, pw, dt, dh, dw, jt_step, jh_step, jw_step,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
+    D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr, CO_VEC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Rows: the input positions of one residue class (rt, rh, rw) modulo the stride, at
+    # (qt * st + rt, qh * sh + rh, qw * sw + rw): the taps that feed them are the same for every
+    # row, an arithmetic progression per axis (first tap, step s / gcd(s, d)).
+    pid = tl.program_id(0)
+    cls = tl.program_id(1)
+    num_n = tl.cdiv(C_in_g, BLOCK_N)
+    pid_m = pid // num_n
+    pid_n = pid % num_n
+    rw = cls % sw
+    rh = (cls // sw) % sh
+    rt = cls // (sw * sh)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n, qt, qh, qw = cm.split_rows(rows, QT, QH, QW)
+    ti = qt * st + rt
+    hi = qh * sh + rh
+    wi = qw * sw + rw
+    rmask = (rows < R) & (ti < T_in) & (hi < H_in) & (wi < W_in)
+    ft = _first_tap(rt, pt, dt, st, KT)
+    fh = _first_tap(rh, ph, dh, sh, KH)
+    fw = _first_tap(rw, pw, dw, sw, KW)
+    nt = (KT - ft + jt_step - 1) // jt_step
+    nh = (KH - fh + jh_step - 1) // jh_step
+    nw = (KW - fw + jw_step - 1) // jw_step
+    d_base = cm.position_offsets(n, qt, qh, qw, sdn, sdt, sdh, sdw)
+    z_base = cm.position_offsets(n, qt, qh, qw, szn, szt, szh, szw)
+    r_base = cm.position_offsets(n, qt, qh, qw, srn, srt, srh, srw)
+    x_rows = cm.position_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw)
+    ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    cimask = ci < C_in_g
+    co_base = 0
+    if GROUPED:  # CO_ALIGN and X_ALIGN divide the channels per group
+        g = tl.program_id(2)
+        co_base = tl.multiple_of(g * C_out_g, CO_ALIGN)
+        d_base += co_base
+        z_base += co_base
+        r_base += co_base
+        x_rows += tl.multiple_of(g * C_in_g, X_ALIGN)
+    ks = tl.arange(0, BLOCK_K)
+    num_cb = tl.cdiv(C_out_g, BLOCK_K)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for step in range(0, nt * nh * nw * num_cb):
+        j = step // num_cb
+        kk = (step - j * num_cb) * BLOCK_K + ks
+        kmask = cm.channel_mask(kk, C_out_g, CO_VEC)
+        jw = j % nw
+        jh = (j // nw) % nh
+        jt = j // (nw * nh)
+        kt = ft + jt * jt_step
+        kh = fh + jh * jh_step
+        kw = fw + jw * jw_step
+        # the output position this tap reads from is q + (r + p - k * d) / s (an exact division)
+        ot = (rt + pt - kt * dt) // st
+        oh = (rh + ph - kh * dh) // sh
+        ow = (rw + pw - kw * dw) // sw
+        ok = rmask & _inside(qt + ot, qh + oh, qw + ow, T_out, H_out, W_out)
+        d_rows = d_base + (cm.as_int64(ot) * sdt + cm.as_int64(oh) * sdh + cm.as_int64(ow) * sdw)
+        z_rows = z_base + (cm.as_int64(ot) * szt + cm.as_int64(oh) * szh + cm.as_int64(ow) * szw)
+        r_rows = r_base + (cm.as_int64(ot) * srt + cm.as_int64(oh) * srh + cm.as_int64(ow) * srw)
+        if D_ALIGN > 1:
+            d_rows = tl.multiple_of(d_rows, D_ALIGN)
+        if Z_ALIGN > 1:
+            z_rows = tl.multiple_of(z_rows, Z_ALIGN)
+        if R_ALIGN > 1:
+            r_rows = tl.multiple_of(r_rows, R_ALIGN)
+        dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
+                        z_rows[:, None] + kk[None, :], r_rows[:, None] + kk[None, :], co_base + kk,
+                        ok[:, None] & kmask[None, :], C_out, HAS_RES, ACT)
+        b = tl.load(w_ptr + ((co_base + kk) * swo + (kt * swt + kh * swh + kw * sww))[:, None]
+                    + (ci * swi)[None, :], mask=kmask[:, None] & cimask[None, :], other=0.0)
+        acc = tl.dot(dz.to(w_ptr.dtype.element_ty), b, acc, input_precision=PREC)
+
+    if X_ALIGN > 1:
+        x_rows = tl.multiple_of(x_rows, X_ALIGN)
+    tl.store(dx_ptr + x_rows[:, None] + ci[None, :], acc, mask=rmask[:, None] & cimask[None, :])
+
+
+@triton.jit
+def _igemm_wgrad_kernel(
+    dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, dw_ptr,
+    M, C_in_g, C_out_g, C_out, T_out, H_out, W_out, T_in, H_in, W_in, TAPS, KH, KW, rows_per_split,
+    sdn, sdt, sdh, sdw,
+    szn, szt, szh, szw,
+    srn, srt, srh, srw,
+    sxn, sxt, sxh, sxw,
+    st, sh, sw, pt, ph, pw, dt, dh, dw,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr, FLAT_K: tl.constexpr,
+    D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr,
+    X_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # Tile: BLOCK_M output channels x BLOCK_N columns of the group's (tap, input channel) axis;
+    # the reduction (BLOCK_K per step) runs over this split's output rows.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    K = TAPS * C_in_g
+    if FLAT_K:
+        num_n = tl.cdiv(K, BLOCK_N)
+    else:
+        num_n = TAPS * tl.cdiv(C_in_g, BLOCK_N)
+    num_m = tl.cdiv(C_out_g, BLOCK_M)
+    pid_n = pid % num_n
+    pid_m = (pid // num_n) % num_m
+    co = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    comask = co < C_out_g
+    chans = co
+    ci_base = 0
+    if GROUPED:  # CO_ALIGN and X_ALIGN divide the channels per group
+        g = pid // (num_n * num_m)
+        chans = tl.multiple_of(g * C_out_g, CO_ALIGN) + co
+        ci_base = tl.multiple_of(g * C_in_g, X_ALIGN)
+    if FLAT_K:
+        kk = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask = kk < K
+        tap = kk // C_in_g
+        ci = kk - tap * C_in_g
+    else:
+        num_cb = tl.cdiv(C_in_g, BLOCK_N)
+        tap = pid_n // num_cb
+        ci = (pid_n - tap * num_cb) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kmask = cm.channel_mask(ci, C_in_g, CI_VEC)
+        kk = tap * C_in_g + ci
+    kt, kh, kw = _tap(tap, KH, KW)
+    r_start = split * rows_per_split
+    r_end = tl.minimum(r_start + rows_per_split, M)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(r_start, r_end, BLOCK_K):
+        rows = r0 + tl.arange(0, BLOCK_K)
+        rmask = rows < r_end
+        n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
+        d_off = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + chans[None, :]
+        z_off = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGN)[:, None] + chans[None, :]
+        r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + chans[None, :]
+        dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans,
+                        rmask[:, None] & comask[None, :], C_out, HAS_RES, ACT)
+        t0 = to * st - pt
+        h0 = ho * sh - ph
+        w0 = wo * sw - pw
+        x_rows = cm.position_offsets(n, t0, h0, w0, sxn, sxt, sxh, sxw) + ci_base
+        if FLAT_K:
+            ok = rmask[:, None] & kmask[None, :] & _inside(
+                t0[:, None] + (kt * dt)[None, :], h0[:, None] + (kh * dh)[None, :],
+                w0[:, None] + (kw * dw)[None, :], T_in, H_in, W_in)
+            x_cols = (kt * dt).to(tl.int64) * sxt + (kh * dh).to(tl.int64) * sxh \
+                + (kw * dw).to(tl.int64) * sxw + ci
+            xa = tl.load(x_ptr + x_rows[:, None] + x_cols[None, :], mask=ok, other=0.0)
+        else:
+            ok = rmask & _inside(t0 + kt * dt, h0 + kh * dh, w0 + kw * dw, T_in, H_in, W_in)
+            a_rows = x_rows + (cm.as_int64(kt * dt) * sxt + cm.as_int64(kh * dh) * sxh
+                               + cm.as_int64(kw * dw) * sxw)
+            if X_ALIGN > 1:
+                a_rows = tl.multiple_of(a_rows, X_ALIGN)
+            xa = tl.load(x_ptr + a_rows[:, None] + ci[None, :], mask=ok[:, None] & kmask[None, :],
+                         other=0.0)
+        acc = tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, input_precision=PREC)
+
+    w_off = split.to(tl.int64) * C_out * K + chans[:, None] * K + kk[None, :]
+    tl.store(dw_ptr + w_off, acc, mask=comask[:, None] & kmask[None, :])
+
+
+# dgrad (BLOCK_M input rows x BLOCK_N input channels, K = output channels per tap) and wgrad
+# (BLOCK_M output channels x BLOCK_N (tap, input channel) columns, K = rows): the pointwise
+# backward's classes, with the gathers' extra registers.
+_BWD_TILES = {
+    "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 4, 3), _tile(64, 64, 64, 4, 3)],
+    "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
+    "tf32-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "ieee": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
+    "ieee-unaligned": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
+}
+# Fewer than FLAT_BELOW input channels per group: dgrad's columns (input channels) are narrow
+# tiles; wgrad's run flat over (tap, channel).
+_DGRAD = Tuned(
+    _igemm_dgrad_kernel,
+    {**_BWD_TILES, "16bit-flat": [_tile(64, 16, 32, 8, 2), _tile(128, 16, 16, 8, 2)],
+     "tf32-flat": [_tile(64, 16, 32, 8, 2)], "ieee-flat": [_tile(64, 16, 16, 8, 2)]},
+    key=["R", "C_in_g", "C_out_g", "KT", "KH", "KW", "HAS_RES"], interpret=gm.INTERPRET_GEMM)
+_WGRAD = Tuned(
+    _igemm_wgrad_kernel,
+    {**_BWD_TILES, "16bit-flat": [_tile(64, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2)],
+     "tf32-flat": [_tile(64, 64, 32, 8, 2)], "ieee-flat": [_tile(64, 32, 16, 4, 2)]},
+    key=["M", "C_in_g", "C_out_g", "TAPS", "HAS_RES"], interpret=gm.INTERPRET_GEMM)
+
+
+def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+                    padding, dilation, training: bool, activation: str | None, needs):
+    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, with ``z``,
+    ``mean`` and ``invstd`` as it saved them; dx, dweight and dresidual in the memory formats of
+    x, weight and residual. ``needs`` says which of the six are wanted (the others are None)."""
+    need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
+    geom = _Geometry(x.shape, weight.shape, stride, padding, dilation)
+    act = cm.ACTIVATIONS[activation]
+    x_in, residual_in = x, residual
+    grad_out, residual = channels_contiguous(grad_out), channels_contiguous(residual)
+    coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
+        grad_out, z, mean, invstd, gamma, beta, residual, act, training,
+        need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
+    prec = gm.dot_precision(x.dtype)
+    cls = gm.operand_class(x.dtype, prec)
+    d_align, z_align = _alignment(grad_out, geom, geom.C_out_g), _alignment(z, geom, geom.C_out_g)
+    r_align = _alignment(residual, geom, geom.C_out_g)
+    dz_aligns = (d_align, z_align, *([r_align] if residual is not None else []))
+    co_align = _group_alignment(16, geom, geom.C_out_g)  # what a group's first channel keeps
+    common = dict(
+        HAS_RES=residual is not None, ACT=act, GROUPED=geom.groups > 1,
+        D_ALIGN=d_align, Z_ALIGN=z_align, R_ALIGN=r_align, CO_ALIGN=co_align, PREC=prec,
+    )
+    some = z
+    dx = dw = None
+    if need_dx:
+        st, sh, sw = stride
+        q = (triton.cdiv(geom.T_in, st), triton.cdiv(geom.H_in, sh), triton.cdiv(geom.W_in, sw))
+        R = geom.N * q[0] * q[1] * q[2]
+        steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]
+        dx = alloc_channels_last(x.shape, x)
+        w = _weight_cl(weight, geom)
+        x_align = _alignment(dx, geom, geom.C_in_g)
+        variant = cls + ("-flat" if geom.flat else _unaligned(x.dtype, *dz_aligns, x_align))
+        kernel, meta = _DGRAD.select(variant)
+
+        def grid(meta):
+            return (triton.cdiv(R, meta["BLOCK_M"]) * triton.cdiv(geom.C_in_g, meta["BLOCK_N"]),
+                    st * sh * sw, geom.groups)
+
+        launch(
+            kernel, grid,
+            grad_out, z, residual if residual is not None else some, coef, w, dx,
+            R, geom.C_in_g, geom.C_out_g, geom.C_out, geom.T_in, geom.H_in, geom.W_in,
+            geom.T_out, geom.H_out, geom.W_out, *q, geom.KT, geom.KH, geom.KW,
+            *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(dx),
+            w.stride(0), w.stride(1), *w.stride()[2:], *geom.conv_args(), *steps,
+            X_ALIGN=x_align, CO_VEC=channel_vector(geom.C_out_g, grad_out, z, residual),
+            **common, **meta,
+        )
+        dx = in_format_of(dx, x_in)
+    if need_dw:
+        x = channels_contiguous(x)
+        K = geom.taps * geom.C_in_g
+        splits = splitk.row_splits(geom.M, triton.cdiv(geom.C_out, 128) * triton.cdiv(K, 128), x.device)
+        rows_per_split = triton.cdiv(geom.M, splits)
+        partial = alloc((splits, geom.C_out, K), dtype=torch.float32, device=x.device)
+        x_align = _alignment(x, geom, geom.C_in_g)
+        variant = cls + ("-flat" if geom.flat else _unaligned(x.dtype, *dz_aligns, x_align))
+        kernel, meta = _WGRAD.select(variant)
+
+        def grid(meta):
+            if geom.flat:
+                num_n = triton.cdiv(K, meta["BLOCK_N"])
+            else:
+                num_n = geom.taps * triton.cdiv(geom.C_in_g, meta["BLOCK_N"])
+            return (geom.groups * triton.cdiv(geom.C_out_g, meta["BLOCK_M"]) * num_n, splits)
+
+        launch(
+            kernel, grid,
+            grad_out, z, residual if residual is not None else some, coef, x, partial,
+            geom.M, geom.C_in_g, geom.C_out_g, geom.C_out, geom.T_out, geom.H_out, geom.W_out,
+            geom.T_in, geom.H_in, geom.W_in, geom.taps, geom.KH, geom.KW, rows_per_split,
+            *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(x),
+            *geom.conv_args(), FLAT_K=geom.flat, X_ALIGN=x_align,
+            CI_VEC=channel_vector(geom.C_in_g, x), **common, **meta,
+        )
+        # (C_out, kT, kH, kW, C_in/groups): the weight's shape with channels_last_3d strides
+        dw = splitk.sum_splits(partial, weight.dtype).view(
+            geom.C_out, geom.KT, geom.KH, geom.KW, geom.C_in_g).permute(0, 4, 1, 2, 3)
+        dw = in_format_of(dw, weight)
+    if dres is not None:
+        dres = in_format_of(dres, residual_in)
+    return dx, dw, dbias, dgamma, dbeta, dres
