@@ -6,7 +6,8 @@ append a row to :data:`CASES`:
 
 - another conv + BN + activation geometry (depthwise, spatial 1xkxk, temporal kx1x1, dense,
   strided, padded) is a :class:`ConvBNActCase` row: set ``kernel_size``/``stride``/``padding``/
-  ``groups`` (depthwise: ``groups == in_channels == out_channels``);
+  ``groups`` (depthwise: ``groups == in_channels == out_channels``); a layer of a real model is a
+  row of :data:`R2PLUS1D_18_CONVS` or :data:`DENSE_CONVS`;
 - another whole model is a :class:`ModelCase` row naming a ``torchvision.models.video`` builder;
 - a new kind of case (e.g. a (2+1)D block) is a new dataclass with ``id``, ``description``,
   ``training``, ``dtype``, ``target``, ``family``, ``work()`` and ``smoke()``, plus a workload
@@ -70,6 +71,7 @@ class ConvBNActCase:
     padding: Triple = (0, 0, 0)
     dilation: Triple = (1, 1, 1)
     groups: int = 1
+    bias: bool = False
     training: bool = False
     activation: Optional[str] = "relu"
     dtype: torch.dtype = torch.bfloat16
@@ -259,6 +261,71 @@ def _depthwise_cases() -> list[ConvBNActCase]:
     return cases
 
 
+# The convolutions of r2plus1d_18 on a 16x112x112 clip, one row per distinct configuration
+# (BASELINES.md; tests/test_bench.py checks the table against torchvision's model):
+# (in, out, kernel, stride, input T, input H = W); padding is kernel // 2 on every axis.
+R2PLUS1D_18_CONVS = [
+    (3, 45, (1, 7, 7), (1, 2, 2), 16, 112), (45, 64, (3, 1, 1), (1, 1, 1), 16, 56),
+    (64, 144, (1, 3, 3), (1, 1, 1), 16, 56), (144, 64, (3, 1, 1), (1, 1, 1), 16, 56),
+    (64, 230, (1, 3, 3), (1, 2, 2), 16, 56), (230, 128, (3, 1, 1), (2, 1, 1), 16, 28),
+    (128, 230, (1, 3, 3), (1, 1, 1), 8, 28), (230, 128, (3, 1, 1), (1, 1, 1), 8, 28),
+    (64, 128, (1, 1, 1), (2, 2, 2), 16, 56), (128, 288, (1, 3, 3), (1, 1, 1), 8, 28),
+    (288, 128, (3, 1, 1), (1, 1, 1), 8, 28), (128, 460, (1, 3, 3), (1, 2, 2), 8, 28),
+    (460, 256, (3, 1, 1), (2, 1, 1), 8, 14), (256, 460, (1, 3, 3), (1, 1, 1), 4, 14),
+    (460, 256, (3, 1, 1), (1, 1, 1), 4, 14), (128, 256, (1, 1, 1), (2, 2, 2), 8, 28),
+    (256, 576, (1, 3, 3), (1, 1, 1), 4, 14), (576, 256, (3, 1, 1), (1, 1, 1), 4, 14),
+    (256, 921, (1, 3, 3), (1, 2, 2), 4, 14), (921, 512, (3, 1, 1), (2, 1, 1), 4, 7),
+    (512, 921, (1, 3, 3), (1, 1, 1), 2, 7), (921, 512, (3, 1, 1), (1, 1, 1), 2, 7),
+    (256, 512, (1, 1, 1), (2, 2, 2), 4, 14), (512, 1152, (1, 3, 3), (1, 1, 1), 2, 7),
+    (1152, 512, (3, 1, 1), (1, 1, 1), 2, 7),
+]
+# Dense kernels: r3d_18's stem and a 3x3x3 of its layer1 (mc3_18 has both), and the
+# sign-language classifier's 3x7x7 / 3x5x5 stride-2 convs with bias:
+# (model, in, out, kernel, stride, padding, input T, input H = W, bias)
+DENSE_CONVS = [
+    ("r3d_18", 3, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3), 16, 112, False),
+    ("r3d_18", 64, 64, (3, 3, 3), (1, 1, 1), (1, 1, 1), 16, 56, False),
+    ("sign", 3, 32, (3, 7, 7), (2, 2, 2), (1, 3, 3), 16, 112, True),
+    ("sign", 32, 64, (3, 5, 5), (2, 2, 2), (1, 2, 2), 8, 56, True),
+]
+# The implicit-GEMM targets: eval at most 1.0x cuDNN's convolution alone (BN and ReLU for free);
+# training forward+backward at most 0.6x eager.
+_CONV_TARGET = Target("conv", 1.0)
+_CONV_TRAIN_TARGET = Target("eager", 0.6)
+
+
+def conv_layer(model: str, index: int, in_channels: int, out_channels: int, kernel_size: Triple,
+               stride: Triple, padding: Triple, frames: int, size: int, training: bool,
+               batch: int = 16, bias: bool = False) -> ConvBNActCase:
+    """A conv + BN + ReLU site of a real model, bf16 channels_last_3d."""
+    mode = "train" if training else "eval"
+    k = "x".join(map(str, kernel_size))
+    s = "".join(map(str, stride))
+    return ConvBNActCase(
+        id=f"{model}-conv{index:02d}-{in_channels}-{out_channels}-k{k}-s{s}-t{frames}s{size}-{mode}",
+        description=(f"{model} conv {index}: {k} conv{'(+bias)' if bias else ''}+BN+ReLU "
+                     f"{in_channels}->{out_channels}, stride {stride}, N{batch} T{frames} "
+                     f"{size}x{size}, bf16 channels_last_3d, {mode}"
+                     + (" (forward+backward)" if training else " (forward)")),
+        batch=batch, in_channels=in_channels, out_channels=out_channels, frames=frames,
+        height=size, width=size, kernel_size=kernel_size, stride=stride, padding=padding,
+        bias=bias, training=training, target=_CONV_TRAIN_TARGET if training else _CONV_TARGET)
+
+
+def _conv_layer_cases() -> list[ConvBNActCase]:
+    out = []
+    for training in (False, True):
+        for i, (cin, cout, k, s, t, size) in enumerate(R2PLUS1D_18_CONVS, 1):
+            out.append(conv_layer("r2p1d", i, cin, cout, k, s, tuple(n // 2 for n in k), t, size,
+                                  training))
+        per_model: dict[str, int] = {}
+        for model, cin, cout, k, s, p, t, size, bias in DENSE_CONVS:
+            per_model[model] = per_model.get(model, 0) + 1
+            out.append(conv_layer(model, per_model[model], cin, cout, k, s, p, t, size, training,
+                                  bias=bias))
+    return out
+
+
 # The issue's targets for fused pointwise: eval no slower than 1.1x the plain GEMM (BASELINES.md);
 # training forward+backward at most 0.5x eager PyTorch.
 _GEMM_TARGET = Target("matmul", 1.1)
@@ -272,6 +339,7 @@ CASES: list[Case] = [
     pointwise(256, 64, batch=8, frames=16, size=56, training=True, target=_TRAIN_TARGET),
     pointwise(512, 512, batch=8, frames=8, size=14, training=True, target=_TRAIN_TARGET),
     *_depthwise_cases(),
+    *_conv_layer_cases(),
     r2plus1d_18(training=False),
     r2plus1d_18(training=True),
 ]

@@ -10,6 +10,8 @@ A workload builds one case on one device. Providers:
 ``torch.compile``   ``torch.compile`` of the eager module in eager's winning variant.
 ``matmul``          pointwise cases only: the plain GEMM of the same shape, [M, C_in] @ [C_in, C_out]
                     (training: the three GEMMs of forward, input gradient and weight gradient).
+``conv``            conv + BN + activation cases: the convolution alone (cuDNN on a GPU), in the
+                    case's dtype and memory format (training: with its backward).
 
 Every callable returns its outputs (eval: the activation or the logits; a site's training step:
 the activation and the gradients of x, weight, gamma and beta; a model's training step: the
@@ -132,7 +134,8 @@ class ConvBNActWorkload(_PlainProviders):
         cpu_gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # the conv's default init
         conv = nn.Conv3d(case.in_channels, case.out_channels, case.kernel_size, stride=case.stride,
-                         padding=case.padding, dilation=case.dilation, groups=case.groups, bias=False)
+                         padding=case.padding, dilation=case.dilation, groups=case.groups,
+                         bias=case.bias)
         layers = [conv, nn.BatchNorm3d(case.out_channels)]
         if case.activation is not None:
             layers.append({"relu": nn.ReLU, "silu": nn.SiLU}[case.activation]())
@@ -241,6 +244,16 @@ class ConvBNActWorkload(_PlainProviders):
         site = self._module(variant)
         return self._prepared(self._fused_call(site), site, variant, outer=lambda: use_backend(backend))
 
+    def conv_alone(self) -> Prepared:
+        """cuDNN's convolution alone (``nn.Conv3d`` in the case's dtype and memory format, no BN
+        or activation): what a fused site must match for BN and ReLU to be free. Training: the
+        forward, then the gradients of x and the weight."""
+        case = self.case
+        variant = Variant(case.channels_last, False, case.dtype)
+        conv = self._module(variant)[0]
+        return dataclasses.replace(self._prepared(conv, conv, variant), checked=None,
+                                   note="the convolution alone")
+
     def matmul(self) -> Optional[Prepared]:
         case = self.case
         if case.family != "pointwise":
@@ -348,14 +361,14 @@ class ModelWorkload(_PlainProviders):
             return [logits, F.cross_entropy(logits, self.labels[0])]
 
     def fused_unavailable(self, backend: str) -> Optional[str]:
-        """Sites without a fused kernel run on torch (the fusion report lists them); only the
-        Triton interpreter is too slow for a whole training step (the pointwise cases cover it)."""
+        """Sites without a fused kernel run on torch (the fusion report lists them); the Triton
+        interpreter is too slow for a whole model (its 512-1152-channel convs take minutes)."""
         from ..ops import FUSED_CALLS
 
         if backend != "torch" and not any(name == backend for name, _family in FUSED_CALLS):
             return f"the {backend} backend has no kernels yet: every site would run on torch"
-        if backend == "triton" and self.device.type == "cpu" and self.case.training:
-            return "a training step takes minutes in the Triton interpreter"
+        if backend == "triton" and self.device.type == "cpu":
+            return "a whole model takes many minutes in the Triton interpreter (the conv cases cover its kernels)"
         return None
 
     def fused(self, backend: str, variant: Variant) -> Prepared:

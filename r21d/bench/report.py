@@ -9,7 +9,7 @@ from typing import Optional, Sequence
 import torch
 
 from . import roofline
-from .runner import COMPILE, EAGER, FUSED_PREFIX, MATMUL, CaseResult, Measurement
+from .runner import COMPILE, CONV, EAGER, FUSED_PREFIX, MATMUL, CaseResult, Measurement
 
 
 def _table(rows: list[Sequence[str]], right: Sequence[bool]) -> str:
@@ -67,11 +67,11 @@ def target_status(result: CaseResult) -> Optional[str]:
 
 def results_table(results: Sequence[CaseResult]) -> str:
     """One block per case: a header (floor, check, target), then the best variant of each
-    provider with its ratios to eager, torch.compile and (pointwise) matmul."""
+    provider with its ratios to eager, torch.compile, the conv alone and (pointwise) matmul."""
     blocks = []
-    header = ("provider", "variant (best)", "median ms", "vs eager", "vs compile", "vs matmul",
-              "% floor", "floor ms", "1st call s", "peak GiB", "rel err", "check", "note")
-    right = (False, False, True, True, True, True, True, True, True, True, True, False, False)
+    header = ("provider", "variant (best)", "median ms", "vs eager", "vs compile", "vs conv",
+              "vs matmul", "% floor", "floor ms", "1st call s", "peak GiB", "rel err", "check", "note")
+    right = (False, False, True, True, True, True, True, True, True, True, True, True, False, False)
     for r in results:
         head = [f"{r.case.id}: {r.case.description}"]
         if r.floor_ms is not None:
@@ -82,17 +82,18 @@ def results_table(results: Sequence[CaseResult]) -> str:
         status = target_status(r)
         if status:
             head.append(f"  {status}")
-        eager, compiled, matmul = r.best(EAGER), r.best(COMPILE), r.best(MATMUL)
+        eager, compiled, conv, matmul = r.best(EAGER), r.best(COMPILE), r.best(CONV), r.best(MATMUL)
         rows = [header]
         for provider in r.providers():
             m = r.best(provider) or next(x for x in r.measurements if x.provider == provider)
             if m.timing is None:
                 why = m.skipped or m.error or "not timed"
-                rows.append((provider, m.label, "-", "", "", "", "", "", "", "", "", "", why))
+                rows.append((provider, m.label, "-", "", "", "", "", "", "", "", "", "", "", why))
                 continue
             peak = m.timing.peak_bytes
             rows.append((
                 provider, m.label, _ms(m.median_ms), _ratio(m, eager), _ratio(m, compiled),
+                _ratio(m, conv) if conv is not None else "",
                 _ratio(m, matmul) if matmul is not None else "",
                 f"{100 * r.floor_ms / m.median_ms:.3g}%" if r.floor_ms else "-", _ms(r.floor_ms),
                 f"{m.first_call_s:.1f}" if m.first_call_s is not None else "-",
@@ -219,7 +220,7 @@ def write_png(path: Path, results: Sequence[CaseResult], title: str) -> Optional
     cols = 2 if len(timed) > 1 else 1
     rows = (len(timed) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 2.6 * rows), squeeze=False)
-    palette = {EAGER: "tab:gray", COMPILE: "tab:blue", MATMUL: "tab:green"}
+    palette = {EAGER: "tab:gray", COMPILE: "tab:blue", MATMUL: "tab:green", CONV: "tab:olive"}
     for ax, r in zip(axes.flat, timed):
         best = [r.best(p) for p in r.providers()]
         best = [m for m in best if m is not None]

@@ -101,16 +101,9 @@ def conv_bn_act_work(batch: int, in_channels: int, out_channels: int,
     return Work(bytes=element * (in_elems + out_elems + weight_elems), flops=gemm_flops, dtype=dtype)
 
 
-def model_conv_work(builder, input_shape: Sequence[int], dtype: torch.dtype, training: bool,
-                    **model_kwargs) -> list[Work]:
-    """One :func:`conv_bn_act_work` per Conv3d of a model, with the shapes found by running the
-    model on the meta device (no memory, no time).
-
-    The floor this gives is that of running the model layer by layer with BN, activation and
-    residual fused into each conv (residual reads, pooling and the classifier are left out:
-    they are small). Training also counts the first conv's input gradient, which no one needs
-    (about 1% of r2plus1d_18's FLOPs).
-    """
+def model_convs(builder, input_shape: Sequence[int], training: bool = False, **model_kwargs):
+    """(conv module, input shape, output shape) of every Conv3d of a model, in call order, found
+    by running the model on the meta device (no memory, no time)."""
     with torch.device("meta"):
         model = builder(**model_kwargs)
         x = torch.empty(*input_shape)
@@ -125,10 +118,22 @@ def model_conv_work(builder, input_shape: Sequence[int], dtype: torch.dtype, tra
     model.train(training)
     with torch.no_grad():
         model(x)
+    return shapes
+
+
+def model_conv_work(builder, input_shape: Sequence[int], dtype: torch.dtype, training: bool,
+                    **model_kwargs) -> list[Work]:
+    """One :func:`conv_bn_act_work` per Conv3d of a model (shapes from :func:`model_convs`).
+
+    The floor this gives is that of running the model layer by layer with BN, activation and
+    residual fused into each conv (residual reads, pooling and the classifier are left out:
+    they are small). Training also counts the first conv's input gradient, which no one needs
+    (about 1% of r2plus1d_18's FLOPs).
+    """
     return [
         conv_bn_act_work(i[0], conv.in_channels, conv.out_channels, i[2:], o[2:], conv.kernel_size,
                          conv.groups, dtype, training)
-        for conv, i, o in shapes
+        for conv, i, o in model_convs(builder, input_shape, training, **model_kwargs)
     ]
 
 

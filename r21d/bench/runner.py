@@ -21,6 +21,7 @@ from .timing import Timer, Timing
 EAGER = "eager"
 COMPILE = "torch.compile"
 MATMUL = "matmul"
+CONV = "conv"
 FUSED_PREFIX = "r21d/"
 
 
@@ -118,7 +119,8 @@ def _launch_counter(provider: str):
 
 
 class CaseRunner:
-    """Measures one case: reference first, then eager, r21d, torch.compile and matmul."""
+    """Measures one case: reference first, then eager, r21d, torch.compile, the conv alone and
+    matmul."""
 
     def __init__(self, case, options: Options, index: str, ceilings: roofline.Ceilings):
         self.case, self.options, self.index = case, options, index
@@ -192,6 +194,8 @@ class CaseRunner:
                 self._measure(compile_provider(mode), variant,
                               lambda m=mode: wl.compiled(variant, m), compiles=True)
 
+        if self.case.kind == "conv_bn_act":  # the convolution alone: BN and ReLU should be free
+            self._measure(CONV, None, wl.conv_alone)
         if self.case.family == "pointwise":  # the GEMM a pointwise conv is
             self._measure(MATMUL, None, wl.matmul)
         self._judge()
