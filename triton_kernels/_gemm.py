@@ -1,7 +1,8 @@
 """What the GEMM-shaped conv kernels (pointwise.py, implicit_gemm.py) share.
 
-Host side: the dot's input precision, the operand class that picks a tile table, tile
-configurations, the interpreter's one configuration. Device side: the conv epilogue (BN folded
+Host side: the forward launcher flow (buffers, GEMM, training statistics and normalisation), the
+dot's input precision, the operand class that picks a tile table, tile configurations, the
+interpreter's one configuration. Device side: the conv epilogue (BN folded
 in eval, or z and per-tile batch statistics in training; residual; activation) and the backward
 prologue that rebuilds the conv-output gradient dz from dy and z as a tile is loaded.
 
@@ -16,6 +17,8 @@ import triton.language as tl
 
 from . import _common as cm
 from . import batchnorm as bn
+from ._launch import alloc
+from ._layout import alloc_channels_last, channels_contiguous, in_format_of
 
 # Training (STATS) tiles are always STATS_BLOCK_M rows: the partial-statistics buffers and their
 # merge depend on it, so autotuning may change every other block size but not this one.
@@ -39,6 +42,69 @@ def operand_class(dtype: torch.dtype, prec: str) -> str:
     if dtype != torch.float32:
         return "16bit"
     return prec  # "tf32" or "ieee"
+
+
+def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual, out_shape,
+                        training: bool, momentum: float, eps: float, activation: str | None,
+                        save: bool, select, launch_gemm):
+    """The forward launcher of a GEMM-shaped conv family: buffers, the conv GEMM, and in training
+    the statistics merge and the normalise + activation pass.
+
+    Returns (out, z, mean, invstd, new_running_mean, new_running_var): ``out`` in ``x``'s memory
+    format; ``z`` (the conv output incl. bias, channels_last_3d) and the (mean, invstd) the BN
+    used, for autograd, when ``save`` is set (else empty); in training with running statistics,
+    their values updated with ``momentum`` (the exponential-average factor) as new tensors (else
+    empty). Nothing is modified in place.
+
+    The family gives ``select(x, out, residual, training, heavy) -> (kernel, meta)``, its kernel
+    variant (``heavy``: an eval epilogue that also adds a residual or saves z), and
+    ``launch_gemm(kernel, meta, x, residual, out, pointers)``, which launches it with
+    ``pointers`` = (bias, gamma, beta, running_mean, running_var, residual, out, z, mean,
+    invstd, part_mean, part_m2) after x and the weight (absent ones stand in by ``x``).
+    ``x`` and ``residual`` come with contiguous channels (converted at the boundary).
+    """
+    M = out_shape[0] * out_shape[2] * out_shape[3] * out_shape[4]
+    C_out = out_shape[1]
+    dev = x.device
+    act = cm.ACTIVATIONS[activation]
+
+    def absent(dtype=torch.float32):  # a distinct empty tensor for each output not produced
+        return x.new_empty(0, dtype=dtype)
+
+    z = absent(x.dtype)
+    mean, invstd, new_rm, new_rv = absent(), absent(), absent(), absent()
+    if M == 0:  # PyTorch leaves the running statistics as they are
+        return in_format_of(alloc_channels_last(out_shape, x), x), z, mean, invstd, new_rm, new_rv
+
+    x_in, x, residual = x, channels_contiguous(x), channels_contiguous(residual)
+    out = alloc_channels_last(out_shape, x)
+    part_mean = part_m2 = None
+    if training:
+        kernel, meta = select(x, out, residual, True, False)
+        block_m = meta.get("BLOCK_M", STATS_BLOCK_M)
+        num_tiles = triton.cdiv(M, block_m)
+        z = alloc_channels_last(out.shape, x) if save else out  # normalised in place if not kept
+        part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
+        part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
+    else:
+        kernel, meta = select(x, out, residual, False, residual is not None or save)
+        if save:
+            z = alloc_channels_last(out.shape, x)
+            mean = alloc((C_out,), dtype=torch.float32, device=dev)
+            invstd = alloc((C_out,), dtype=torch.float32, device=dev)
+    pointers = tuple(t if t is not None and t.numel() else x for t in (
+        bias, gamma, beta, running_mean, running_var, residual, out, z, mean, invstd, part_mean,
+        part_m2))
+    launch_gemm(kernel, meta, x, residual, out, pointers)
+    if training:
+        mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
+                                                 running_var, momentum, eps)
+        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
+        if running_mean is not None:
+            new_rm, new_rv = rm, rv
+        if not save:
+            z, mean, invstd = absent(x.dtype), absent(), absent()
+    return in_format_of(out, x_in), z, mean, invstd, new_rm, new_rv
 
 
 def tile(bm, bn_, bk, warps, stages):
@@ -117,3 +183,16 @@ def dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, 
     g = cm.activation_grad(pre, dy, ACT)
     dz = k_g[None, :] * g + k_z[None, :] * zc + k_0[None, :]
     return tl.where(mask, dz, 0.0)
+
+
+@triton.jit
+def dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, t, h, w, chans, mask, C,
+               sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
+               HAS_RES: tl.constexpr, ACT: tl.constexpr, D_ALIGN: tl.constexpr,
+               Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr):
+    """:func:`dz_tile` at output positions (n, t, h, w) x channels ``chans``."""
+    d_off = cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + chans[None, :]
+    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN)[:, None] + chans[None, :]
+    r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + chans[None, :]
+    return dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, C,
+                   HAS_RES, ACT)

@@ -61,6 +61,33 @@ def _inside(t, h, w, T, H, W):
     return (t >= 0) & (t < T) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
 
 
+@triton.jit
+def _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, chans, cmask, T_in, H_in, W_in,
+                sxt, sxh, sxw, dt, dh, dw, X_ALIGN: tl.constexpr):
+    """[rows, channels] of x: for each row (tap (0, 0, 0) at input position (t0, h0, w0), offset
+    ``x_rows``) the position tap (kt, kh, kw) reads, channels ``chans``; 0 outside the input."""
+    ok = rmask & _inside(t0 + kt * dt, h0 + kh * dh, w0 + kw * dw, T_in, H_in, W_in)
+    rows = x_rows + (cm.as_int64(kt * dt) * sxt + cm.as_int64(kh * dh) * sxh
+                     + cm.as_int64(kw * dw) * sxw)
+    if X_ALIGN > 1:
+        rows = tl.multiple_of(rows, X_ALIGN)
+    return tl.load(x_ptr + rows[:, None] + chans[None, :], mask=ok[:, None] & cmask[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask, T_in, H_in, W_in,
+                 sxt, sxh, sxw, dt, dh, dw):
+    """[rows, columns] of x where column j is tap (kt[j], kh[j], kw[j]), channel ci[j] (the flat
+    K axis); 0 outside the input."""
+    ok = rmask[:, None] & kmask[None, :] & _inside(
+        t0[:, None] + (kt * dt)[None, :], h0[:, None] + (kh * dh)[None, :],
+        w0[:, None] + (kw * dw)[None, :], T_in, H_in, W_in)
+    cols = (kt * dt).to(tl.int64) * sxt + (kh * dh).to(tl.int64) * sxh \
+        + (kw * dw).to(tl.int64) * sxw + ci
+    return tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+
+
 # ----------------------------------------------------------------------------- forward
 
 
@@ -109,12 +136,8 @@ def _igemm_fwd_kernel(
             tap = kk // C_in_g
             ci = kk - tap * C_in_g
             kt, kh, kw = _tap(tap, KH, KW)
-            ok = rmask[:, None] & kmask[None, :] & _inside(
-                t0[:, None] + (kt * dt)[None, :], h0[:, None] + (kh * dh)[None, :],
-                w0[:, None] + (kw * dw)[None, :], T_in, H_in, W_in)
-            a_cols = (kt * dt).to(tl.int64) * sxt + (kh * dh).to(tl.int64) * sxh \
-                + (kw * dw).to(tl.int64) * sxw + ci
-            a = tl.load(x_ptr + x_rows[:, None] + a_cols[None, :], mask=ok, other=0.0)
+            a = _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
+                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw)
             b_rows = ci * swi + kt * swt + kh * swh + kw * sww
             b = tl.load(w_ptr + b_rows[:, None] + w_cols[None, :],
                         mask=kmask[:, None] & comask[None, :], other=0.0)
@@ -126,13 +149,8 @@ def _igemm_fwd_kernel(
             cc = (step - tap * num_cb) * BLOCK_K + ks
             kmask = cm.channel_mask(cc, C_in_g, CI_VEC)
             kt, kh, kw = _tap(tap, KH, KW)
-            ok = rmask & _inside(t0 + kt * dt, h0 + kh * dh, w0 + kw * dw, T_in, H_in, W_in)
-            a_rows = x_rows + (cm.as_int64(kt * dt) * sxt + cm.as_int64(kh * dh) * sxh
-                               + cm.as_int64(kw * dw) * sxw)
-            if X_ALIGN > 1:
-                a_rows = tl.multiple_of(a_rows, X_ALIGN)
-            a = tl.load(x_ptr + a_rows[:, None] + cc[None, :],
-                        mask=ok[:, None] & kmask[None, :], other=0.0)
+            a = _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, cc, kmask,
+                            T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, X_ALIGN)
             b_cols = w_cols + (kt * swt + kh * swh + kw * sww)
             if W_ALIGN > 1:
                 b_cols = tl.multiple_of(b_cols, W_ALIGN)
@@ -240,85 +258,49 @@ def _weight_cl(weight: torch.Tensor, geom: _Geometry) -> torch.Tensor:
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool):
-    """Implicit-GEMM conv + BN + activation forward (groups = C_in / weight.shape[1]).
-
-    Returns (out, z, mean, invstd, new_running_mean, new_running_var) like
-    pointwise.conv_bn_act_fwd: ``out`` in ``x``'s memory format, ``z`` channels_last_3d.
-    """
+    """Implicit-GEMM conv + BN + activation forward (groups = C_in / weight.shape[1]); returns what
+    _gemm.conv_bn_act_forward documents."""
     geom = _Geometry(x.shape, weight.shape, stride, padding, dilation)
-    M, C_out = geom.M, geom.C_out
-    dev = x.device
-    act = cm.ACTIVATIONS[activation]
-
-    def absent(dtype=torch.float32):  # a distinct empty tensor for each output not produced
-        return x.new_empty(0, dtype=dtype)
-
-    z = absent(x.dtype)
-    mean, invstd, new_rm, new_rv = absent(), absent(), absent(), absent()
-    if M == 0:  # PyTorch leaves the running statistics as they are
-        return in_format_of(alloc_channels_last(geom.out_shape, x), x), z, mean, invstd, new_rm, new_rv
-
-    x_in, x, residual = x, channels_contiguous(x), channels_contiguous(residual)
-    w = _weight_cl(weight, geom)
-    out = alloc_channels_last(geom.out_shape, x)
     prec = gm.dot_precision(x.dtype)
-    x_align = _alignment(x, geom, geom.C_in_g)
-    o_align = _alignment(out, geom, geom.C_out_g)
-    r_align = _alignment(residual, geom, geom.C_out_g)
-    unaligned = _unaligned(x.dtype, x_align, o_align, *([r_align] if residual is not None else []))
-    shape_class = "-flat" if geom.flat else ""
-    if training:
-        kernel, meta = _FWD_STATS.select(gm.operand_class(x.dtype, prec) + shape_class
-                                         + ("" if geom.flat else unaligned))
-        block_m = meta.get("BLOCK_M", gm.STATS_BLOCK_M)
-        num_tiles = triton.cdiv(M, block_m)
-        z = alloc_channels_last(out.shape, x) if save else out  # normalised in place if not kept
-        part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
-        part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
-    else:
-        heavy = "-res" if residual is not None or save else ""
-        kernel, meta = _FWD_EVAL.select(gm.operand_class(x.dtype, prec) + shape_class + heavy
-                                        + ("" if geom.flat else unaligned))
-        if save:
-            z = alloc_channels_last(out.shape, x)
-            mean = alloc((C_out,), dtype=torch.float32, device=dev)
-            invstd = alloc((C_out,), dtype=torch.float32, device=dev)
-        part_mean = part_m2 = mean
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(geom.C_out_g, meta["BLOCK_N"]), geom.groups)
+    def select(x, out, residual, training, heavy):
+        variant = gm.operand_class(x.dtype, prec)
+        if geom.flat:
+            variant += "-flat"
+        if not training and heavy:
+            variant += "-res"
+        if not geom.flat:
+            variant += _unaligned(x.dtype, _alignment(x, geom, geom.C_in_g),
+                                  _alignment(out, geom, geom.C_out_g),
+                                  *([_alignment(residual, geom, geom.C_out_g)] if residual is not None else []))
+        return (_FWD_STATS if training else _FWD_EVAL).select(variant)
 
-    some = x  # stands in for absent optional pointers (never dereferenced)
-    launch(
-        kernel, grid,
-        x, w, bias if bias is not None else some,
-        gamma if gamma is not None else some, beta if beta is not None else some,
-        running_mean if running_mean is not None else some,
-        running_var if running_var is not None else some,
-        residual if residual is not None else some,
-        out, z if z.numel() else out, mean if mean.numel() else some,
-        invstd if invstd.numel() else some, part_mean if part_mean.numel() else some,
-        part_m2 if part_m2.numel() else some,
-        M, geom.C_in_g, geom.C_out_g, C_out, geom.T_out, geom.H_out, geom.W_out,
-        geom.T_in, geom.H_in, geom.W_in, geom.taps, geom.KH, geom.KW,
-        *rows_strides(x), w.stride(0), w.stride(1), *w.stride()[2:],
-        *rows_strides(out), *rows_strides(residual), *geom.conv_args(), float(eps),
-        HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-        HAS_RES=residual is not None and not training, ACT=act, STATS=training, SAVE=save,
-        GROUPED=geom.groups > 1, FLAT_K=geom.flat, X_ALIGN=x_align,
-        # a weight's "rows" are its (output channel, tap) runs of input channels
-        W_ALIGN=rows_alignment(w), O_ALIGN=o_align, R_ALIGN=r_align,
-        CI_VEC=channel_vector(geom.C_in_g, x), PREC=prec, **meta,
-    )
-    if training:
-        mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
-                                                 running_var, momentum, eps)
-        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
-        if running_mean is not None:
-            new_rm, new_rv = rm, rv
-        if not save:
-            z, mean, invstd = absent(x.dtype), absent(), absent()
-    return in_format_of(out, x_in), z, mean, invstd, new_rm, new_rv
+    def launch_gemm(kernel, meta, x, residual, out, pointers):
+        w = _weight_cl(weight, geom)
+
+        def grid(meta):
+            return (triton.cdiv(geom.M, meta["BLOCK_M"]) * triton.cdiv(geom.C_out_g, meta["BLOCK_N"]),
+                    geom.groups)
+
+        launch(
+            kernel, grid, x, w, *pointers,
+            geom.M, geom.C_in_g, geom.C_out_g, geom.C_out, geom.T_out, geom.H_out, geom.W_out,
+            geom.T_in, geom.H_in, geom.W_in, geom.taps, geom.KH, geom.KW,
+            *rows_strides(x), w.stride(0), w.stride(1), *w.stride()[2:],
+            *rows_strides(out), *rows_strides(residual), *geom.conv_args(), float(eps),
+            HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+            HAS_RES=residual is not None and not training, ACT=cm.ACTIVATIONS[activation],
+            STATS=training, SAVE=save, GROUPED=geom.groups > 1, FLAT_K=geom.flat,
+            X_ALIGN=_alignment(x, geom, geom.C_in_g),
+            # a weight's "rows" are its (output channel, tap) runs of input channels
+            W_ALIGN=rows_alignment(w), O_ALIGN=_alignment(out, geom, geom.C_out_g),
+            R_ALIGN=_alignment(residual, geom, geom.C_out_g),
+            CI_VEC=channel_vector(geom.C_in_g, x), PREC=prec, **meta,
+        )
+
+    return gm.conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual,
+                                  geom.out_shape, training, momentum, eps, activation, save,
+                                  select, launch_gemm)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -480,30 +462,20 @@ def _igemm_wgrad_kernel(
         rows = r0 + tl.arange(0, BLOCK_K)
         rmask = rows < r_end
         n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
-        d_off = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + chans[None, :]
-        z_off = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGN)[:, None] + chans[None, :]
-        r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + chans[None, :]
-        dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans,
-                        rmask[:, None] & comask[None, :], C_out, HAS_RES, ACT)
+        dz = gm.dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, to, ho, wo, chans,
+                           rmask[:, None] & comask[None, :], C_out,
+                           sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
+                           HAS_RES, ACT, D_ALIGN, Z_ALIGN, R_ALIGN)
         t0 = to * st - pt
         h0 = ho * sh - ph
         w0 = wo * sw - pw
         x_rows = cm.position_offsets(n, t0, h0, w0, sxn, sxt, sxh, sxw) + ci_base
         if FLAT_K:
-            ok = rmask[:, None] & kmask[None, :] & _inside(
-                t0[:, None] + (kt * dt)[None, :], h0[:, None] + (kh * dh)[None, :],
-                w0[:, None] + (kw * dw)[None, :], T_in, H_in, W_in)
-            x_cols = (kt * dt).to(tl.int64) * sxt + (kh * dh).to(tl.int64) * sxh \
-                + (kw * dw).to(tl.int64) * sxw + ci
-            xa = tl.load(x_ptr + x_rows[:, None] + x_cols[None, :], mask=ok, other=0.0)
+            xa = _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
+                              T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw)
         else:
-            ok = rmask & _inside(t0 + kt * dt, h0 + kh * dh, w0 + kw * dw, T_in, H_in, W_in)
-            a_rows = x_rows + (cm.as_int64(kt * dt) * sxt + cm.as_int64(kh * dh) * sxh
-                               + cm.as_int64(kw * dw) * sxw)
-            if X_ALIGN > 1:
-                a_rows = tl.multiple_of(a_rows, X_ALIGN)
-            xa = tl.load(x_ptr + a_rows[:, None] + ci[None, :], mask=ok[:, None] & kmask[None, :],
-                         other=0.0)
+            xa = _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
+                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, X_ALIGN)
         acc = tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, input_precision=PREC)
 
     w_off = split.to(tl.int64) * C_out * K + chans[:, None] * K + kk[None, :]

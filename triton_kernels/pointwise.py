@@ -144,84 +144,39 @@ _FWD_STATS = Tuned(
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool):
-    """Pointwise conv + BN + activation forward.
-
-    Returns (out, z, mean, invstd, new_running_mean, new_running_var): ``out`` in ``x``'s memory
-    format; ``z`` (the conv output incl. bias, channels_last_3d) and the (mean, invstd) the BN
-    used, for autograd, when ``save`` is set (else empty); in training with running statistics,
-    their values updated with ``momentum`` (the exponential-average factor) as new tensors (else
-    empty). Nothing is modified in place.
-    """
+    """Pointwise conv + BN + activation forward; returns what _gemm.conv_bn_act_forward documents."""
     N, C_in, T_in, H_in, W_in = x.shape
     C_out = weight.shape[0]
     (st, sh, sw), (pt, ph, pw) = stride, padding
     T_out, H_out, W_out = out_size(T_in, 1, st, pt), out_size(H_in, 1, sh, ph), out_size(W_in, 1, sw, pw)
     M = N * T_out * H_out * W_out
-    dev = x.device
-    act = cm.ACTIVATIONS[activation]
-
-    def absent(dtype=torch.float32):  # a distinct empty tensor for each output not produced
-        return x.new_empty(0, dtype=dtype)
-
-    z = absent(x.dtype)
-    mean, invstd, new_rm, new_rv = absent(), absent(), absent(), absent()
-    if M == 0:  # PyTorch leaves the running statistics as they are
-        return in_format_of(alloc_channels_last((N, C_out, T_out, H_out, W_out), x), x), z, mean, \
-            invstd, new_rm, new_rv
-
-    x_in, x, residual = x, channels_contiguous(x), channels_contiguous(residual)
-    out = alloc_channels_last((N, C_out, T_out, H_out, W_out), x)
     prec = gm.dot_precision(x.dtype)
-    unaligned = "" if _fully_aligned(x, out, residual) else "-unaligned"
-    if training:
-        kernel, meta = _FWD_STATS.select(gm.operand_class(x.dtype, prec) + unaligned)
-        block_m = meta.get("BLOCK_M", STATS_BLOCK_M)
-        num_tiles = triton.cdiv(M, block_m)
-        # The normalise pass overwrites z in place when autograd does not need it.
-        z = alloc_channels_last(out.shape, x) if save else out
-        part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
-        part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
-    else:
-        heavy = "-res" if residual is not None or save else ""  # a larger epilogue
-        kernel, meta = _FWD_EVAL.select(gm.operand_class(x.dtype, prec) + heavy + unaligned)
-        if save:
-            z = alloc_channels_last(out.shape, x)
-            mean = alloc((C_out,), dtype=torch.float32, device=dev)
-            invstd = alloc((C_out,), dtype=torch.float32, device=dev)
-        part_mean = part_m2 = mean
 
-    def grid(meta):
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+    def select(x, out, residual, training, heavy):
+        unaligned = "" if _fully_aligned(x, out, residual) else "-unaligned"
+        if training:
+            return _FWD_STATS.select(gm.operand_class(x.dtype, prec) + unaligned)
+        return _FWD_EVAL.select(gm.operand_class(x.dtype, prec) + ("-res" if heavy else "") + unaligned)
 
-    some = x  # stands in for absent optional pointers (never dereferenced)
-    launch(
-        kernel, grid,
-        x, weight, bias if bias is not None else some,
-        gamma if gamma is not None else some, beta if beta is not None else some,
-        running_mean if running_mean is not None else some,
-        running_var if running_var is not None else some,
-        residual if residual is not None else some,
-        out, z if z.numel() else out, mean if mean.numel() else some,
-        invstd if invstd.numel() else some, part_mean if part_mean.numel() else some,
-        part_m2 if part_m2.numel() else some,
-        M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in,
-        *rows_strides(x), weight.stride(0), weight.stride(1),
-        *rows_strides(out), *rows_strides(residual),
-        st, sh, sw, pt, ph, pw, float(eps),
-        HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
-        HAS_RES=residual is not None and not training, ACT=act, STATS=training, SAVE=save,
-        X_ALIGN=rows_alignment(x), O_ALIGN=rows_alignment(out), R_ALIGN=rows_alignment(residual),
-        PREC=prec, **meta,
-    )
-    if training:
-        mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
-                                                 running_var, momentum, eps)
-        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
-        if running_mean is not None:
-            new_rm, new_rv = rm, rv
-        if not save:
-            z, mean, invstd = absent(x.dtype), absent(), absent()
-    return in_format_of(out, x_in), z, mean, invstd, new_rm, new_rv
+    def launch_gemm(kernel, meta, x, residual, out, pointers):
+        def grid(meta):
+            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+
+        launch(
+            kernel, grid, x, weight, *pointers,
+            M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in,
+            *rows_strides(x), weight.stride(0), weight.stride(1),
+            *rows_strides(out), *rows_strides(residual),
+            st, sh, sw, pt, ph, pw, float(eps),
+            HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+            HAS_RES=residual is not None and not training, ACT=cm.ACTIVATIONS[activation],
+            STATS=training, SAVE=save, X_ALIGN=rows_alignment(x), O_ALIGN=rows_alignment(out),
+            R_ALIGN=rows_alignment(residual), PREC=prec, **meta,
+        )
+
+    return gm.conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual,
+                                  (N, C_out, T_out, H_out, W_out), training, momentum, eps,
+                                  activation, save, select, launch_gemm)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -311,11 +266,10 @@ def _pointwise_wgrad_kernel(
         rows = r0 + tl.arange(0, BLOCK_K)
         rmask = rows < r_end
         n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
-        d_off = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + co[None, :]
-        z_off = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGN)[:, None] + co[None, :]
-        r_off = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)[:, None] + co[None, :]
-        dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, co,
-                      rmask[:, None] & comask[None, :], C_out, HAS_RES, ACT)
+        dz = gm.dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, to, ho, wo, co,
+                           rmask[:, None] & comask[None, :], C_out,
+                           sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
+                           HAS_RES, ACT, D_ALIGN, Z_ALIGN, R_ALIGN)
         ti = to * st - pt
         hi = ho * sh - ph
         wi = wo * sw - pw
