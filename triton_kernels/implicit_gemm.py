@@ -174,13 +174,13 @@ _FWD_TILES = {
     "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 3), _tile(64, 128, 64, 4, 3),
               _tile(64, 64, 64, 4, 4)],
     "16bit-res": [_tile(128, 64, 64, 4, 3), _tile(64, 128, 64, 4, 3), _tile(64, 64, 64, 4, 3)],
-    "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 8, 2)],
     "16bit-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2), _tile(64, 32, 32, 4, 2)],
     "16bit-flat": [_tile(128, 64, 32, 8, 2), _tile(64, 64, 32, 4, 2)],
     "16bit-flat-res": [_tile(64, 64, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
     "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 64, 32, 4, 3)],
     "tf32-res": [_tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
-    "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 3)],
+    "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 2)],
     "tf32-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
     "tf32-flat": [_tile(128, 64, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
     "tf32-flat-res": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
@@ -486,19 +486,19 @@ def _igemm_wgrad_kernel(
 # (BLOCK_M output channels x BLOCK_N (tap, input channel) columns, K = rows): the pointwise
 # backward's classes, with the gathers' extra registers.
 _BWD_TILES = {
-    "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 4, 3), _tile(64, 64, 64, 4, 3)],
+    "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 64, 4, 3)],
     "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
     "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
     "tf32-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
-    "ieee": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
-    "ieee-unaligned": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
+    "ieee": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 8, 2)],
+    "ieee-unaligned": [_tile(32, 32, 16, 4, 2), _tile(64, 32, 16, 8, 1)],
 }
 # Fewer than FLAT_BELOW input channels per group: dgrad's columns (input channels) are narrow
 # tiles; wgrad's run flat over (tap, channel).
 _DGRAD = Tuned(
     _igemm_dgrad_kernel,
     {**_BWD_TILES, "16bit-flat": [_tile(64, 16, 32, 8, 2), _tile(128, 16, 16, 8, 2)],
-     "tf32-flat": [_tile(64, 16, 32, 8, 2)], "ieee-flat": [_tile(64, 16, 16, 8, 2)]},
+     "tf32-flat": [_tile(64, 16, 32, 8, 2)], "ieee-flat": [_tile(64, 16, 16, 8, 1)]},
     key=["R", "C_in_g", "C_out_g", "KT", "KH", "KW", "HAS_RES"], interpret=gm.INTERPRET_GEMM)
 _WGRAD = Tuned(
     _igemm_wgrad_kernel,
