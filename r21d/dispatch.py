@@ -87,12 +87,14 @@ DEPTHWISE_STRIDES = (1, 2)
 DEPTHWISE_MAX_DILATION = 3
 
 
-# The implicit-GEMM kernels put groups and stride residue classes on grid axes (at most 65535).
+# The conv families the implicit-GEMM kernels run; they put groups and stride residue classes on
+# grid axes (at most 65535).
+IMPLICIT_GEMM_FAMILIES = ("spatial", "temporal", "dense", "grouped")
 IMPLICIT_GEMM_MAX_GRID = 65535
 
 
 def _geometry_reason(cfg: FusedConfig) -> str | None:
-    if cfg.family in ("spatial", "temporal", "dense", "grouped"):
+    if cfg.family in IMPLICIT_GEMM_FAMILIES:
         if cfg.groups > IMPLICIT_GEMM_MAX_GRID:
             return f"implicit-GEMM kernels take at most {IMPLICIT_GEMM_MAX_GRID} groups, got {cfg.groups}"
         classes = cfg.stride[0] * cfg.stride[1] * cfg.stride[2]

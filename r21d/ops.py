@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from . import _extension
+from .dispatch import IMPLICIT_GEMM_FAMILIES
 from .triton_kernels._layout import output_memory_format
 
 
@@ -277,7 +278,7 @@ def _fused_call(family: _OpFamily, bn_float32: bool = False):
 FUSED_CALLS = {
     ("triton", "pointwise"): _fused_call(POINTWISE),
     ("triton", "depthwise"): _fused_call(DEPTHWISE),
-    **{("triton", family): _fused_call(IMPLICIT_GEMM) for family in ("spatial", "temporal", "dense", "grouped")},
+    **{("triton", family): _fused_call(IMPLICIT_GEMM) for family in IMPLICIT_GEMM_FAMILIES},
     ("cuda", "depthwise"): _fused_call(DEPTHWISE_CUDA, bn_float32=True),
 }
 # The csrc op families behind the cuda backend's calls (dispatch checks that r21d._C has them).

@@ -136,3 +136,11 @@ def test_more_positions_than_a_32_bit_row_index_falls_back(strict):
     with r21d.use_backend("triton"), pytest.raises(r21d.FusedKernelUnavailable, match="32-bit row index"):
         r21d.functional.plan(x, torch.randn(1, 1, 1, 1, 1), running_mean=torch.zeros(1),
                              running_var=torch.ones(1))
+
+
+def test_a_weight_beyond_a_32_bit_index_falls_back(strict):
+    """2^31 weight elements (broadcast views: no memory): the kernels index weights in 32 bits."""
+    x = torch.empty(1, 1, 1, 1, 1).expand(1, 2**15, 1, 2, 2)
+    w = torch.empty(1, 1, 1, 1, 1).expand(2**16, 2**15, 1, 1, 1)
+    with r21d.use_backend("triton"), pytest.raises(r21d.FusedKernelUnavailable, match="32-bit weight index"):
+        r21d.functional.plan(x, w, running_mean=torch.zeros(2**16), running_var=torch.ones(2**16))
