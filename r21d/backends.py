@@ -100,12 +100,13 @@ def available_backends() -> list[str]:
     return names
 
 
-def fallback(key: str, reason: str) -> str:
-    """Record that ``key`` (one configuration) runs on ``torch`` because of ``reason``.
+def fallback(key: str, reason: str, instead: str = "the torch backend") -> str:
+    """Record that ``key`` (one configuration) runs on ``instead`` (by default ``torch``) because
+    of ``reason``.
 
     Raises in strict mode; otherwise warns once per configuration and returns ``"torch"``.
     """
-    message = f"r21d: {key} runs on the torch backend: {reason}"
+    message = f"r21d: {key} runs on {instead}: {reason}"
     if strict():
         raise FusedKernelUnavailable(message + " (R21D_STRICT=1)")
     if key not in _warned:

@@ -93,6 +93,30 @@ IMPLICIT_GEMM_FAMILIES = ("spatial", "temporal", "dense", "grouped")
 IMPLICIT_GEMM_MAX_GRID = 65535
 
 
+# The eval-mode (2+1)D unit kernel keeps one accumulator per open output frame, ceil(kt / st).
+UNIT_MAX_OPEN_FRAMES = 3
+
+
+def unit_geometry_reason(spatial: FusedConfig, temporal: FusedConfig) -> str | None:
+    """Why the eval-mode (2+1)D unit kernel cannot run this spatial -> temporal pair (which then
+    runs as its two fused sites), or None."""
+    if spatial.kernel_size[0] != 1 or temporal.kernel_size[1:] != (1, 1):
+        return (f"the unit needs a 1xkxk then a kx1x1 conv, got {spatial.kernel_size} then "
+                f"{temporal.kernel_size}")
+    if spatial.groups != 1 or temporal.groups != 1:
+        return "the unit kernel has no groups"
+    if spatial.stride[0] != 1 or spatial.padding[0] != 0 or temporal.stride[1:] != (1, 1) \
+            or temporal.padding[1:] != (0, 0):
+        return "the spatial conv must not stride or pad in time, nor the temporal conv in space"
+    if spatial.dilation != (1, 1, 1) or temporal.dilation != (1, 1, 1):
+        return "the unit kernel has no dilation"
+    open_frames = -(-temporal.kernel_size[0] // temporal.stride[0])
+    if open_frames > UNIT_MAX_OPEN_FRAMES:
+        return (f"the unit kernel keeps at most {UNIT_MAX_OPEN_FRAMES} output frames open, "
+                f"ceil(kt / st) = {open_frames}")
+    return None
+
+
 def _geometry_reason(cfg: FusedConfig) -> str | None:
     if cfg.family in IMPLICIT_GEMM_FAMILIES:
         if cfg.groups > IMPLICIT_GEMM_MAX_GRID:

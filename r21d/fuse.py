@@ -19,6 +19,7 @@ from . import dispatch
 from .backends import get_backend
 from .fused_sequential import FusedSequential, find_runs
 from .fused_site import conv_base, site_config
+from .fused_unit import UNIT_KERNEL, choose_unit, unit_children
 from .modules import SpatioTemporalConv
 
 # Where fuse() keeps the class a FusedSequential had before, for unfuse().
@@ -65,18 +66,47 @@ def _pattern(conv, bn, act) -> str:
     return " -> ".join(parts)
 
 
-def _sites(model: nn.Module):
-    """(site, conv, bn, act) for every fused site of ``model``."""
-    for name, module in model.named_modules():
+def _site_row(site: str, conv, bn, act, dtype, device) -> Site:
+    cfg, blocker = site_config(conv, bn, act, dtype=dtype, device=device)
+    backend, reason = dispatch.resolve(cfg, blocker)
+    return Site(site, _pattern(conv, bn, act), cfg.family, backend, reason or "")
+
+
+def _unit_row(site: str, spatial, bn1, relu, temporal, bn2, act, dtype, device) -> Site:
+    pattern = f"(2+1)D unit: {_pattern(spatial, bn1, relu)} -> {_pattern(temporal, bn2, act)}"
+    choice = choose_unit(spatial, bn1, relu, temporal, bn2, act, dtype=dtype, device=device)
+    if choice.kernel == UNIT_KERNEL:
+        return Site(site, pattern, UNIT_KERNEL, "triton", "")
+    rows = [_site_row(site, *parts, dtype, device) for parts in
+            ((spatial, bn1, relu), (temporal, bn2, act))]
+    backends = "+".join(dict.fromkeys(r.backend for r in rows))
+    notes = "; ".join(n for n in (choice.reason, *(r.note for r in rows)) if n)
+    return Site(site, pattern, f"{rows[0].kernel}+{rows[1].kernel}", backends, notes)
+
+
+def _sites(model: nn.Module, dtype, device):
+    """(row, convs) for every fused site and (2+1)D unit of ``model``."""
+    units = set()  # the Conv2Plus1D-like children a parent runs as a unit (not as their own site)
+    for name, module in model.named_modules():  # parents come before their children
+        if id(module) in units:
+            continue
         if isinstance(module, FusedSequential):
             children = list(module.children())
             for run in find_runs(module):
-                conv, bn = children[run.start], children[run.start + 1]
+                site = f"{name or '<root>'}[{run.start}:{run.start + run.length}]"
+                bn = children[run.start + 1]
                 act = children[run.start + 2] if run.length == 3 else None
-                yield f"{name or '<root>'}[{run.start}:{run.start + run.length}]", conv, bn, act
+                if run.unit:
+                    units.add(id(children[run.start]))
+                    spatial, bn1, relu, temporal = unit_children(children[run.start])
+                    yield (_unit_row(site, spatial, bn1, relu, temporal, bn, act, dtype, device),
+                           (spatial, temporal))
+                else:
+                    yield _site_row(site, children[run.start], bn, act, dtype, device), (children[run.start],)
         elif isinstance(module, SpatioTemporalConv):
-            yield f"{name}.spatial", module.spatial_conv, module.bn1, module.relu
-            yield f"{name}.temporal", module.temporal_conv, module.bn2, module.relu
+            yield (_unit_row(name or "<root>", module.spatial_conv, module.bn1, module.relu,
+                             module.temporal_conv, module.bn2, module.relu, dtype, device),
+                   (module.spatial_conv, module.temporal_conv))
 
 
 def _unfused_reason(parent: nn.Module | None, conv: nn.Module) -> str:
@@ -112,11 +142,9 @@ def fusion_sites(model: nn.Module, *, dtype: torch.dtype | None = None,
     would run it (for ``dtype``/``device``, by default those of the model's parameters), then
     every convolution left unfused."""
     rows, fused_convs = [], set()
-    for site, conv, bn, act in _sites(model):
-        fused_convs.add(id(conv))
-        cfg, blocker = site_config(conv, bn, act, dtype=dtype, device=device)
-        backend, reason = dispatch.resolve(cfg, blocker)
-        rows.append(Site(site, _pattern(conv, bn, act), cfg.family, backend, reason or ""))
+    for row, convs in _sites(model, dtype, device):
+        rows.append(row)
+        fused_convs.update(id(c) for c in convs)
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
     for name, module in model.named_modules():
         if isinstance(module, (nn.Conv3d, nn.Conv2d)) and id(module) not in fused_convs:

@@ -1,5 +1,7 @@
 """``FusedSequential``: an ``nn.Sequential`` that runs each conv -> BN (-> activation) run of its
-children as one fused site (r21d.fused_site) and every other child as usual.
+children as one fused site (r21d.fused_site), each (2+1)D unit -> BN (-> activation) run (a child
+laid out like torchvision's Conv2Plus1D, then the BN and activation its parent applies) as one
+fused unit (r21d.fused_unit), and every other child as usual.
 
 Children, their names and so every state-dict key stay exactly as they were; only ``forward``
 changes. ``r21d.fuse`` turns plain sequentials into this class and ``r21d.unfuse`` back.
@@ -11,26 +13,39 @@ import dataclasses
 
 from torch import nn
 
-from .fused_site import conv_base, is_activation, is_batchnorm_for, run_site
+from .fused_site import hooked, conv_base, is_activation, is_batchnorm_for, run_site
+from .fused_unit import run_unit, unit_children
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    start: int  # index of the conv among the children
+    start: int  # index of the conv (or the unit) among the children
     length: int  # 2 (conv, bn) or 3 (conv, bn, activation)
+    unit: bool = False  # the child at ``start`` is a (2+1)D unit (see fused_unit.unit_children)
+
+
+def _unit_at(children: list[nn.Module], i: int) -> bool:
+    """A (2+1)D unit whose BN follows it; a unit with hooks of its own runs as a plain child."""
+    parts = unit_children(children[i])
+    return (parts is not None and not hooked(children[i]) and i + 1 < len(children)
+            and is_batchnorm_for(children[i + 1], parts[3]))
 
 
 def run_at(children: list[nn.Module], i: int, dims: tuple[int, ...] = (2, 3)) -> Run | None:
     """The fusable run that starts at child ``i``, if any."""
     conv = children[i]
-    base = conv_base(conv)
-    if base is None or (3 if base is nn.Conv3d else 2) not in dims:
-        return None
-    if i + 1 >= len(children) or not is_batchnorm_for(children[i + 1], conv):
-        return None
+    if 3 in dims and _unit_at(children, i):
+        unit = True
+    else:
+        unit = False
+        base = conv_base(conv)
+        if base is None or (3 if base is nn.Conv3d else 2) not in dims:
+            return None
+        if i + 1 >= len(children) or not is_batchnorm_for(children[i + 1], conv):
+            return None
     if i + 2 < len(children) and is_activation(children[i + 2]):
-        return Run(i, 3)
-    return Run(i, 2)
+        return Run(i, 3, unit)
+    return Run(i, 2, unit)
 
 
 def find_runs(seq: nn.Sequential, dims: tuple[int, ...] = (2, 3)) -> list[Run]:
@@ -58,8 +73,11 @@ class FusedSequential(nn.Sequential):
                 x = children[i](x)
                 i += 1
                 continue
-            conv, bn = children[i], children[i + 1]
+            bn = children[i + 1]
             act = children[i + 2] if run.length == 3 else None
-            x = run_site(conv, bn, act, x)
+            if run.unit:
+                x = run_unit(*unit_children(children[i]), bn, act, x)
+            else:
+                x = run_site(children[i], bn, act, x)
             i += run.length
         return x

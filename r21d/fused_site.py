@@ -74,7 +74,7 @@ def _padding3d(conv: nn.Module, ndim: int) -> tuple[tuple[int, ...], str | None]
     return ((0,) if ndim == 2 else ()) + tuple(padding), reason
 
 
-def _hooked(*modules: Optional[nn.Module]) -> bool:
+def hooked(*modules: Optional[nn.Module]) -> bool:
     """Hooks would be skipped by a fused call: on these modules, or global module hooks."""
     from torch.nn.modules import module as M
 
@@ -93,7 +93,7 @@ def _blocker(conv, bn, act, ndim) -> str | None:
     _, reason = _padding3d(conv, ndim)
     if reason:
         return reason
-    if _hooked(conv, bn, act):
+    if hooked(conv, bn, act):
         return "hooks are registered on its modules"
     if isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized() \
             and dist.get_world_size(bn.process_group or dist.group.WORLD) > 1:
@@ -114,7 +114,7 @@ def _as_3d(t: Optional[Tensor]) -> Optional[Tensor]:
     return t.unsqueeze(2) if t is not None else None
 
 
-def _uses_batch_stats(bn: _BatchNorm) -> bool:
+def uses_batch_stats(bn: _BatchNorm) -> bool:
     """BatchNorm normalises with batch statistics in training, or when it tracks none."""
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
@@ -133,7 +133,7 @@ def site_config(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], *,
         dilation=lift + tuple(conv.dilation), groups=conv.groups,
         dtype=dtype or conv.weight.dtype,
         device_type=torch.device(device if device is not None else conv.weight.device).type,
-        training=_uses_batch_stats(bn), activation=activation_name(act), residual=False,
+        training=uses_batch_stats(bn), activation=activation_name(act), residual=False,
     )
     return cfg, _blocker(conv, bn, act, ndim)
 

@@ -13,6 +13,7 @@ from torch.nn.modules.utils import _triple
 
 from .fused_sequential import FusedSequential
 from .fused_site import activation_name, is_batchnorm_for, run_site
+from .fused_unit import run_unit
 
 
 def _activation_module(activation: Optional[str]) -> Optional[nn.Module]:
@@ -92,7 +93,9 @@ class ConvBNReLU2d(_ConvBNAct):
 
 class Conv2Plus1d(FusedSequential):
     """torchvision.models.video.resnet.Conv2Plus1D's child layout (loads its weights):
-    1x3x3 conv -> BN -> ReLU (fused) -> 3x1x1 conv. The parent block applies the last BN + ReLU."""
+    1x3x3 conv -> BN -> ReLU (fused) -> 3x1x1 conv. The parent block applies the last BN + ReLU;
+    inside an r21d FusedSequential (or a model ``r21d.fuse`` converted) the parent runs all of it
+    as one (2+1)D unit (r21d.fused_unit)."""
 
     def __init__(self, in_planes: int, out_planes: int, midplanes: int, stride: int = 1, padding: int = 1):
         super().__init__(
@@ -138,8 +141,9 @@ class SpatioTemporalConv(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        x = run_site(self.spatial_conv, self.bn1, self.relu, x)
-        return run_site(self.temporal_conv, self.bn2, self.relu, x)
+        """One kernel in eval mode (r21d.fused_unit); two fused sites in training."""
+        return run_unit(self.spatial_conv, self.bn1, self.relu, self.temporal_conv, self.bn2,
+                        self.relu, x)
 
 
 class DepthwiseSeparableConv3d(nn.Sequential):

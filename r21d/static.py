@@ -53,7 +53,7 @@ from typing import Callable
 # Opt-in shared memory per block (what Triton compares metadata.shared against at launch).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ARCHS = (90, 80)
-KERNEL_MODULES = ("pointwise", "depthwise", "implicit_gemm", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
+KERNEL_MODULES = ("pointwise", "depthwise", "implicit_gemm", "conv2plus1d", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
 
 
 # ----------------------------------------------------------------------------- cases
@@ -274,6 +274,44 @@ def _implicit_gemm(case: Case) -> None:
         raise ValueError(case.name)
 
 
+# The eval-mode (2+1)D unit: r2plus1d_18's layer1 unit (64 -> 144 -> 64, rows 16-byte aligned),
+# a downsampling unit with odd intermediate channels (64 -> 230 -> 128, spatial and temporal
+# stride 2: two frames per step) and the stem (3 -> 45 -> 64, 1x7x7 stride 2: unaligned rows).
+UNIT_SHAPES = {
+    "unit-cl3d": dict(C_in=64, C_mid=144, C_out=64, H=14, k=3, s=1, st=1),
+    "unit-cl3d-s2": dict(C_in=64, C_mid=230, C_out=128, H=14, k=3, s=2, st=2),
+    "unit-stem": dict(C_in=3, C_mid=45, C_out=64, H=28, k=7, s=2, st=1),
+}
+
+
+def _conv2plus1d(case: Case) -> None:
+    import torch
+
+    from r21d.triton_kernels import conv2plus1d
+
+    s = UNIT_SHAPES[case.layout]
+    dt = _torch_dtype(case.dtype)
+    gen = torch.Generator().manual_seed(0)
+
+    def act(*shape):
+        return torch.randn(*shape, generator=gen, dtype=dt).contiguous(
+            memory_format=torch.channels_last_3d)
+
+    def bn(c):  # weight, bias, running mean, running var
+        return (torch.randn(c, generator=gen), torch.randn(c, generator=gen),
+                torch.randn(c, generator=gen), torch.rand(c, generator=gen) + 1)
+
+    k, sp, st = s["k"], s["s"], s["st"]
+    x = act(2, s["C_in"], 8, s["H"], s["H"])
+    w1 = act(s["C_mid"], s["C_in"], 1, k, k)
+    w2 = act(s["C_out"], s["C_mid"], 3, 1, 1)
+    h_out = (s["H"] + 2 * (k // 2) - k) // sp + 1
+    residual = act(2, s["C_out"], (8 + 2 - 3) // st + 1, h_out, h_out) if case.name == "eval-res" else None
+    conv2plus1d.unit_eval(x, w1, None, *bn(s["C_mid"]), 1e-5, w2, None, *bn(s["C_out"]), 1e-5,
+                          residual, (sp, sp), (k // 2, k // 2), st, 1,
+                          "silu" if residual is not None else "relu")
+
+
 def _grid(family, names, dtypes, layouts, run) -> list[Case]:
     return [Case(family, n, d, lay, run) for n in names for d in dtypes for lay in layouts]
 
@@ -304,6 +342,8 @@ CASES: list[Case] = [
     *_grid("implicit_gemm", [f"{op}/{g}" for op in IG_OPS for g in ("k311", "k133-s2", "k311-s2", "k333", "k333-g4")],
            ("bf16",), ("ig-cl3d",), _implicit_gemm),
     *_grid("implicit_gemm", [f"{op}/k177-s2" for op in IG_OPS], ALL_DTYPES, ("ig-stem",), _implicit_gemm),
+    # the eval-mode (2+1)D unit (one kernel), with ReLU, and with a residual and SiLU
+    *_grid("conv2plus1d", ("eval", "eval-res"), ALL_DTYPES, tuple(UNIT_SHAPES), _conv2plus1d),
 ]
 
 

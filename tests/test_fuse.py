@@ -154,11 +154,10 @@ def test_torchvision_video_resnets(name):
     sites = r21d.fusion_sites(fused)
     # stem runs, conv1/conv2 sequentials and the downsample shortcuts are fused
     assert sum(s.kernel == "pointwise" for s in sites) == 3
-    unfused = [s for s in sites if s.backend == "unfused"]
-    if name == "r2plus1d_18":  # the temporal convs, whose BN is in the parent block
-        assert len(unfused) == 16 and all(s.pattern.startswith("Conv3d(3x1x1") for s in unfused)
-    else:
-        assert unfused == []
+    assert [s for s in sites if s.backend == "unfused"] == []
+    # r2plus1d_18: each block's Conv2Plus1D and the BN + ReLU of its parent run as one unit
+    units = [s for s in sites if s.pattern.startswith("(2+1)D unit")]
+    assert len(units) == (16 if name == "r2plus1d_18" else 0)
     back = r21d.unfuse(fused)
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
 

@@ -110,3 +110,22 @@ def test_double_backward_is_refused():
     (gx,) = torch.autograd.grad(y.sum(), a["x"], create_graph=True)
     with pytest.raises(RuntimeError):
         gx.sum().backward()
+
+
+@pytest.mark.parametrize("layout", ["cl3d", "ncdhw"])
+def test_opcheck_conv2plus1d_unit(layout):
+    """The inference-only unit op: schema, fake tensor (shape and memory format) and dispatch."""
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last_3d if layout == "cl3d" else torch.contiguous_format
+    x = torch.randn(2, 5, 4, 6, 5, generator=g).contiguous(memory_format=fmt)
+
+    def bn(c):
+        return (torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g),
+                torch.randn(c, generator=g), torch.rand(c, generator=g) + 0.5)
+
+    args = (x, torch.randn(7, 5, 1, 3, 3, generator=g), torch.randn(7, generator=g), *bn(7), 1e-5,
+            torch.randn(9, 7, 3, 1, 1, generator=g), None, *bn(9), 1e-3,
+            torch.randn(2, 9, 2, 3, 3, generator=g).contiguous(memory_format=fmt),
+            [2, 2], [1, 1], 2, 1, "silu")
+    torch.library.opcheck(torch.ops.r21d.conv2plus1d_bn_act.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))

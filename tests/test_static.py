@@ -112,3 +112,26 @@ def test_implicit_gemm_family_covered(report):
         flat = {r["constexprs"].get("FLAT_K") for r in mine}
         assert kernel == "_igemm_dgrad_kernel" or flat == {True, False}
         assert {r["constexprs"]["GROUPED"] for r in mine} == {True, False}
+
+
+def test_conv2plus1d_unit_covered_with_both_gemm_stages_on_hgmma(report):
+    """The eval-mode (2+1)D unit in every dtype, aligned and unaligned rows, one and two frames
+    per step (temporal stride 1 and 2). On sm_90 both GEMM stages are wgmma: one HGMMA per
+    k-step of the spatial dot (BLOCK_K; unrolled once per frame of a step, ST) and of each of the
+    3 temporal taps' dots (BLOCK_MID), k-steps of 16 (16-bit) or 8 (TF32) elements; a stage left
+    on HMMA or FMA would lower the count."""
+    _, data, _ = report
+    assert data is not None
+    rows = [r for r in data["rows"] if r["family"] == "conv2plus1d"]
+    assert {r["kernel"] for r in rows} == {"_unit_eval_kernel"}
+    assert {d for r in rows for d in r["dtypes"]} == {"bf16", "fp16", "fp32-tf32", "fp32-ieee"}
+    assert {lay for r in rows for lay in r["layouts"]} == {"unit-cl3d", "unit-cl3d-s2", "unit-stem"}
+    assert {r["constexprs"]["ST"] for r in rows} == {1, 2}
+    assert {r["constexprs"]["HAS_RES"] for r in rows} == {True, False}
+    for r in rows:
+        if r["arch"] != 90 or r["dtypes"] == ["fp32-ieee"]:
+            continue
+        k_step = 8 if r["dtypes"] == ["fp32-tf32"] else 16
+        cx = r["constexprs"]
+        want = (cx["ST"] * cx["BLOCK_K"] + 3 * cx["BLOCK_MID"]) // k_step
+        assert r["hgmma"] == want, (r["dtypes"], r["layouts"], r["config"], r["hgmma"], want)

@@ -179,7 +179,70 @@ class ModelCase:
                          f"{str(dtype).replace('torch.', '')}"))
 
 
-Case = Union[ConvBNActCase, ModelCase]
+@dataclasses.dataclass(frozen=True)
+class UnitCase:
+    """A (2+1)D unit in torchvision's BasicBlock layout, Sequential(Conv2Plus1D, BN, ReLU): spatial
+    conv (1, k, k) stride (1, s, s) padding k // 2 -> BN -> ReLU -> temporal conv (3, 1, 1)
+    stride (st, 1, 1) padding 1 -> BN -> ReLU."""
+
+    id: str
+    description: str
+    batch: int
+    in_channels: int
+    mid_channels: int
+    out_channels: int
+    frames: int
+    size: int
+    spatial_kernel: int = 3
+    spatial_stride: int = 1
+    temporal_stride: int = 1
+    training: bool = False
+    dtype: torch.dtype = torch.bfloat16
+    channels_last: bool = True
+    target: Optional[Target] = None
+
+    kind: ClassVar[str] = "conv2plus1d"
+    family: ClassVar[str] = "conv2plus1d"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (self.batch, self.in_channels, self.frames, self.size, self.size)
+
+    @property
+    def mid_thw(self) -> Triple:
+        k = self.spatial_kernel
+        hw = _out_size(self.size, k, self.spatial_stride, k // 2, 1)
+        return (self.frames, hw, hw)
+
+    @property
+    def output_thw(self) -> Triple:
+        t, h, w = self.mid_thw
+        return (_out_size(t, 3, self.temporal_stride, 1, 1), h, w)
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last_3d if self.channels_last else torch.contiguous_format
+
+    def work(self) -> list[roofline.Work]:
+        k = self.spatial_kernel
+        return roofline.unit_work(self.batch, self.in_channels, self.mid_channels,
+                                  self.out_channels, self.input_shape[2:], self.mid_thw,
+                                  self.output_thw, k, self.dtype, self.training)
+
+    def smoke(self, device: torch.device) -> "UnitCase":
+        """The same geometry, tiny: channels / 16 (at least 4), N2 T2 8x8, fp32 on the CPU."""
+        dtype = _smoke_dtype(device)
+        c_in, c_mid, c_out = (max(4, c // 16) for c in (self.in_channels, self.mid_channels,
+                                                          self.out_channels))
+        mode = "train" if self.training else "eval"
+        return dataclasses.replace(
+            self, id=f"{self.id}-smoke", batch=2, in_channels=c_in, mid_channels=c_mid,
+            out_channels=c_out, frames=2, size=8, dtype=dtype, target=None,
+            description=(f"smoke version of {self.id}: (2+1)D unit {c_in}->{c_mid}->{c_out}, "
+                         f"N2 T2 8x8, {str(dtype).replace('torch.', '')}, {mode}"))
+
+
+Case = Union[ConvBNActCase, ModelCase, UnitCase]
 
 
 def pointwise(in_channels: int, out_channels: int, batch: int, frames: int, size: int,
@@ -326,6 +389,36 @@ def _conv_layer_cases() -> list[ConvBNActCase]:
     return out
 
 
+# The (2+1)D units of r2plus1d_18 on a 16x112x112 clip: (spatial conv row, temporal conv row) of
+# R2PLUS1D_18_CONVS (1-based), the temporal conv's input being the spatial conv's output.
+R2PLUS1D_18_UNITS = [(1, 2), (3, 4), (5, 6), (7, 8), (10, 11), (12, 13), (14, 15), (17, 18),
+                     (19, 20), (21, 22), (24, 25)]
+# Eval at most 0.5x torch.compile for the layer1 unit (64->144->64), 0.7x for the others;
+# training forward+backward at most 0.6x eager.
+_UNIT_TARGET = Target("torch.compile", 0.7)
+_UNIT_LAYER1_TARGET = Target("torch.compile", 0.5)
+_UNIT_TRAIN_TARGET = Target("eager", 0.6)
+
+
+def conv2plus1d_unit(spatial_row: int, temporal_row: int, training: bool,
+                     batch: int = 16) -> UnitCase:
+    cin, cmid, (_, k, _), (_, s, _), t, size = R2PLUS1D_18_CONVS[spatial_row - 1]
+    _, cout, _, (st, _, _), _, _ = R2PLUS1D_18_CONVS[temporal_row - 1]
+    mode = "train" if training else "eval"
+    if training:
+        target = _UNIT_TRAIN_TARGET
+    else:
+        target = _UNIT_LAYER1_TARGET if (cin, cmid, cout) == (64, 144, 64) else _UNIT_TARGET
+    return UnitCase(
+        id=f"r2p1d-unit{spatial_row:02d}-{cin}-{cmid}-{cout}-s{s}{st}-t{t}s{size}-{mode}",
+        description=(f"r2plus1d_18 (2+1)D unit (convs {spatial_row}, {temporal_row}): 1x{k}x{k} "
+                     f"stride {s} -> BN -> ReLU -> 3x1x1 stride {st} -> BN -> ReLU, "
+                     f"{cin}->{cmid}->{cout}, N{batch} T{t} {size}x{size}, bf16 channels_last_3d, "
+                     f"{mode}" + (" (forward+backward)" if training else " (forward)")),
+        batch=batch, in_channels=cin, mid_channels=cmid, out_channels=cout, frames=t, size=size,
+        spatial_kernel=k, spatial_stride=s, temporal_stride=st, training=training, target=target)
+
+
 # The issue's targets for fused pointwise: eval no slower than 1.1x the plain GEMM (BASELINES.md);
 # training forward+backward at most 0.5x eager PyTorch.
 _GEMM_TARGET = Target("matmul", 1.1)
@@ -340,6 +433,8 @@ CASES: list[Case] = [
     pointwise(512, 512, batch=8, frames=8, size=14, training=True, target=_TRAIN_TARGET),
     *_depthwise_cases(),
     *_conv_layer_cases(),
+    *(conv2plus1d_unit(sp, tm, training) for training in (False, True)
+      for sp, tm in R2PLUS1D_18_UNITS),
     r2plus1d_18(training=False),
     r2plus1d_18(training=True),
 ]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cases import ConvBNActCase, ModelCase
+from .cases import ConvBNActCase, ModelCase, UnitCase
 from .timing import rotation_copies
 
 SEED = 0
@@ -141,7 +141,11 @@ class ConvBNActWorkload(_PlainProviders):
             layers.append({"relu": nn.ReLU, "silu": nn.SiLU}[case.activation]())
         self.base = nn.Sequential(*layers)  # fp32 on the CPU; each provider takes a copy
         randomize_batchnorm(self.base, cpu_gen)
+        self._make_inputs(seed)
 
+    def _make_inputs(self, seed: int) -> None:
+        """The rotating inputs (and output gradients in training), in the case's layout."""
+        case, device = self.case, self.device
         gen = torch.Generator(device=device).manual_seed(seed)
         element = torch.empty((), dtype=case.dtype).element_size()
         out_shape = (case.batch, case.out_channels, *case.output_thw)
@@ -164,8 +168,10 @@ class ConvBNActWorkload(_PlainProviders):
     # building blocks
     def _module(self, variant: Variant) -> nn.Sequential:
         site = copy.deepcopy(self.base).to(self.device, memory_format=variant.memory_format)
-        if not variant.autocast:
-            site[0].to(self.case.dtype)  # the conv in the data dtype; BN stays fp32 as under AMP
+        if not variant.autocast:  # the convs in the data dtype; BN stays fp32 as under AMP
+            for m in site.modules():
+                if isinstance(m, nn.Conv3d):
+                    m.to(self.case.dtype)
         return site.train(self.case.training)
 
     def _args(self, variant: Variant) -> list[tuple]:
@@ -274,6 +280,56 @@ class ConvBNActWorkload(_PlainProviders):
         return Prepared(three_gemms, [(_filled((m, k), **make), _filled((m, n), **make))
                                       for _ in range(copies)],
                         checked=None, note="3 GEMMs: forward, dgrad, wgrad")
+
+
+# ----------------------------------------------------------------------------- (2+1)D unit
+
+
+class UnitWorkload(ConvBNActWorkload):
+    """A (2+1)D unit (:class:`UnitCase`) as torchvision's BasicBlock holds it,
+    Sequential(Conv2Plus1D, BN, ReLU); r21d runs it through ``r21d.fuse``: one kernel in eval,
+    its two fused sites in training."""
+
+    def __init__(self, case: UnitCase, device: torch.device, seed: int = SEED):
+        from torchvision.models.video.resnet import Conv2Plus1D
+
+        self.case, self.device = case, device
+        torch.manual_seed(seed)
+        k, s = case.spatial_kernel, case.spatial_stride
+        unit = Conv2Plus1D(case.in_channels, case.out_channels, case.mid_channels)
+        # torchvision's Conv2Plus1D is 1x3x3 stride (1, s, s) then 3x1x1 stride (s, 1, 1); the stem
+        # unit is 1x7x7 stride (1, 2, 2) then 3x1x1 stride 1
+        unit[0] = nn.Conv3d(case.in_channels, case.mid_channels, (1, k, k), stride=(1, s, s),
+                            padding=(0, k // 2, k // 2), bias=False)
+        unit[3] = nn.Conv3d(case.mid_channels, case.out_channels, (3, 1, 1),
+                            stride=(case.temporal_stride, 1, 1), padding=(1, 0, 0), bias=False)
+        self.base = nn.Sequential(unit, nn.BatchNorm3d(case.out_channels), nn.ReLU())
+        randomize_batchnorm(self.base, torch.Generator().manual_seed(seed))
+        self._make_inputs(seed)
+
+    def _fused_call(self, site: nn.Sequential) -> Callable[[Tensor], Tensor]:
+        from ..fuse import fuse
+
+        return fuse(site, inplace=True)
+
+    def fused_unavailable(self, backend: str) -> Optional[str]:
+        """Why ``backend`` would not run the unit fused (one kernel in eval, two fused sites in
+        training), or None."""
+        from .. import backends
+        from ..fuse import fuse, fusion_sites
+
+        variant = self.fused_variants()[0]
+        with backends.use_backend(backend):
+            (row,) = fusion_sites(fuse(self._module(variant)), dtype=self.case.dtype, device=self.device)
+        if row.backend != backend:
+            return f"no fused kernel, would run on {row.backend}: {row.note}"
+        return None
+
+    def fused(self, backend: str, variant: Variant) -> Prepared:
+        prepared = super().fused(backend, variant)
+        if backend != "torch":
+            prepared.note = "two fused sites" if self.case.training else "one kernel"
+        return prepared
 
 
 # ----------------------------------------------------------------------------- whole model
@@ -389,6 +445,7 @@ class ModelWorkload(_PlainProviders):
 WORKLOADS = {
     ConvBNActCase.kind: ConvBNActWorkload,
     ModelCase.kind: ModelWorkload,
+    UnitCase.kind: UnitWorkload,
 }
 
 

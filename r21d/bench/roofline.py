@@ -101,6 +101,24 @@ def conv_bn_act_work(batch: int, in_channels: int, out_channels: int,
     return Work(bytes=element * (in_elems + out_elems + weight_elems), flops=gemm_flops, dtype=dtype)
 
 
+def unit_work(batch: int, in_channels: int, mid_channels: int, out_channels: int,
+              input_thw: Sequence[int], mid_thw: Sequence[int], output_thw: Sequence[int],
+              spatial_kernel: int, dtype: torch.dtype, training: bool) -> list[Work]:
+    """A (2+1)D unit. Eval: one step that reads the input and both weights once and writes the
+    output once, the intermediate kept on chip. Training: its two conv + BN + ReLU sites (the
+    intermediate is written once and read back, as the backward needs it)."""
+    k = (1, spatial_kernel, spatial_kernel)
+    sites = [conv_bn_act_work(batch, in_channels, mid_channels, input_thw, mid_thw, k, 1, dtype, training),
+             conv_bn_act_work(batch, mid_channels, out_channels, mid_thw, output_thw, (3, 1, 1), 1,
+                              dtype, training)]
+    if training:
+        return sites
+    element = torch.empty((), dtype=dtype).element_size()
+    mid_bytes = element * batch * mid_channels * math.prod(mid_thw)
+    return [Work(bytes=sum(w.bytes for w in sites) - 2 * mid_bytes,
+                 flops=sum(w.flops for w in sites), dtype=dtype)]
+
+
 def model_convs(builder, input_shape: Sequence[int], training: bool = False, **model_kwargs):
     """(conv module, input shape, output shape) of every Conv3d of a model, in call order, found
     by running the model on the meta device (no memory, no time)."""

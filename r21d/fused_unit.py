@@ -1,0 +1,139 @@
+"""The (2+1)D unit as one fused call: spatial conv (1 x kh x kw) -> BN -> ReLU -> temporal conv
+(kt x 1 x 1) -> BN [+ residual] -> activation.
+
+In eval mode (both BNs normalise with their running statistics) with no gradient wanted, the unit
+runs as one kernel, ``r21d::conv2plus1d_bn_act``, and the intermediate never reaches memory. In
+training, or when gradients are wanted, it runs as its two fused sites (r21d.fused_site), each
+with its kernel and autograd. A unit the kernel does not cover (see
+``dispatch.unit_geometry_reason``) also runs as two sites, with the one-time fallback warning
+(an error under R21D_STRICT=1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import backends, dispatch, functional
+from .triton_kernels._layout import out_size
+from .fused_site import (activation_name, conv_base, is_batchnorm_for, run_site, site_config,
+                         uses_batch_stats)
+
+UNIT_KERNEL = "conv2plus1d"
+
+
+def unit_children(module: nn.Module) -> tuple[nn.Module, ...] | None:
+    """(spatial_conv, bn, relu, temporal_conv) of a sequential laid out like torchvision's
+    Conv2Plus1D (a 1xkxk Conv3d, its BatchNorm, a ReLU, a kx1x1 Conv3d), or None."""
+    if not isinstance(module, nn.Sequential) or len(module) != 4:
+        return None
+    spatial, bn, relu, temporal = module
+    if conv_base(spatial) is not nn.Conv3d or conv_base(temporal) is not nn.Conv3d:
+        return None
+    if spatial.kernel_size[0] != 1 or temporal.kernel_size[1:] != (1, 1):
+        return None
+    if not is_batchnorm_for(bn, spatial) or temporal.in_channels != spatial.out_channels:
+        return None
+    try:
+        if activation_name(relu) != "relu":
+            return None
+    except ValueError:
+        return None
+    return spatial, bn, relu, temporal
+
+
+def _wants_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitChoice:
+    """How a unit runs: ``kernel`` "conv2plus1d" (one launch) or "sites" (two fused sites, or
+    their fallbacks); ``reason`` says why not one kernel where it was eligible."""
+
+    kernel: str
+    reason: str | None
+
+
+def _eligible_reason(spatial, bn1, relu, temporal, bn2) -> str | None:
+    """Why the unit runs as two sites by design (training, or a middle activation other than
+    ReLU), or None."""
+    if uses_batch_stats(bn1) or uses_batch_stats(bn2):
+        return "training: the unit runs as its two fused sites"
+    if activation_name(relu) != "relu":
+        return "the unit kernel applies ReLU between the convs"
+    return None
+
+
+def _unit_reason(spatial, bn1, relu, temporal, bn2, act, dtype, device_type, residual) -> str | None:
+    """Why the one-kernel path cannot run this eval-mode unit, or None (no warnings)."""
+    cfg1, blocker1 = site_config(spatial, bn1, relu, dtype=dtype, device=device_type)
+    cfg2, blocker2 = site_config(temporal, bn2, act, dtype=dtype, device=device_type)
+    cfg2 = dataclasses.replace(cfg2, residual=residual)
+    for cfg, blocker in ((cfg1, blocker1), (cfg2, blocker2)):
+        backend, reason = dispatch.resolve(cfg, blocker)
+        if backend != "triton":
+            return reason or f"the {backend} backend runs its {cfg.family} conv"
+    return dispatch.unit_geometry_reason(cfg1, cfg2)
+
+
+def choose_unit(spatial, bn1, relu, temporal, bn2, act, *, dtype=None, device=None,
+                residual: bool = False) -> UnitChoice:
+    """How the unit would run in its modules' current mode (no gradients), for the fusion report."""
+    dtype = dtype or spatial.weight.dtype
+    device_type = torch.device(device if device is not None else spatial.weight.device).type
+    reason = _eligible_reason(spatial, bn1, relu, temporal, bn2) or _unit_reason(
+        spatial, bn1, relu, temporal, bn2, act, dtype, device_type, residual)
+    return UnitChoice("sites" if reason else UNIT_KERNEL, reason)
+
+
+def run_unit(spatial: nn.Conv3d, bn1: nn.Module, relu: nn.Module, temporal: nn.Conv3d,
+             bn2: nn.Module, act: Optional[nn.Module], x: Tensor,
+             residual: Optional[Tensor] = None) -> Tensor:
+    """``act(bn2(temporal(relu(bn1(spatial(x))))) [+ residual])``, as one kernel where it may."""
+
+    def two_sites() -> Tensor:
+        y = run_site(spatial, bn1, relu, x)
+        return run_site(temporal, bn2, act, y, residual)
+
+    params = [p for m in (spatial, bn1, temporal, bn2) for p in m.parameters(recurse=False)]
+    if _eligible_reason(spatial, bn1, relu, temporal, bn2) or _wants_grad([x, residual, *params]):
+        return two_sites()
+    cfg1, blocker1 = site_config(spatial, bn1, relu)
+    cfg2, _ = site_config(temporal, bn2, act)
+    # x validated against the spatial conv, and its backend chosen (a warning or strict error)
+    p = functional.plan(x, spatial.weight, spatial.bias, bn1.weight, bn1.bias, bn1.running_mean,
+                        bn1.running_var, stride=cfg1.stride, padding=cfg1.padding,
+                        dilation=cfg1.dilation, groups=cfg1.groups, training=False,
+                        activation="relu", blocker=blocker1)
+    if p.backend != "triton":
+        return two_sites()
+    dtype = p.cast_dtype or x.dtype
+    N, _, T, H, W = p.output_shape
+    (kt, _, _), (st, _, _), (pt, _, _) = cfg2.kernel_size, cfg2.stride, cfg2.padding
+    out_shape = (N, temporal.out_channels, out_size(T, kt, st, pt), H, W)
+    if residual is not None and not (isinstance(residual, Tensor) and residual.dtype == dtype
+                                     and residual.device == x.device
+                                     and tuple(residual.shape) == out_shape):
+        return two_sites()  # the temporal site validates (and runs) what the kernel does not take
+    reason = _unit_reason(spatial, bn1, relu, temporal, bn2, act, dtype, x.device.type,
+                          residual is not None)
+    if reason:
+        backends.fallback(f"(2+1)D unit {p.config.describe()} -> {cfg2.describe()}", reason,
+                          instead="its two fused sites")
+        return two_sites()
+
+    w1, b1, w2, b2 = spatial.weight, spatial.bias, temporal.weight, temporal.bias
+    if p.cast_dtype is not None:  # autocast casts the convs' inputs like F.conv3d does
+        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
+        b1 = b1.to(dtype) if b1 is not None else None
+        b2 = b2.to(dtype) if b2 is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.ops.r21d.conv2plus1d_bn_act(
+            x, w1, b1, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, float(bn1.eps),
+            w2, b2, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, float(bn2.eps),
+            residual, list(cfg1.stride[1:]), list(cfg1.padding[1:]), st, pt,
+            activation_name(act) or "none")

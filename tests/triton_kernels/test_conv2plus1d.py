@@ -1,0 +1,298 @@
+"""The fused (2+1)D unit (r21d.fused_unit, r21d.triton_kernels.conv2plus1d) against the float64
+oracle: the same modules run in float64 on the torch path.
+
+Eval (inference) runs one kernel with the intermediate kept on chip; training and gradients run
+the unit as its two fused sites. On the CPU the kernels run in the Triton interpreter (fp32, fp16)
+on tiny odd shapes; on a GPU (``-m gpu``) also in bf16 and on r2plus1d_18's units, where the bound
+is twice cuDNN's own error. Strict mode throughout: a fallback would raise.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+import r21d
+from r21d.fused_unit import run_unit
+from r21d.triton_kernels import _launch, conv2plus1d
+from tests.utils import DEVICE_DTYPES, assert_oracle_close, gpu
+
+pytestmark = pytest.mark.usefixtures("strict")
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """A (2+1)D unit: spatial conv (1, kh, kw) stride (1, sh, sw) padding (0, ph, pw), BN, ReLU,
+    temporal conv (kt, 1, 1) stride (st, 1, 1) padding (pt, 0, 0), BN [+ residual], activation."""
+
+    C_in: int = 5
+    C_mid: int = 7
+    C_out: int = 9
+    N: int = 2
+    T: int = 3
+    H: int = 5
+    W: int = 4
+    kernel: tuple = (3, 3, 3)  # (kt, kh, kw)
+    stride: tuple = (1, 1, 1)  # (st, sh, sw)
+    padding: tuple = (1, 1, 1)  # (pt, ph, pw)
+    bias: bool = False
+    affine: bool = True
+    residual: bool = False
+    activation: str | None = "relu"
+    layout: str = "cl3d"
+
+    def modules(self, seed: int = 0):
+        """(spatial, bn1, relu, temporal, bn2, act), eval mode, random weights and statistics."""
+        torch.manual_seed(seed)
+        (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = self.kernel, self.stride, self.padding
+        spatial = nn.Conv3d(self.C_in, self.C_mid, (1, kh, kw), (1, sh, sw), (0, ph, pw), bias=self.bias)
+        temporal = nn.Conv3d(self.C_mid, self.C_out, (kt, 1, 1), (st, 1, 1), (pt, 0, 0), bias=self.bias)
+        bn1 = nn.BatchNorm3d(self.C_mid, affine=self.affine)
+        bn2 = nn.BatchNorm3d(self.C_out, affine=self.affine)
+        for bn in (bn1, bn2):
+            bn.running_mean.normal_(0, 0.3)
+            bn.running_var.uniform_(0.5, 1.5)
+            if self.affine:
+                bn.weight.data.uniform_(0.5, 1.5)
+                bn.bias.data.normal_(0, 0.5)
+        act = {"relu": nn.ReLU(), "silu": nn.SiLU(), None: None}[self.activation]
+        mods = [spatial, bn1, nn.ReLU(), temporal, bn2, act]
+        for m in mods:
+            if m is not None:
+                m.eval()
+        return mods
+
+    def output_shape(self):
+        (kt, kh, kw), (st, sh, sw), (pt, ph, pw) = self.kernel, self.stride, self.padding
+        return (self.N, self.C_out, (self.T + 2 * pt - kt) // st + 1, (self.H + 2 * ph - kh) // sh + 1,
+                (self.W + 2 * pw - kw) // sw + 1)
+
+    def inputs(self, dtype, device, seed: int = 1):
+        g = torch.Generator().manual_seed(seed)
+        fmt = torch.channels_last_3d if self.layout == "cl3d" else torch.contiguous_format
+        x = torch.randn(self.N, self.C_in, self.T, self.H, self.W, generator=g)
+        r = torch.randn(self.output_shape(), generator=g) if self.residual else None
+        return tuple(t.to(device, dtype).contiguous(memory_format=fmt) if t is not None else None
+                     for t in (x, r))
+
+
+def _to(mods, dtype, device, fmt=torch.channels_last_3d):
+    """Copies of the modules in ``dtype`` on ``device``, conv weights in ``fmt``; BN stays fp32
+    as under autocast-free mixed precision (the kernels take either)."""
+    out = []
+    for m in mods:
+        if m is None:
+            out.append(None)
+            continue
+        m = copy.deepcopy(m).to(device)
+        if isinstance(m, nn.Conv3d):
+            m = m.to(dtype=dtype, memory_format=fmt)
+        out.append(m)
+    return out
+
+
+def _run(backend, mods, x, residual):
+    with r21d.use_backend(backend), torch.no_grad():
+        return run_unit(*mods, x, residual)
+
+
+def _reference(unit: Unit, mods, x, residual):
+    m64 = [copy.deepcopy(m).double() if m is not None else None for m in mods]
+    r64 = residual.double() if residual is not None else None
+    return _run("torch", m64, x.double().cpu(), r64.cpu() if r64 is not None else None)
+
+
+UNITS = {
+    "r2plus1d-like-aligned": Unit(C_in=16, C_mid=24, C_out=16, T=4, H=5, W=6),
+    "odd-channels-residual": Unit(residual=True),
+    "downsample-stride2": Unit(C_in=8, C_mid=18, C_out=12, T=5, H=7, W=6, stride=(2, 2, 2)),
+    "T1": Unit(T=1, N=3, H=3, W=3),
+    "stem-1x7x7-stride2": Unit(C_in=3, C_mid=10, C_out=8, N=1, T=3, H=9, W=9, kernel=(3, 7, 7),
+                               stride=(1, 2, 2), padding=(1, 3, 3)),
+    "kt2-no-padding-bias-silu": Unit(kernel=(2, 3, 3), padding=(0, 1, 1), bias=True, T=4,
+                                     activation="silu"),
+    "kt5-stride2-no-affine": Unit(kernel=(5, 3, 3), stride=(2, 1, 1), padding=(2, 1, 1), T=6,
+                                  affine=False, activation=None),
+    "kt1-pointwise-temporal": Unit(kernel=(1, 3, 3), padding=(0, 1, 1), residual=True),
+    "ncdhw": Unit(layout="ncdhw", bias=True),
+}
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_eval_unit_matches_oracle(device, dtype, name):
+    unit = UNITS[name]
+    mods = unit.modules()
+    x, residual = unit.inputs(dtype, device)
+    fused = _to(mods, dtype, device)
+    with _launch.count() as counter, _launch.poisoned():
+        y = _run("triton", fused, x, residual)
+    assert counter.kernels.count("_unit_eval_kernel") == 1, counter.kernels
+    ref = _reference(unit, mods, x, residual)
+    base = _run("torch", fused, x, residual) if device == "cuda" else None
+    assert_oracle_close(name, y, ref, dtype, base)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) == (unit.layout == "cl3d")
+
+
+def test_one_program_walks_every_frame(monkeypatch):
+    """With the frames not split across programs, each program rotates its output accumulators
+    over all T frames (the default splits tiny interpreter problems down to one frame each)."""
+    monkeypatch.setattr(conv2plus1d, "_TARGET_PROGRAMS", 1)
+    for name in ("odd-channels-residual", "downsample-stride2", "kt5-stride2-no-affine",
+                 "kt2-no-padding-bias-silu"):
+        unit = dataclasses.replace(UNITS[name], T=7)
+        mods = unit.modules()
+        x, residual = unit.inputs(torch.float32, "cpu")
+        with _launch.capture() as launches:
+            _run("triton", _to(mods, torch.float32, "cpu"), x, residual)
+        (unit_launch,) = launches
+        assert unit_launch.grid(unit_launch.kwargs)[2] == 1  # one run of frames per program
+        y = _run("triton", _to(mods, torch.float32, "cpu"), x, residual)
+        assert_oracle_close(name, y, _reference(unit, mods, x, residual), torch.float32)
+
+
+def test_eval_unit_is_one_launch_allocating_only_its_output():
+    """The structural fusion check of DESIGN.md §8: no intermediate tensor exists."""
+    unit = UNITS["r2plus1d-like-aligned"]
+    mods = _to(unit.modules(), torch.float32, "cpu")
+    x, _ = unit.inputs(torch.float32, "cpu")
+    with _launch.count() as counter:
+        y = _run("triton", mods, x, None)
+    assert counter.launches == 1 and counter.allocations == 1, counter
+    assert counter.kernels == ["_unit_eval_kernel"]
+    assert y.shape == unit.output_shape()
+
+
+def _fp32_modules(unit: Unit):
+    return _to(unit.modules(), torch.float32, "cpu")
+
+
+def test_gradients_and_training_run_the_two_fused_sites():
+    """Training, or eval with gradients wanted, runs the unit as two implicit-GEMM sites, with the
+    outputs, every gradient and the running statistics of the plain modules in float64."""
+    for training in (False, True):
+        # (a conv bias before a training-mode BN has a gradient of exactly 0: none in training)
+        unit = Unit(C_in=6, C_mid=10, C_out=8, T=3, H=4, W=4, bias=not training, stride=(2, 1, 1))
+        mods = unit.modules()
+        fused = _fp32_modules(unit)
+        ref = [copy.deepcopy(m).double() if m is not None else None for m in mods]
+        for m in (*fused, *ref):
+            if m is not None:
+                m.train(training)
+        x, _ = unit.inputs(torch.float32, "cpu")
+        x_f, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            y = run_unit(*fused, x_f)
+        assert "_unit_eval_kernel" not in counter.kernels
+        assert counter.kernels.count("_igemm_fwd_kernel") == 2
+        with r21d.use_backend("torch"):
+            y_ref = run_unit(*ref, x_r)
+        assert_oracle_close("out", y, y_ref, torch.float32)
+        g = torch.randn_like(y)
+        y.backward(g)
+        y_ref.backward(g.double())
+        assert_oracle_close("grad x", x_f.grad, x_r.grad, torch.float32)
+        for mf, mr in zip(fused, ref):
+            if mf is None:
+                continue
+            for (name, pf), pr in zip(mf.named_parameters(), mr.parameters()):
+                assert_oracle_close(f"grad {type(mf).__name__}.{name}", pf.grad, pr.grad, torch.float32)
+            for (name, bf), br in zip(mf.named_buffers(), mr.buffers()):
+                assert torch.allclose(bf.double(), br.double(), rtol=1e-5, atol=1e-6), name
+
+
+def test_uncovered_unit_raises_in_strict_mode_and_otherwise_runs_two_sites(monkeypatch):
+    """ceil(kt / st) > 3 open output frames: the one-kernel path refuses (strict), or warns and
+    runs the unit as its two fused sites."""
+    unit = Unit(kernel=(4, 3, 3), padding=(1, 1, 1), T=5)
+    mods = _fp32_modules(unit)
+    x, _ = unit.inputs(torch.float32, "cpu")
+    with pytest.raises(r21d.FusedKernelUnavailable, match="output frames open"):
+        _run("triton", mods, x, None)
+    monkeypatch.delenv("R21D_STRICT")
+    with pytest.warns(r21d.FallbackWarning, match="two fused sites"), _launch.count() as counter:
+        y = _run("triton", mods, x, None)
+    assert counter.kernels.count("_igemm_fwd_kernel") == 2
+    assert_oracle_close("out", y, _reference(unit, unit.modules(), x, None), torch.float32)
+
+
+def test_spatiotemporal_conv_eval_runs_one_kernel_and_matches_plain_pytorch():
+    m = r21d.SpatioTemporalConv(6, 10, 3, stride=(1, 2, 2), padding=1).eval()
+    for bn in (m.bn1, m.bn2):
+        bn.running_mean.normal_(0, 0.3)
+        bn.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 6, 4, 7, 7).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        with r21d.use_backend("torch"):
+            ref = m.double()(x.double())
+        m.float().to(memory_format=torch.channels_last_3d)
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            y = m(x)
+    assert counter.kernels == ["_unit_eval_kernel"]
+    assert_oracle_close("SpatioTemporalConv", y, ref, torch.float32)
+
+
+class _Block(nn.Module):
+    """torchvision's BasicBlock conv1 layout: Sequential(Conv2Plus1D, BN, ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models.video.resnet import Conv2Plus1D
+
+        self.conv1 = nn.Sequential(Conv2Plus1D(6, 8, 10, stride=1), nn.BatchNorm3d(8), nn.ReLU())
+
+    def forward(self, x):
+        return self.conv1(x)
+
+
+def test_fuse_runs_torchvision_conv2plus1d_and_its_parents_bn_relu_as_one_unit():
+    model = _Block().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    model = model.to(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 6, 3, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+    fused = r21d.fuse(model)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    report = r21d.fusion_report(fused, device="cuda")
+    assert "(2+1)D unit" in report and "conv2plus1d" in report, report
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            y = fused(x)
+    assert counter.kernels == ["_unit_eval_kernel"]
+    assert_oracle_close("fused block", y, ref, torch.float32)
+    assert type(r21d.unfuse(fused).conv1) is nn.Sequential
+
+
+# ---------------------------------------------------------------------------- GPU
+
+# r2plus1d_18's (2+1)D units at batch 2 (the shapes of BASELINES.md at a smaller batch).
+R2PLUS1D_UNITS = {
+    "layer1-64-144-64": Unit(C_in=64, C_mid=144, C_out=64, N=2, T=16, H=56, W=56),
+    "layer2-down-64-230-128": Unit(C_in=64, C_mid=230, C_out=128, N=2, T=16, H=56, W=56,
+                                   stride=(2, 2, 2)),
+    "layer3-256-576-256": Unit(C_in=256, C_mid=576, C_out=256, N=2, T=4, H=14, W=14,
+                               residual=True),
+    "layer4-down-256-921-512": Unit(C_in=256, C_mid=921, C_out=512, N=2, T=4, H=14, W=14,
+                                    stride=(2, 2, 2)),
+    "stem-3-45-64": Unit(C_in=3, C_mid=45, C_out=64, N=2, T=16, H=112, W=112, kernel=(3, 7, 7),
+                         stride=(1, 2, 2), padding=(1, 3, 3)),
+}
+
+
+@pytest.mark.parametrize("name", [gpu(n, id=n) for n in R2PLUS1D_UNITS])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_r2plus1d_units_match_cudnn(name, dtype):
+    unit = R2PLUS1D_UNITS[name]
+    mods = unit.modules()
+    x, residual = unit.inputs(dtype, "cuda")
+    fused = _to(mods, dtype, "cuda")
+    y = _run("triton", fused, x, residual)
+    ref = _reference(unit, mods, x.cpu(), residual.cpu() if residual is not None else None)
+    assert_oracle_close(name, y, ref, dtype, _run("torch", fused, x, residual))
