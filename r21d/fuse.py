@@ -19,7 +19,7 @@ from . import dispatch
 from .backends import get_backend
 from .fused_sequential import FusedSequential, find_runs
 from .fused_site import conv_base, site_config
-from .fused_unit import UNIT_KERNEL, choose_unit, unit_children
+from .fused_unit import UNIT_KERNEL, choose_unit
 from .modules import SpatioTemporalConv
 
 # Where fuse() keeps the class a FusedSequential had before, for unfuse().
@@ -94,15 +94,13 @@ def _sites(model: nn.Module, dtype, device):
             children = list(module.children())
             for run in find_runs(module):
                 site = f"{name or '<root>'}[{run.start}:{run.start + run.length}]"
-                bn = children[run.start + 1]
-                act = children[run.start + 2] if run.length == 3 else None
-                if run.unit:
-                    units.add(id(children[run.start]))
-                    spatial, bn1, relu, temporal = unit_children(children[run.start])
-                    yield (_unit_row(site, spatial, bn1, relu, temporal, bn, act, dtype, device),
-                           (spatial, temporal))
+                parts = run.parts(children)
+                if run.unit or run.inline_unit:
+                    if run.unit:
+                        units.add(id(children[run.start]))
+                    yield _unit_row(site, *parts, dtype, device), (parts[0], parts[3])
                 else:
-                    yield _site_row(site, children[run.start], bn, act, dtype, device), (children[run.start],)
+                    yield _site_row(site, *parts, dtype, device), (parts[0],)
         elif isinstance(module, SpatioTemporalConv):
             yield (_unit_row(name or "<root>", module.spatial_conv, module.bn1, module.relu,
                              module.temporal_conv, module.bn2, module.relu, dtype, device),

@@ -14,14 +14,25 @@ import dataclasses
 from torch import nn
 
 from .fused_site import hooked, conv_base, is_activation, is_batchnorm_for, run_site
-from .fused_unit import run_unit, unit_children
+from .fused_unit import inline_unit, run_unit, unit_children
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
     start: int  # index of the conv (or the unit) among the children
-    length: int  # 2 (conv, bn) or 3 (conv, bn, activation)
+    length: int  # 2 (conv, bn) or 3 (conv, bn, activation); 5 or 6 for an inline unit
     unit: bool = False  # the child at ``start`` is a (2+1)D unit (see fused_unit.unit_children)
+    inline_unit: bool = False  # children start.. are a unit written out (fused_unit.inline_unit)
+
+    def parts(self, children: list[nn.Module]) -> tuple:
+        """(conv, bn, act) of a site; (spatial, bn1, relu, temporal, bn2, act) of a unit."""
+        act = children[self.start + self.length - 1]
+        if self.inline_unit:
+            return (*children[self.start:self.start + 5], act if self.length == 6 else None)
+        act = act if self.length == 3 else None
+        if self.unit:
+            return (*unit_children(children[self.start]), children[self.start + 1], act)
+        return children[self.start], children[self.start + 1], act
 
 
 def _unit_at(children: list[nn.Module], i: int) -> bool:
@@ -34,6 +45,9 @@ def _unit_at(children: list[nn.Module], i: int) -> bool:
 def run_at(children: list[nn.Module], i: int, dims: tuple[int, ...] = (2, 3)) -> Run | None:
     """The fusable run that starts at child ``i``, if any."""
     conv = children[i]
+    if 3 in dims and inline_unit(children, i) is not None:
+        has_act = i + 5 < len(children) and is_activation(children[i + 5])
+        return Run(i, 6 if has_act else 5, inline_unit=True)
     if 3 in dims and _unit_at(children, i):
         unit = True
     else:
@@ -73,11 +87,7 @@ class FusedSequential(nn.Sequential):
                 x = children[i](x)
                 i += 1
                 continue
-            bn = children[i + 1]
-            act = children[i + 2] if run.length == 3 else None
-            if run.unit:
-                x = run_unit(*unit_children(children[i]), bn, act, x)
-            else:
-                x = run_site(children[i], bn, act, x)
+            parts = run.parts(children)
+            x = run_unit(*parts, x) if run.unit or run.inline_unit else run_site(*parts, x)
             i += run.length
         return x

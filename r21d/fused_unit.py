@@ -3,8 +3,9 @@
 
 In eval mode (both BNs normalise with their running statistics) with no gradient wanted, the unit
 runs as one kernel, ``r21d::conv2plus1d_bn_act``, and the intermediate never reaches memory. In
-training, or when gradients are wanted, it runs as its two fused sites (r21d.fused_site), each
-with its kernel and autograd. A unit the kernel does not cover (see
+training, when gradients are wanted, or when the output is too wide for the one kernel to pay
+(see UNIT_BLOCK_N), it runs as its two fused sites (r21d.fused_site), each with its kernel and
+autograd. A unit the kernel does not cover (see
 ``dispatch.unit_geometry_reason``) also runs as two sites, with the one-time fallback warning
 (an error under R21D_STRICT=1).
 """
@@ -23,6 +24,14 @@ from .fused_site import (activation_name, conv_base, is_batchnorm_for, run_site,
                          uses_batch_stats)
 
 UNIT_KERNEL = "conv2plus1d"
+
+# The one kernel recomputes the spatial conv for every UNIT_BLOCK_N output channels (its
+# programs' output tile on a GPU); the two sites instead write the intermediate and read it
+# back. It runs where the recompute costs less than that round trip at an H100's balance
+# (BASELINES.md: 688 TFLOP/s bf16 against 2.97 TB/s, ~230 FLOP per byte): in r2plus1d_18, the
+# stem and the layer1 units (64 output channels, the largest intermediates).
+UNIT_BLOCK_N = 64
+FLOPS_PER_BYTE = 230
 
 
 def unit_children(module: nn.Module) -> tuple[nn.Module, ...] | None:
@@ -45,6 +54,33 @@ def unit_children(module: nn.Module) -> tuple[nn.Module, ...] | None:
     return spatial, bn, relu, temporal
 
 
+def inline_unit(children: list[nn.Module], i: int) -> tuple[nn.Module, ...] | None:
+    """(spatial_conv, bn1, relu, temporal_conv, bn2) when children i..i+4 of a sequential are a
+    (2+1)D factorisation written out, as in torchvision's R2Plus1dStem: a 1xkxk Conv3d (k > 1),
+    its BN, a ReLU, a tx1x1 Conv3d (t > 1) and its BN; else None."""
+    if i + 5 > len(children):
+        return None
+    parts = unit_children(nn.Sequential(*children[i:i + 4]))
+    if parts is None or parts[0].kernel_size[1:] == (1, 1) or parts[3].kernel_size[0] == 1:
+        return None
+    if not is_batchnorm_for(children[i + 4], parts[3]):
+        return None
+    return (*parts, children[i + 4])
+
+
+def recompute_reason(spatial: nn.Conv3d, temporal: nn.Conv3d) -> str | None:
+    """Why the two sites are faster than the one kernel for this unit (see UNIT_BLOCK_N; costed
+    with a 16-bit intermediate, for which the kernels are tuned), or None."""
+    blocks = -(-temporal.out_channels // UNIT_BLOCK_N)
+    # per intermediate element: the spatial conv's FLOPs recomputed by the other output blocks,
+    # against the bytes of writing it and reading it back
+    extra_flops = (blocks - 1) * 2 * spatial.in_channels * spatial.kernel_size[1] * spatial.kernel_size[2]
+    if extra_flops <= FLOPS_PER_BYTE * 2 * 2:
+        return None
+    return (f"{temporal.out_channels} output channels: the one kernel would recompute the spatial "
+            f"conv {blocks} times; writing the intermediate once costs less")
+
+
 def _wants_grad(tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -59,13 +95,13 @@ class UnitChoice:
 
 
 def _eligible_reason(spatial, bn1, relu, temporal, bn2) -> str | None:
-    """Why the unit runs as two sites by design (training, or a middle activation other than
-    ReLU), or None."""
+    """Why the unit runs as two sites by design (training, a middle activation other than ReLU,
+    or an output wide enough that the intermediate's round trip is cheaper), or None."""
     if uses_batch_stats(bn1) or uses_batch_stats(bn2):
         return "training: the unit runs as its two fused sites"
     if activation_name(relu) != "relu":
         return "the unit kernel applies ReLU between the convs"
-    return None
+    return recompute_reason(spatial, temporal)
 
 
 def _unit_reason(spatial, bn1, relu, temporal, bn2, act, dtype, device_type, residual) -> str | None:

@@ -155,9 +155,10 @@ def test_torchvision_video_resnets(name):
     # stem runs, conv1/conv2 sequentials and the downsample shortcuts are fused
     assert sum(s.kernel == "pointwise" for s in sites) == 3
     assert [s for s in sites if s.backend == "unfused"] == []
-    # r2plus1d_18: each block's Conv2Plus1D and the BN + ReLU of its parent run as one unit
+    # r2plus1d_18: the stem and each block's Conv2Plus1D with the BN + ReLU of its parent run
+    # as (2+1)D units
     units = [s for s in sites if s.pattern.startswith("(2+1)D unit")]
-    assert len(units) == (16 if name == "r2plus1d_18" else 0)
+    assert len(units) == (17 if name == "r2plus1d_18" else 0)
     back = r21d.unfuse(fused)
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
 

@@ -220,6 +220,22 @@ def test_uncovered_unit_raises_in_strict_mode_and_otherwise_runs_two_sites(monke
     assert_oracle_close("out", y, _reference(unit, unit.modules(), x, None), torch.float32)
 
 
+def test_wide_unit_runs_two_sites_by_design():
+    """128 output channels from 64 inputs: recomputing the spatial conv for a second 64-channel
+    output block costs more than the intermediate's round trip, so the unit runs as two fused
+    sites (no warning, even in strict mode) and the report says why."""
+    unit = Unit(C_in=64, C_mid=16, C_out=128, N=1, T=1, H=2, W=2)
+    mods = _fp32_modules(unit)
+    x, _ = unit.inputs(torch.float32, "cpu")
+    with _launch.count() as counter:
+        y = _run("triton", mods, x, None)
+    assert counter.kernels.count("_igemm_fwd_kernel") == 2 and "_unit_eval_kernel" not in counter.kernels
+    assert_oracle_close("out", y, _reference(unit, unit.modules(), x, None), torch.float32)
+    model = nn.Sequential(nn.Sequential(*mods[:4]), mods[4], mods[5])
+    (row,) = r21d.fusion_sites(r21d.fuse(model), device="cuda")
+    assert row.kernel == "spatial+temporal" and "recompute" in row.note, row
+
+
 def test_spatiotemporal_conv_eval_runs_one_kernel_and_matches_plain_pytorch():
     m = r21d.SpatioTemporalConv(6, 10, 3, stride=(1, 2, 2), padding=1).eval()
     for bn in (m.bn1, m.bn2):
@@ -270,6 +286,28 @@ def test_fuse_runs_torchvision_conv2plus1d_and_its_parents_bn_relu_as_one_unit()
     assert type(r21d.unfuse(fused).conv1) is nn.Sequential
 
 
+def test_fuse_runs_torchvision_r2plus1d_stem_as_one_unit():
+    """R2Plus1dStem writes the unit out (1x7x7 conv, BN, ReLU, 3x1x1 conv, BN, ReLU)."""
+    from torchvision.models.video.resnet import R2Plus1dStem
+
+    stem = R2Plus1dStem().eval()
+    for m in stem.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    stem = stem.to(memory_format=torch.channels_last_3d)
+    fused = r21d.fuse(stem)
+    (row,) = r21d.fusion_sites(fused, device="cuda")
+    assert (row.site, row.kernel, row.backend) == ("<root>[0:6]", "conv2plus1d", "triton"), row
+    x = torch.randn(1, 3, 2, 9, 9).contiguous(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        ref = copy.deepcopy(stem).double()(x.double())
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            y = fused(x)
+    assert counter.kernels == ["_unit_eval_kernel"]
+    assert_oracle_close("fused stem", y, ref, torch.float32)
+
+
 # ---------------------------------------------------------------------------- GPU
 
 # r2plus1d_18's (2+1)D units at batch 2 (the shapes of BASELINES.md at a smaller batch).
@@ -293,6 +331,14 @@ def test_r2plus1d_units_match_cudnn(name, dtype):
     mods = unit.modules()
     x, residual = unit.inputs(dtype, "cuda")
     fused = _to(mods, dtype, "cuda")
-    y = _run("triton", fused, x, residual)
+    spatial, bn1, _, temporal, bn2, _ = fused
+    # the kernel itself (run_unit sends the wider units to the two sites), then run_unit
+    y = conv2plus1d.unit_eval(
+        x, spatial.weight, None, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, bn1.eps,
+        temporal.weight, None, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, bn2.eps,
+        residual, spatial.stride[1:], spatial.padding[1:], temporal.stride[0],
+        temporal.padding[0], "relu")
     ref = _reference(unit, mods, x.cpu(), residual.cpu() if residual is not None else None)
-    assert_oracle_close(name, y, ref, dtype, _run("torch", fused, x, residual))
+    base = _run("torch", fused, x, residual)
+    assert_oracle_close(name, y, ref, dtype, base)
+    assert_oracle_close(name, _run("triton", fused, x, residual), ref, dtype, base)
