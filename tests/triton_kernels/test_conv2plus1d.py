@@ -236,20 +236,30 @@ def test_wide_unit_runs_two_sites_by_design():
     assert row.kernel == "spatial+temporal" and "recompute" in row.note, row
 
 
-def test_spatiotemporal_conv_eval_runs_one_kernel_and_matches_plain_pytorch():
-    m = r21d.SpatioTemporalConv(6, 10, 3, stride=(1, 2, 2), padding=1).eval()
-    for bn in (m.bn1, m.bn2):
-        bn.running_mean.normal_(0, 0.3)
-        bn.running_var.uniform_(0.5, 1.5)
-    x = torch.randn(2, 6, 4, 7, 7).contiguous(memory_format=torch.channels_last_3d)
+def _eval_cl3d(model: nn.Module) -> nn.Module:
+    """``model`` in eval mode with random running statistics, channels_last_3d weights."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            m.running_mean.normal_(0, 0.3)
+            m.running_var.uniform_(0.5, 1.5)
+    return model.eval().to(memory_format=torch.channels_last_3d)
+
+
+def _check_one_kernel(name: str, fused: nn.Module, plain: nn.Module, x_shape) -> None:
+    """``fused`` runs one unit kernel and matches ``plain`` run in float64."""
+    x = torch.randn(*x_shape).contiguous(memory_format=torch.channels_last_3d)
     with torch.no_grad():
         with r21d.use_backend("torch"):
-            ref = m.double()(x.double())
-        m.float().to(memory_format=torch.channels_last_3d)
+            ref = copy.deepcopy(plain).double()(x.double())
         with r21d.use_backend("triton"), _launch.count() as counter:
-            y = m(x)
+            y = fused(x)
     assert counter.kernels == ["_unit_eval_kernel"]
-    assert_oracle_close("SpatioTemporalConv", y, ref, torch.float32)
+    assert_oracle_close(name, y, ref, torch.float32)
+
+
+def test_spatiotemporal_conv_eval_runs_one_kernel_and_matches_plain_pytorch():
+    m = _eval_cl3d(r21d.SpatioTemporalConv(6, 10, 3, stride=(1, 2, 2), padding=1))
+    _check_one_kernel("SpatioTemporalConv", m, m, (2, 6, 4, 7, 7))
 
 
 class _Block(nn.Module):
@@ -266,23 +276,12 @@ class _Block(nn.Module):
 
 
 def test_fuse_runs_torchvision_conv2plus1d_and_its_parents_bn_relu_as_one_unit():
-    model = _Block().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
-    model = model.to(memory_format=torch.channels_last_3d)
-    x = torch.randn(2, 6, 3, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+    model = _eval_cl3d(_Block())
     fused = r21d.fuse(model)
     assert fused.state_dict().keys() == model.state_dict().keys()
     report = r21d.fusion_report(fused, device="cuda")
     assert "(2+1)D unit" in report and "conv2plus1d" in report, report
-    with torch.no_grad():
-        ref = copy.deepcopy(model).double()(x.double())
-        with r21d.use_backend("triton"), _launch.count() as counter:
-            y = fused(x)
-    assert counter.kernels == ["_unit_eval_kernel"]
-    assert_oracle_close("fused block", y, ref, torch.float32)
+    _check_one_kernel("fused block", fused, model, (2, 6, 3, 5, 5))
     assert type(r21d.unfuse(fused).conv1) is nn.Sequential
 
 
@@ -290,22 +289,11 @@ def test_fuse_runs_torchvision_r2plus1d_stem_as_one_unit():
     """R2Plus1dStem writes the unit out (1x7x7 conv, BN, ReLU, 3x1x1 conv, BN, ReLU)."""
     from torchvision.models.video.resnet import R2Plus1dStem
 
-    stem = R2Plus1dStem().eval()
-    for m in stem.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.normal_(0, 0.3)
-            m.running_var.uniform_(0.5, 1.5)
-    stem = stem.to(memory_format=torch.channels_last_3d)
+    stem = _eval_cl3d(R2Plus1dStem())
     fused = r21d.fuse(stem)
     (row,) = r21d.fusion_sites(fused, device="cuda")
     assert (row.site, row.kernel, row.backend) == ("<root>[0:6]", "conv2plus1d", "triton"), row
-    x = torch.randn(1, 3, 2, 9, 9).contiguous(memory_format=torch.channels_last_3d)
-    with torch.no_grad():
-        ref = copy.deepcopy(stem).double()(x.double())
-        with r21d.use_backend("triton"), _launch.count() as counter:
-            y = fused(x)
-    assert counter.kernels == ["_unit_eval_kernel"]
-    assert_oracle_close("fused stem", y, ref, torch.float32)
+    _check_one_kernel("fused stem", fused, stem, (1, 3, 2, 9, 9))
 
 
 # ---------------------------------------------------------------------------- GPU
