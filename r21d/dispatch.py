@@ -117,14 +117,29 @@ def unit_geometry_reason(spatial: FusedConfig, temporal: FusedConfig) -> str | N
     return None
 
 
+def unit_train_reason(spatial: FusedConfig, temporal: FusedConfig) -> str | None:
+    """Why the training (2+1)D unit (two chained implicit GEMMs, BN1 + ReLU applied in the
+    temporal conv's prologue) cannot run this pair (which then runs as its two fused sites), or
+    None."""
+    if temporal.groups != 1:
+        return "the temporal conv's BN prologue has no groups"
+    # both convs run the implicit-GEMM kernels, whatever family they would run alone
+    return _implicit_gemm_reason(spatial) or _implicit_gemm_reason(temporal)
+
+
+def _implicit_gemm_reason(cfg: FusedConfig) -> str | None:
+    """Why the implicit-GEMM kernels' grid cannot hold this conv, or None."""
+    if cfg.groups > IMPLICIT_GEMM_MAX_GRID:
+        return f"implicit-GEMM kernels take at most {IMPLICIT_GEMM_MAX_GRID} groups, got {cfg.groups}"
+    classes = cfg.stride[0] * cfg.stride[1] * cfg.stride[2]
+    if classes > IMPLICIT_GEMM_MAX_GRID:
+        return f"implicit-GEMM kernels take strides whose product is at most {IMPLICIT_GEMM_MAX_GRID}, got {cfg.stride}"
+    return None
+
+
 def _geometry_reason(cfg: FusedConfig) -> str | None:
     if cfg.family in IMPLICIT_GEMM_FAMILIES:
-        if cfg.groups > IMPLICIT_GEMM_MAX_GRID:
-            return f"implicit-GEMM kernels take at most {IMPLICIT_GEMM_MAX_GRID} groups, got {cfg.groups}"
-        classes = cfg.stride[0] * cfg.stride[1] * cfg.stride[2]
-        if classes > IMPLICIT_GEMM_MAX_GRID:
-            return f"implicit-GEMM kernels take strides whose product is at most {IMPLICIT_GEMM_MAX_GRID}, got {cfg.stride}"
-        return None
+        return _implicit_gemm_reason(cfg)
     if cfg.family != "depthwise":
         return None
     if max(cfg.kernel_size) > DEPTHWISE_MAX_KERNEL:

@@ -19,7 +19,7 @@ from . import dispatch
 from .backends import get_backend
 from .fused_sequential import FusedSequential, find_runs
 from .fused_site import conv_base, site_config
-from .fused_unit import UNIT_KERNEL, choose_unit
+from .fused_unit import UNIT_KERNELS, choose_unit
 from .modules import SpatioTemporalConv
 
 # Where fuse() keeps the class a FusedSequential had before, for unfuse().
@@ -75,8 +75,8 @@ def _site_row(site: str, conv, bn, act, dtype, device) -> Site:
 def _unit_row(site: str, spatial, bn1, relu, temporal, bn2, act, dtype, device) -> Site:
     pattern = f"(2+1)D unit: {_pattern(spatial, bn1, relu)} -> {_pattern(temporal, bn2, act)}"
     choice = choose_unit(spatial, bn1, relu, temporal, bn2, act, dtype=dtype, device=device)
-    if choice.kernel == UNIT_KERNEL:
-        return Site(site, pattern, UNIT_KERNEL, "triton", "")
+    if choice.kernel in UNIT_KERNELS:
+        return Site(site, pattern, choice.kernel, "triton", "")
     rows = [_site_row(site, *parts, dtype, device) for parts in
             ((spatial, bn1, relu), (temporal, bn2, act))]
     backends = "+".join(dict.fromkeys(r.backend for r in rows))

@@ -101,7 +101,7 @@ def _blocker(conv, bn, act, ndim) -> str | None:
     return None
 
 
-def _bn_momentum(bn: _BatchNorm) -> float:
+def bn_momentum(bn: _BatchNorm) -> float:
     """The exponential-average factor, counting the batch like _BatchNorm.forward does."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
@@ -162,5 +162,5 @@ def run_site(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], x: Tenso
         return act(y) if act is not None else y
     y = functional.run(
         p, lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
-        momentum=_bn_momentum(bn), eps=bn.eps, residual=lift(residual))
+        momentum=bn_momentum(bn), eps=bn.eps, residual=lift(residual))
     return y.squeeze(2) if two_d else y

@@ -141,7 +141,7 @@ class SpatioTemporalConv(nn.Module):
         self.relu = nn.ReLU()
 
     def forward(self, x: Tensor) -> Tensor:
-        """One kernel in eval mode (r21d.fused_unit); two fused sites in training."""
+        """One kernel in eval mode, two chained kernels in training (r21d.fused_unit)."""
         return run_unit(self.spatial_conv, self.bn1, self.relu, self.temporal_conv, self.bn2,
                         self.relu, x)
 

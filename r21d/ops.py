@@ -20,9 +20,8 @@ Ops:
     depthwise_conv_bn_act      Triton (custom_op here); z in x's memory format.
     implicit_gemm_conv_bn_act  Triton (custom_op here): spatial, temporal, dense and grouped convs
                                (groups = x.shape[1] / weight.shape[1]); z is channels_last_3d.
-    conv2plus1d_bn_act         Triton (custom_op here): the eval-mode (2+1)D unit as one kernel
-                               (inference only: it has no backward; training and gradients run
-                               the unit as its two fused sites).
+    conv2plus1d_bn_act[_train] Triton (custom_ops in r21d.unit_ops): the (2+1)D unit, in eval
+                               as one kernel, in training as two chained kernels.
     depthwise3d_conv_bn_act    CUDA C++ (schema in csrc/ops.cpp, kernels in csrc/cuda/); fake
                                implementation and autograd registered here when r21d._C is built.
 
@@ -233,39 +232,6 @@ IMPLICIT_GEMM = _define_triton_family("implicit_gemm_conv_bn_act", True, _implic
                                       _implicit_gemm_backward)
 
 
-@torch.library.custom_op("r21d::conv2plus1d_bn_act", mutates_args=())
-def conv2plus1d_bn_act(
-    x: Tensor, spatial_weight: Tensor, spatial_bias: Optional[Tensor], bn1_weight: Optional[Tensor],
-    bn1_bias: Optional[Tensor], bn1_running_mean: Tensor, bn1_running_var: Tensor, bn1_eps: float,
-    temporal_weight: Tensor, temporal_bias: Optional[Tensor], bn2_weight: Optional[Tensor],
-    bn2_bias: Optional[Tensor], bn2_running_mean: Tensor, bn2_running_var: Tensor, bn2_eps: float,
-    residual: Optional[Tensor], spatial_stride: Sequence[int], spatial_padding: Sequence[int],
-    temporal_stride: int, temporal_padding: int, activation: str,
-) -> Tensor:
-    """act(bn2(temporal_conv(relu(bn1(spatial_conv(x))))) [+ residual]), both BNs with running
-    statistics, as one kernel (r21d.triton_kernels.conv2plus1d). Inference only."""
-    from .triton_kernels import conv2plus1d
-
-    with _on_device(x):
-        return conv2plus1d.unit_eval(
-            x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean,
-            bn1_running_var, bn1_eps, temporal_weight, temporal_bias, bn2_weight, bn2_bias,
-            bn2_running_mean, bn2_running_var, bn2_eps, residual, tuple(spatial_stride),
-            tuple(spatial_padding), temporal_stride, temporal_padding, _activation(activation))
-
-
-@conv2plus1d_bn_act.register_fake
-def _(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean, bn1_running_var,
-      bn1_eps, temporal_weight, temporal_bias, bn2_weight, bn2_bias, bn2_running_mean,
-      bn2_running_var, bn2_eps, residual, spatial_stride, spatial_padding, temporal_stride,
-      temporal_padding, activation):
-    N, _, T, H, W = _out_shape(x, spatial_weight, (1, *spatial_stride), (0, *spatial_padding),
-                               (1, 1, 1))
-    T = (T + 2 * temporal_padding - temporal_weight.shape[2]) // temporal_stride + 1
-    shape = (N, temporal_weight.shape[0], T, H, W)
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-
-
 # csrc: the schemas come from r21d._C's TORCH_LIBRARY block.
 DEPTHWISE_CUDA = _OpFamily("r21d::depthwise3d_conv_bn_act", "r21d::depthwise3d_conv_bn_act_backward",
                            False)
@@ -321,3 +287,5 @@ FUSED_CALLS = {
 }
 # The csrc op families behind the cuda backend's calls (dispatch checks that r21d._C has them).
 CSRC_FAMILIES = {"depthwise": DEPTHWISE_CUDA}
+
+from . import unit_ops  # noqa: E402,F401  (registers the (2+1)D unit's ops)

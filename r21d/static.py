@@ -274,7 +274,7 @@ def _implicit_gemm(case: Case) -> None:
         raise ValueError(case.name)
 
 
-# The eval-mode (2+1)D unit: r2plus1d_18's layer1 unit (64 -> 144 -> 64, rows 16-byte aligned),
+# The (2+1)D unit: r2plus1d_18's layer1 unit (64 -> 144 -> 64, rows 16-byte aligned),
 # a downsampling unit with odd intermediate channels (64 -> 230 -> 128, spatial and temporal
 # stride 2: two frames per step) and the stem (3 -> 45 -> 64, 1x7x7 stride 2: unaligned rows).
 UNIT_SHAPES = {
@@ -307,6 +307,19 @@ def _conv2plus1d(case: Case) -> None:
     w2 = act(s["C_out"], s["C_mid"], 3, 1, 1)
     h_out = (s["H"] + 2 * (k // 2) - k) // sp + 1
     residual = act(2, s["C_out"], (8 + 2 - 3) // st + 1, h_out, h_out) if case.name == "eval-res" else None
+    if case.name == "train":  # the two chained implicit GEMMs (BN1 + ReLU prologue) and backward
+        from r21d.triton_kernels import conv2plus1d_train
+
+        geometry = ((1, sp, sp), (0, k // 2, k // 2), (1, 1, 1), (st, 1, 1), (1, 0, 0), (1, 1, 1))
+        g1, b1, rm1, rv1 = bn(s["C_mid"])
+        g2, b2, rm2, rv2 = bn(s["C_out"])
+        out, z1, m1, i1, z2, m2, i2, *_ = conv2plus1d_train.unit_train_fwd(
+            x, w1, None, g1, b1, rm1, rv1, 0.1, 1e-5, w2, None, g2, b2, rm2, rv2, 0.1, 1e-5, None,
+            *geometry, "relu", True)
+        conv2plus1d_train.unit_train_bwd(act(*out.shape), x, w1, None, g1, b1, z1, m1, i1, w2,
+                                         None, g2, b2, z2, m2, i2, None, *geometry, "relu",
+                                         (True,) * 9 + (False,))
+        return
     conv2plus1d.unit_eval(x, w1, None, *bn(s["C_mid"]), 1e-5, w2, None, *bn(s["C_out"]), 1e-5,
                           residual, (sp, sp), (k // 2, k // 2), st, 1,
                           "silu" if residual is not None else "relu")
@@ -342,8 +355,9 @@ CASES: list[Case] = [
     *_grid("implicit_gemm", [f"{op}/{g}" for op in IG_OPS for g in ("k311", "k133-s2", "k311-s2", "k333", "k333-g4")],
            ("bf16",), ("ig-cl3d",), _implicit_gemm),
     *_grid("implicit_gemm", [f"{op}/k177-s2" for op in IG_OPS], ALL_DTYPES, ("ig-stem",), _implicit_gemm),
-    # the eval-mode (2+1)D unit (one kernel), with ReLU, and with a residual and SiLU
-    *_grid("conv2plus1d", ("eval", "eval-res"), ALL_DTYPES, tuple(UNIT_SHAPES), _conv2plus1d),
+    # the eval-mode (2+1)D unit (one kernel), with ReLU, and with a residual and SiLU; the
+    # training unit's forward and backward (implicit GEMMs with the BN1 + ReLU prologue)
+    *_grid("conv2plus1d", ("eval", "eval-res", "train"), ALL_DTYPES, tuple(UNIT_SHAPES), _conv2plus1d),
 ]
 
 

@@ -129,3 +129,23 @@ def test_opcheck_conv2plus1d_unit(layout):
             [2, 2], [1, 1], 2, 1, "silu")
     torch.library.opcheck(torch.ops.r21d.conv2plus1d_bn_act.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_static"))
+
+
+@pytest.mark.parametrize("layout", ["cl3d", "ncdhw"])
+def test_opcheck_conv2plus1d_train_unit(layout):
+    """The training unit op and its backward: schema, fake tensors, autograd registration and
+    dispatch through AOT (forward and backward), with and without running statistics."""
+    g = torch.Generator().manual_seed(0)
+    fmt = torch.channels_last_3d if layout == "cl3d" else torch.contiguous_format
+    x = torch.randn(2, 5, 4, 6, 5, generator=g).contiguous(memory_format=fmt).requires_grad_()
+
+    def param(*shape):
+        return torch.randn(*shape, generator=g).requires_grad_()
+
+    running = (torch.zeros(7), torch.ones(7))
+    args = (x, param(7, 5, 1, 3, 3), param(7), param(7), param(7), *running, 0.1, 1e-5,
+            param(9, 7, 3, 1, 1), None, param(9), param(9), None, None, 0.0, 1e-3,
+            torch.randn(2, 9, 2, 3, 3, generator=g).contiguous(memory_format=fmt).requires_grad_(),
+            [1, 2, 2], [0, 1, 1], [1, 1, 1], [2, 1, 1], [1, 0, 0], [1, 1, 1], "silu", True)
+    with r21d.use_backend("triton"):
+        torch.library.opcheck(torch.ops.r21d.conv2plus1d_bn_act_train.default, args)

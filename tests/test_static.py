@@ -122,8 +122,8 @@ def test_conv2plus1d_unit_covered_with_both_gemm_stages_on_hgmma(report):
     on HMMA or FMA would lower the count."""
     _, data, _ = report
     assert data is not None
-    rows = [r for r in data["rows"] if r["family"] == "conv2plus1d"]
-    assert {r["kernel"] for r in rows} == {"_unit_eval_kernel"}
+    rows = [r for r in data["rows"] if r["family"] == "conv2plus1d" and r["kernel"] == "_unit_eval_kernel"]
+    assert rows
     assert {d for r in rows for d in r["dtypes"]} == {"bf16", "fp16", "fp32-tf32", "fp32-ieee"}
     assert {lay for r in rows for lay in r["layouts"]} == {"unit-cl3d", "unit-cl3d-s2", "unit-stem"}
     assert {r["constexprs"]["ST"] for r in rows} == {1, 2}
@@ -135,3 +135,15 @@ def test_conv2plus1d_unit_covered_with_both_gemm_stages_on_hgmma(report):
         cx = r["constexprs"]
         want = (cx["ST"] * cx["BLOCK_K"] + 3 * cx["BLOCK_MID"]) // k_step
         assert r["hgmma"] == want, (r["dtypes"], r["layouts"], r["config"], r["hgmma"], want)
+
+
+def test_training_unit_prologue_kernels_covered_on_hgmma(report):
+    """The training (2+1)D unit: the temporal conv's forward and wgrad with the BN1 + ReLU
+    prologue (PRE) compile, in every dtype, and stay on wgmma on sm_90 (the rules check spills)."""
+    _, data, _ = report
+    rows = [r for r in data["rows"] if r["family"] == "conv2plus1d" and r["constexprs"].get("PRE")]
+    assert {r["kernel"] for r in rows} == {"_igemm_fwd_kernel", "_igemm_wgrad_kernel"}
+    assert {d for r in rows for d in r["dtypes"]} == {"bf16", "fp16", "fp32-tf32", "fp32-ieee"}
+    for r in rows:
+        if r["arch"] == 90 and r["dtypes"] != ["fp32-ieee"]:
+            assert r["hgmma"] > 0, (r["kernel"], r["dtypes"], r["layouts"], r["config"])

@@ -46,7 +46,7 @@ def operand_class(dtype: torch.dtype, prec: str) -> str:
 
 def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual, out_shape,
                         training: bool, momentum: float, eps: float, activation: str | None,
-                        save: bool, select, launch_gemm):
+                        save: bool, select, launch_gemm, normalize: bool = True):
     """The forward launcher of a GEMM-shaped conv family: buffers, the conv GEMM, and in training
     the statistics merge and the normalise + activation pass.
 
@@ -56,6 +56,9 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
     their values updated with ``momentum`` (the exponential-average factor) as new tensors (else
     empty). Nothing is modified in place.
 
+    ``normalize=False`` (training only) stops after the statistics: no normalise pass, and ``out``
+    is ``z`` itself (channels_last_3d), for a consumer that applies the BN as it loads it.
+
     The family gives ``select(x, out, residual, training, heavy) -> (kernel, meta)``, its kernel
     variant (``heavy``: an eval epilogue that also adds a residual or saves z), and
     ``launch_gemm(kernel, meta, x, residual, out, pointers)``, which launches it with
@@ -63,6 +66,7 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
     invstd, part_mean, part_m2) after x and the weight (absent ones stand in by ``x``).
     ``x`` and ``residual`` come with contiguous channels (converted at the boundary).
     """
+    assert normalize or (training and save), "normalize=False is the training statistics only"
     M = out_shape[0] * out_shape[2] * out_shape[3] * out_shape[4]
     C_out = out_shape[1]
     dev = x.device
@@ -83,7 +87,8 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
         kernel, meta = select(x, out, residual, True, False)
         block_m = meta.get("BLOCK_M", STATS_BLOCK_M)
         num_tiles = triton.cdiv(M, block_m)
-        z = alloc_channels_last(out.shape, x) if save else out  # normalised in place if not kept
+        # normalised in place if not kept; the output itself if not normalised
+        z = alloc_channels_last(out.shape, x) if save and normalize else out
         part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
         part_m2 = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)
     else:
@@ -99,9 +104,11 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
     if training:
         mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
                                                  running_var, momentum, eps)
-        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
         if running_mean is not None:
             new_rm, new_rv = rm, rv
+        if not normalize:
+            return z, z, mean, invstd, new_rm, new_rv
+        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
         if not save:
             z, mean, invstd = absent(x.dtype), absent(), absent()
     return in_format_of(out, x_in), z, mean, invstd, new_rm, new_rv

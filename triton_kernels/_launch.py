@@ -27,6 +27,7 @@ class Counter:
     launches: int = 0
     allocations: int = 0
     kernels: list[str] = dataclasses.field(default_factory=list)
+    shapes: list[tuple[int, ...]] = dataclasses.field(default_factory=list)  # of the allocations
 
 
 _active: list[Counter] = []
@@ -62,6 +63,7 @@ def alloc(shape, *, dtype, device, memory_format=torch.contiguous_format) -> tor
     if t.numel() > 0:
         for c in _active:
             c.allocations += 1
+            c.shapes.append(tuple(t.shape))
         if _poison and t.is_floating_point():
             t.fill_(float("nan"))
     return t

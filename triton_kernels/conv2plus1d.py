@@ -118,7 +118,8 @@ def _unit_eval_kernel(
                         kh = tap // KW
                         kw = tap - kh * KW
                         a = ig._gather_tap(x_ptr, x_rows, t, h0, w0, rmask, 0, kh, kw, cc, kmask,
-                                           T_in, H_in, W_in, sxt, sxh, sxw, 1, 1, 1, X_ALIGN)
+                                           T_in, H_in, W_in, sxt, sxh, sxw, 1, 1, 1, x_ptr, 0,
+                                           X_ALIGN, False)
                         b_cols = w1_cols + (kh * s1h + kw * s1w)
                         if W1_ALIGN > 1:
                             b_cols = tl.multiple_of(b_cols, W1_ALIGN)

@@ -62,30 +62,49 @@ def _inside(t, h, w, T, H, W):
 
 
 @triton.jit
+def _bn_relu_prologue(v, ok, pre_ptr, chans, cmask, C):
+    """relu(v * scale + shift) per input channel: a previous BN + ReLU applied as the conv loads
+    its input (``pre_ptr``: scale at [0, C), shift at [C, 2C), fp32); 0 where ``ok`` is off, so
+    the conv's zero padding stays zero after the transform."""
+    scale = tl.load(pre_ptr + chans, mask=cmask, other=0.0)
+    shift = tl.load(pre_ptr + C + chans, mask=cmask, other=0.0)
+    y = tl.maximum(v.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    return tl.where(ok, y, 0.0).to(v.dtype)
+
+
+@triton.jit
 def _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, chans, cmask, T_in, H_in, W_in,
-                sxt, sxh, sxw, dt, dh, dw, X_ALIGN: tl.constexpr):
+                sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_pre, X_ALIGN: tl.constexpr,
+                PRE: tl.constexpr):
     """[rows, channels] of x: for each row (tap (0, 0, 0) at input position (t0, h0, w0), offset
-    ``x_rows``) the position tap (kt, kh, kw) reads, channels ``chans``; 0 outside the input."""
+    ``x_rows``) the position tap (kt, kh, kw) reads, channels ``chans``; 0 outside the input.
+    PRE: x is the pre-BN input of a BN + ReLU applied on load (:func:`_bn_relu_prologue`)."""
     ok = rmask & _inside(t0 + kt * dt, h0 + kh * dh, w0 + kw * dw, T_in, H_in, W_in)
     rows = x_rows + (cm.as_int64(kt * dt) * sxt + cm.as_int64(kh * dh) * sxh
                      + cm.as_int64(kw * dw) * sxw)
     if X_ALIGN > 1:
         rows = tl.multiple_of(rows, X_ALIGN)
-    return tl.load(x_ptr + rows[:, None] + chans[None, :], mask=ok[:, None] & cmask[None, :],
-                   other=0.0)
+    mask = ok[:, None] & cmask[None, :]
+    v = tl.load(x_ptr + rows[:, None] + chans[None, :], mask=mask, other=0.0)
+    if PRE:
+        v = _bn_relu_prologue(v, mask, pre_ptr, chans, cmask, C_pre)
+    return v
 
 
 @triton.jit
 def _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask, T_in, H_in, W_in,
-                 sxt, sxh, sxw, dt, dh, dw):
+                 sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_pre, PRE: tl.constexpr):
     """[rows, columns] of x where column j is tap (kt[j], kh[j], kw[j]), channel ci[j] (the flat
-    K axis); 0 outside the input."""
+    K axis); 0 outside the input. PRE as in :func:`_gather_tap`."""
     ok = rmask[:, None] & kmask[None, :] & _inside(
         t0[:, None] + (kt * dt)[None, :], h0[:, None] + (kh * dh)[None, :],
         w0[:, None] + (kw * dw)[None, :], T_in, H_in, W_in)
     cols = (kt * dt).to(tl.int64) * sxt + (kh * dh).to(tl.int64) * sxh \
         + (kw * dw).to(tl.int64) * sxw + ci
-    return tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+    v = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=ok, other=0.0)
+    if PRE:
+        v = _bn_relu_prologue(v, ok, pre_ptr, ci, kmask, C_pre)
+    return v
 
 
 # ----------------------------------------------------------------------------- forward
@@ -93,7 +112,7 @@ def _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask, T_in, 
 
 @triton.jit
 def _igemm_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+    x_ptr, w_ptr, pre_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
     M, C_in_g, C_out_g, C_out, T_out, H_out, W_out, T_in, H_in, W_in, TAPS, KH, KW,
     sxn, sxt, sxh, sxw, swo, swi, swt, swh, sww,
@@ -104,7 +123,7 @@ def _igemm_fwd_kernel(
     HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
     GROUPED: tl.constexpr, FLAT_K: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
     O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_n = tl.cdiv(C_out_g, BLOCK_N)
@@ -137,7 +156,7 @@ def _igemm_fwd_kernel(
             ci = kk - tap * C_in_g
             kt, kh, kw = _tap(tap, KH, KW)
             a = _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
-                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw)
+                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g, PRE)
             b_rows = ci * swi + kt * swt + kh * swh + kw * sww
             b = tl.load(w_ptr + b_rows[:, None] + w_cols[None, :],
                         mask=kmask[:, None] & comask[None, :], other=0.0)
@@ -150,7 +169,8 @@ def _igemm_fwd_kernel(
             kmask = cm.channel_mask(cc, C_in_g, CI_VEC)
             kt, kh, kw = _tap(tap, KH, KW)
             a = _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, cc, kmask,
-                            T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, X_ALIGN)
+                            T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g,
+                            X_ALIGN, PRE)
             b_cols = w_cols + (kt * swt + kh * swh + kw * sww)
             if W_ALIGN > 1:
                 b_cols = tl.multiple_of(b_cols, W_ALIGN)
@@ -192,14 +212,14 @@ _FWD_TILES = {
     "ieee-flat-res": [_tile(64, 32, 16, 4, 1)],
 }
 _FWD_EVAL = Tuned(_igemm_fwd_kernel, _FWD_TILES,
-                  key=["M", "C_in_g", "C_out_g", "TAPS", "SAVE"], interpret=gm.INTERPRET_GEMM)
+                  key=["M", "C_in_g", "C_out_g", "TAPS", "SAVE", "PRE"], interpret=gm.INTERPRET_GEMM)
 # Training tiles are STATS_BLOCK_M rows (the partial-statistics buffers depend on it).
 _FWD_STATS = Tuned(
     _igemm_fwd_kernel,
     {variant: [_tile(gm.STATS_BLOCK_M, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 8, c.num_stages)
                for c in configs[:2]]
      for variant, configs in _FWD_TILES.items() if "-res" not in variant},
-    key=["M", "C_in_g", "C_out_g", "TAPS"], interpret=gm.INTERPRET_GEMM,
+    key=["M", "C_in_g", "C_out_g", "TAPS", "PRE"], interpret=gm.INTERPRET_GEMM,
 )
 
 
@@ -255,12 +275,27 @@ def _weight_cl(weight: torch.Tensor, geom: _Geometry) -> torch.Tensor:
     return relayout(weight, torch.channels_last_3d)
 
 
+def _check_pre(pre: torch.Tensor | None, geom: _Geometry) -> None:
+    if pre is None:
+        return
+    if geom.groups != 1 or pre.shape != (2 * geom.C_in,) or pre.dtype != torch.float32 \
+            or not pre.is_contiguous():
+        raise ValueError(f"pre must be a contiguous float32 ({2 * geom.C_in},) vector of an "
+                         f"ungrouped conv, got {tuple(pre.shape)} {pre.dtype}, groups={geom.groups}")
+
+
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
-                    activation: str | None, save: bool):
+                    activation: str | None, save: bool, *, pre: torch.Tensor | None = None,
+                    normalize: bool = True):
     """Implicit-GEMM conv + BN + activation forward (groups = C_in / weight.shape[1]); returns what
-    _gemm.conv_bn_act_forward documents."""
+    _gemm.conv_bn_act_forward documents (``normalize`` as there).
+
+    ``pre`` (float32, [2 * C_in]: scale then shift): x is the conv output of a previous BN + ReLU,
+    applied per input channel as x is loaded, ``relu(x * scale + shift)``, so that the normalised
+    tensor is never written (the (2+1)D unit in training; groups = 1 only)."""
     geom = _Geometry(x.shape, weight.shape, stride, padding, dilation)
+    _check_pre(pre, geom)
     prec = gm.dot_precision(x.dtype)
 
     def select(x, out, residual, training, heavy):
@@ -283,7 +318,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
                     geom.groups)
 
         launch(
-            kernel, grid, x, w, *pointers,
+            kernel, grid, x, w, pre if pre is not None else x, *pointers,
             geom.M, geom.C_in_g, geom.C_out_g, geom.C_out, geom.T_out, geom.H_out, geom.W_out,
             geom.T_in, geom.H_in, geom.W_in, geom.taps, geom.KH, geom.KW,
             *rows_strides(x), w.stride(0), w.stride(1), *w.stride()[2:],
@@ -295,12 +330,12 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             # a weight's "rows" are its (output channel, tap) runs of input channels
             W_ALIGN=rows_alignment(w), O_ALIGN=_alignment(out, geom, geom.C_out_g),
             R_ALIGN=_alignment(residual, geom, geom.C_out_g),
-            CI_VEC=channel_vector(geom.C_in_g, x), PREC=prec, **meta,
+            CI_VEC=channel_vector(geom.C_in_g, x), PREC=prec, PRE=pre is not None, **meta,
         )
 
     return gm.conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual,
                                   geom.out_shape, training, momentum, eps, activation, save,
-                                  select, launch_gemm)
+                                  select, launch_gemm, normalize=normalize)
 
 
 # ----------------------------------------------------------------------------- backward
@@ -410,7 +445,7 @@ def _igemm_dgrad_kernel(
 
 @triton.jit
 def _igemm_wgrad_kernel(
-    dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, dw_ptr,
+    dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, pre_ptr, dw_ptr,
     M, C_in_g, C_out_g, C_out, T_out, H_out, W_out, T_in, H_in, W_in, TAPS, KH, KW, rows_per_split,
     sdn, sdt, sdh, sdw,
     szn, szt, szh, szw,
@@ -419,7 +454,7 @@ def _igemm_wgrad_kernel(
     st, sh, sw, pt, ph, pw, dt, dh, dw,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr, FLAT_K: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr,
-    X_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr,
+    X_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr, PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Tile: BLOCK_M output channels x BLOCK_N columns of the group's (tap, input channel) axis;
@@ -472,10 +507,11 @@ def _igemm_wgrad_kernel(
         x_rows = cm.position_offsets(n, t0, h0, w0, sxn, sxt, sxh, sxw) + ci_base
         if FLAT_K:
             xa = _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
-                              T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw)
+                              T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g, PRE)
         else:
             xa = _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
-                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, X_ALIGN)
+                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g,
+                             X_ALIGN, PRE)
         acc = tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, input_precision=PREC)
 
     w_off = split.to(tl.int64) * C_out * K + chans[:, None] * K + kk[None, :]
@@ -498,22 +534,29 @@ _BWD_TILES = {
 _DGRAD = Tuned(
     _igemm_dgrad_kernel,
     {**_BWD_TILES, "16bit-flat": [_tile(64, 16, 32, 8, 2), _tile(128, 16, 16, 8, 2)],
-     "tf32-flat": [_tile(64, 16, 32, 8, 2)], "ieee-flat": [_tile(64, 16, 16, 8, 1)]},
+     "tf32-flat": [_tile(64, 16, 32, 8, 2)], "ieee-flat": [_tile(64, 16, 16, 8, 1)],
+     # 128x64x32 spills 16 bytes on sm_90 for a strided conv with unaligned output channels
+     "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)]},
     key=["R", "C_in_g", "C_out_g", "KT", "KH", "KW", "HAS_RES"], interpret=gm.INTERPRET_GEMM)
 _WGRAD = Tuned(
     _igemm_wgrad_kernel,
     {**_BWD_TILES, "16bit-flat": [_tile(64, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2)],
      "tf32-flat": [_tile(64, 64, 32, 8, 2)], "ieee-flat": [_tile(64, 32, 16, 4, 2)]},
-    key=["M", "C_in_g", "C_out_g", "TAPS", "HAS_RES"], interpret=gm.INTERPRET_GEMM)
+    key=["M", "C_in_g", "C_out_g", "TAPS", "HAS_RES", "PRE"], interpret=gm.INTERPRET_GEMM)
 
 
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
-                    padding, dilation, training: bool, activation: str | None, needs):
+                    padding, dilation, training: bool, activation: str | None, needs, *,
+                    pre: torch.Tensor | None = None):
     """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, with ``z``,
     ``mean`` and ``invstd`` as it saved them; dx, dweight and dresidual in the memory formats of
-    x, weight and residual. ``needs`` says which of the six are wanted (the others are None)."""
+    x, weight and residual. ``needs`` says which of the six are wanted (the others are None).
+
+    With the forward's ``pre``, the wgrad applies it to x as it loads it (the conv's input was
+    ``relu(x * scale + shift)``) and dx is the gradient of that input, not of x."""
     need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
     geom = _Geometry(x.shape, weight.shape, stride, padding, dilation)
+    _check_pre(pre, geom)
     act = cm.ACTIVATIONS[activation]
     x_in, residual_in = x, residual
     grad_out, residual = channels_contiguous(grad_out), channels_contiguous(residual)
@@ -577,12 +620,13 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
 
         launch(
             kernel, grid,
-            grad_out, z, residual if residual is not None else some, coef, x, partial,
+            grad_out, z, residual if residual is not None else some, coef, x,
+            pre if pre is not None else x, partial,
             geom.M, geom.C_in_g, geom.C_out_g, geom.C_out, geom.T_out, geom.H_out, geom.W_out,
             geom.T_in, geom.H_in, geom.W_in, geom.taps, geom.KH, geom.KW, rows_per_split,
             *rows_strides(grad_out), *rows_strides(z), *rows_strides(residual), *rows_strides(x),
             *geom.conv_args(), FLAT_K=geom.flat, X_ALIGN=x_align,
-            CI_VEC=channel_vector(geom.C_in_g, x), **common, **meta,
+            CI_VEC=channel_vector(geom.C_in_g, x), PRE=pre is not None, **common, **meta,
         )
         # (C_out, kT, kH, kW, C_in/groups): the weight's shape with channels_last_3d strides
         dw = splitk.sum_splits(partial, weight.dtype).view(

@@ -288,7 +288,8 @@ class ConvBNActWorkload(_PlainProviders):
 class UnitWorkload(ConvBNActWorkload):
     """A (2+1)D unit (:class:`UnitCase`) as torchvision's BasicBlock holds it,
     Sequential(Conv2Plus1D, BN, ReLU); r21d runs it through ``r21d.fuse``: one kernel in eval,
-    its two fused sites in training."""
+    two chained kernels (the intermediate's BN + ReLU in the temporal conv's prologue) in
+    training."""
 
     def __init__(self, case: UnitCase, device: torch.device, seed: int = SEED):
         from torchvision.models.video.resnet import Conv2Plus1D
@@ -313,7 +314,7 @@ class UnitWorkload(ConvBNActWorkload):
         return fuse(site, inplace=True)
 
     def fused_unavailable(self, backend: str) -> Optional[str]:
-        """Why ``backend`` would not run the unit fused (one kernel in eval, two fused sites in
+        """Why ``backend`` would not run the unit fused (one kernel in eval, two chained kernels in
         training), or None."""
         from .. import backends
         from ..fuse import fuse, fusion_sites
@@ -328,7 +329,7 @@ class UnitWorkload(ConvBNActWorkload):
     def fused(self, backend: str, variant: Variant) -> Prepared:
         prepared = super().fused(backend, variant)
         if backend != "torch":
-            prepared.note = "two fused sites" if self.case.training else "one kernel"
+            prepared.note = "two chained kernels" if self.case.training else "one kernel"
         return prepared
 
 

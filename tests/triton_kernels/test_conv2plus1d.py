@@ -1,8 +1,9 @@
 """The fused (2+1)D unit (r21d.fused_unit, r21d.triton_kernels.conv2plus1d) against the float64
 oracle: the same modules run in float64 on the torch path.
 
-Eval (inference) runs one kernel with the intermediate kept on chip; training and gradients run
-the unit as its two fused sites. On the CPU the kernels run in the Triton interpreter (fp32, fp16)
+Eval (inference) runs one kernel with the intermediate kept on chip; training runs two chained
+implicit GEMMs with the intermediate's BN + ReLU in the temporal conv's prologue; gradients through
+an eval-mode unit run its two fused sites. On the CPU the kernels run in the Triton interpreter (fp32, fp16)
 on tiny odd shapes; on a GPU (``-m gpu``) also in bf16 and on r2plus1d_18's units, where the bound
 is twice cuDNN's own error. Strict mode throughout: a fallback would raise.
 """
@@ -171,38 +172,125 @@ def _fp32_modules(unit: Unit):
     return _to(unit.modules(), torch.float32, "cpu")
 
 
-def test_gradients_and_training_run_the_two_fused_sites():
-    """Training, or eval with gradients wanted, runs the unit as two implicit-GEMM sites, with the
-    outputs, every gradient and the running statistics of the plain modules in float64."""
-    for training in (False, True):
-        # (a conv bias before a training-mode BN has a gradient of exactly 0: none in training)
-        unit = Unit(C_in=6, C_mid=10, C_out=8, T=3, H=4, W=4, bias=not training, stride=(2, 1, 1))
-        mods = unit.modules()
-        fused = _fp32_modules(unit)
-        ref = [copy.deepcopy(m).double() if m is not None else None for m in mods]
-        for m in (*fused, *ref):
-            if m is not None:
-                m.train(training)
-        x, _ = unit.inputs(torch.float32, "cpu")
-        x_f, x_r = x.clone().requires_grad_(), x.double().requires_grad_()
-        with r21d.use_backend("triton"), _launch.count() as counter:
-            y = run_unit(*fused, x_f)
-        assert "_unit_eval_kernel" not in counter.kernels
-        assert counter.kernels.count("_igemm_fwd_kernel") == 2
-        with r21d.use_backend("torch"):
-            y_ref = run_unit(*ref, x_r)
-        assert_oracle_close("out", y, y_ref, torch.float32)
-        g = torch.randn_like(y)
-        y.backward(g)
-        y_ref.backward(g.double())
-        assert_oracle_close("grad x", x_f.grad, x_r.grad, torch.float32)
-        for mf, mr in zip(fused, ref):
-            if mf is None:
-                continue
-            for (name, pf), pr in zip(mf.named_parameters(), mr.parameters()):
-                assert_oracle_close(f"grad {type(mf).__name__}.{name}", pf.grad, pr.grad, torch.float32)
-            for (name, bf), br in zip(mf.named_buffers(), mr.buffers()):
-                assert torch.allclose(bf.double(), br.double(), rtol=1e-5, atol=1e-6), name
+def _forward_backward(backend, mods, x, residual, grad_out):
+    """The unit's output, the gradients of x, the residual and every parameter, and every
+    buffer after one forward + backward on ``backend``."""
+    x = x.detach().clone().requires_grad_()
+    residual = residual.detach().clone().requires_grad_() if residual is not None else None
+    with r21d.use_backend(backend):
+        y = run_unit(*mods, x, residual)
+    y.backward(torch.empty_like(y).copy_(grad_out))  # in y's memory format
+    grads = {"x": x.grad, **({"residual": residual.grad} if residual is not None else {})}
+    buffers = {}
+    for i, m in enumerate(mods):
+        if m is not None:
+            grads.update({f"{i}.{n}": p.grad for n, p in m.named_parameters()})
+            buffers.update({f"{i}.{n}": b for n, b in m.named_buffers()})
+    return y, grads, buffers
+
+
+def _check_training(name, unit, dtype, device, mods=None):
+    """The unit in training mode against the same modules in float64 on the torch path (and the
+    torch path in ``dtype``, whose error doubled bounds ours): the output, every gradient, the
+    running statistics and batch counts. Returns the launch counter of the fused forward."""
+    mods = mods or unit.modules()
+    for m in mods:
+        if m is not None:
+            m.train()
+    x, residual = unit.inputs(dtype, device)
+    grad_out = torch.randn(unit.output_shape(), dtype=torch.float64)
+    fused = _to(mods, dtype, device)
+    with _launch.count() as counter, _launch.poisoned():
+        y, grads, buffers = _forward_backward("triton", fused, x, residual, grad_out.to(device))
+    m64 = [copy.deepcopy(m).double() if m is not None else None for m in mods]
+    r64 = residual.double().cpu() if residual is not None else None
+    ref, ref_grads, ref_buffers = _forward_backward("torch", m64, x.double().cpu(), r64, grad_out)
+    base, base_grads, base_buffers = _forward_backward("torch", _to(mods, dtype, device), x,
+                                                       residual, grad_out.to(device))
+    assert_oracle_close(f"{name} out", y, ref, dtype, base)
+    assert grads.keys() == ref_grads.keys()
+    for key, g in ref_grads.items():
+        assert_oracle_close(f"{name} grad {key}", grads[key], g, dtype, base_grads[key])
+    for key, b in ref_buffers.items():
+        if b.dtype == torch.long:  # num_batches_tracked
+            assert torch.equal(buffers[key].cpu(), b), key
+        else:  # float32 statistics of a conv output computed in ``dtype``
+            assert_oracle_close(f"{name} {key}", buffers[key], b, torch.float32,
+                                base_buffers[key])
+    return counter
+
+
+# The training unit's forward: the spatial conv's statistics only, the temporal conv (BN1 + ReLU
+# in its prologue) and its statistics, then the one normalise pass, of the output.
+TRAIN_FORWARD = ["_igemm_fwd_kernel", "_bn_stats_finalize_kernel", "_igemm_fwd_kernel",
+                 "_bn_stats_finalize_kernel", "_bn_act_normalize_kernel"]
+
+
+@pytest.mark.parametrize("name", list(UNITS))
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_training_unit_matches_oracle(device, dtype, name):
+    """Training runs the unit as two chained implicit GEMMs with the intermediate's BN + ReLU
+    applied in the temporal conv's prologue (forward and wgrad), never normalised in memory."""
+    counter = _check_training(name, UNITS[name], dtype, device)
+    forward = counter.kernels[:counter.kernels.index("_bn_act_normalize_kernel") + 1]
+    if UNITS[name].layout == "cl3d":
+        assert "relayout" not in counter.kernels, counter.kernels
+    else:  # NCDHW is converted at the unit's boundary (x in, the output out), not between
+        forward = [k for k in forward if k != "relayout"]
+    assert forward == TRAIN_FORWARD, counter.kernels
+
+
+def test_training_unit_writes_the_intermediate_once():
+    """The structural check of the training unit: the forward allocates one tensor of the
+    intermediate's shape (z1, kept for backward) where two sites allocate two (z1 and its
+    normalised copy), and launches no normalise pass between the convs."""
+    unit = UNITS["odd-channels-residual"]
+    mid = (unit.N, unit.C_mid, unit.T, unit.H, unit.W)
+    mods = _fp32_modules(unit)
+    for m in mods:
+        m.train()
+    x, residual = unit.inputs(torch.float32, "cpu")
+    with r21d.use_backend("triton"), _launch.count() as counter:
+        y = run_unit(*mods, x.requires_grad_(), residual)
+    assert counter.kernels == TRAIN_FORWARD
+    assert counter.shapes.count(mid) == 1, counter.shapes
+    with _launch.count() as counter:
+        y.backward(torch.randn_like(y))
+    # the gradient of the normalised intermediate (the temporal dgrad's output) is the one
+    # intermediate-shaped tensor backward allocates; relu(bn1(z1)) is recomputed as it is loaded
+    assert counter.shapes.count(mid) == 1, counter.shapes
+    assert "relayout" not in counter.kernels
+
+
+def test_training_unit_without_running_stats_and_cumulative_momentum():
+    """nn.BatchNorm's variants: track_running_stats=False normalises with batch statistics and
+    keeps none; momentum=None averages cumulatively (num_batches_tracked counts each call)."""
+    unit = Unit(C_in=6, C_mid=10, C_out=8, T=4, H=4, W=3, stride=(2, 1, 1))
+    mods = unit.modules()
+    mods[1].track_running_stats = False
+    mods[1].running_mean = mods[1].running_var = mods[1].num_batches_tracked = None
+    mods[4].momentum = None
+    for _ in range(2):
+        _check_training("variants", unit, torch.float32, "cpu", mods)
+        mods[4].num_batches_tracked.add_(1)  # the reference's copy counted the call, not mods
+
+
+def test_eval_with_gradients_runs_the_two_fused_sites():
+    """Gradients through an eval-mode unit (frozen BN fine-tuning) run it as its two
+    implicit-GEMM sites, with every gradient of the plain modules in float64."""
+    unit = Unit(C_in=6, C_mid=10, C_out=8, T=3, H=4, W=4, bias=True, stride=(2, 1, 1))
+    mods = unit.modules()
+    x, _ = unit.inputs(torch.float32, "cpu")
+    grad_out = torch.randn(unit.output_shape(), dtype=torch.float64)
+    with _launch.count() as counter:
+        y, grads, _ = _forward_backward("triton", _fp32_modules(unit), x, None, grad_out)
+    assert "_unit_eval_kernel" not in counter.kernels
+    assert counter.kernels.count("_igemm_fwd_kernel") == 2
+    m64 = [copy.deepcopy(m).double() if m is not None else None for m in mods]
+    ref, ref_grads, _ = _forward_backward("torch", m64, x.double(), None, grad_out)
+    assert_oracle_close("out", y, ref, torch.float32)
+    for key, g in ref_grads.items():
+        assert_oracle_close(f"grad {key}", grads[key], g, torch.float32)
 
 
 def test_uncovered_unit_raises_in_strict_mode_and_otherwise_runs_two_sites(monkeypatch):
@@ -283,6 +371,34 @@ def test_fuse_runs_torchvision_conv2plus1d_and_its_parents_bn_relu_as_one_unit()
     assert "(2+1)D unit" in report and "conv2plus1d" in report, report
     _check_one_kernel("fused block", fused, model, (2, 6, 3, 5, 5))
     assert type(r21d.unfuse(fused).conv1) is nn.Sequential
+
+
+def test_fuse_trains_torchvision_conv2plus1d_block_as_the_training_unit():
+    """In training, the fused Conv2Plus1D + parent BN/ReLU runs the chained training unit; its
+    output, input gradient, parameter gradients and running statistics match the plain block."""
+    model = _eval_cl3d(_Block()).train()
+    fused = r21d.fuse(model)
+    (row,) = r21d.fusion_sites(fused, device="cuda")
+    assert (row.kernel, row.backend) == ("conv2plus1d-train", "triton"), row
+    x = torch.randn(2, 6, 3, 5, 5).contiguous(memory_format=torch.channels_last_3d)
+    grad_out = torch.randn(2, 8, 3, 5, 5, dtype=torch.float64)
+    results = []
+    for backend, m, dtype in (("triton", fused, torch.float32),
+                              ("torch", copy.deepcopy(model).double(), torch.float64)):
+        xi = x.to(dtype).detach().requires_grad_()
+        with r21d.use_backend(backend), _launch.count() as counter:
+            y = m(xi)
+        y.backward(torch.empty_like(y).copy_(grad_out))
+        results.append((y, xi.grad, dict(m.named_parameters()), dict(m.named_buffers()), counter))
+    (y, gx, params, buffers, counter), (ry, rgx, rparams, rbuffers, _) = results
+    assert counter.kernels[:len(TRAIN_FORWARD)] == TRAIN_FORWARD
+    assert_oracle_close("out", y, ry, torch.float32)
+    assert_oracle_close("grad x", gx, rgx, torch.float32)
+    assert params.keys() == rparams.keys()
+    for name, p in rparams.items():
+        assert_oracle_close(f"grad {name}", params[name].grad, p.grad, torch.float32)
+    for name, b in rbuffers.items():
+        assert torch.allclose(buffers[name].to(b.dtype), b, rtol=1e-5, atol=1e-6), name
 
 
 def test_fuse_runs_torchvision_r2plus1d_stem_as_one_unit():
