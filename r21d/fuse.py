@@ -2,8 +2,9 @@
 
 ``fuse`` turns every ``nn.Sequential`` (at any depth, subclasses included when they keep
 Sequential's forward, e.g. torchvision's Conv2Plus1D, BasicStem, R2Plus1dStem) that holds a
-Conv3d -> BatchNorm3d/SyncBatchNorm (-> ReLU/SiLU) run into a :class:`FusedSequential`. The
-children are untouched, so every state-dict key and value, the train/eval mode and the device stay
+Conv3d -> BatchNorm3d/SyncBatchNorm (-> ReLU/SiLU) run into a :class:`FusedSequential`, and
+torchvision's BasicBlock / Bottleneck into r21d.fused_block's drop-in classes, whose last conv
+applies BN + residual add + ReLU in its epilogue. The children are untouched, so every state-dict key and value, the train/eval mode and the device stay
 as they were; only the class changes, and ``unfuse`` changes it back.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import sys
 
 import torch
 from torch import nn
@@ -35,15 +37,28 @@ def _fusable_sequential(module: nn.Module) -> bool:
     )
 
 
+def _fused_blocks() -> dict[type, type]:
+    """torchvision's residual block classes -> r21d's drop-in fused ones (r21d.fused_block); empty
+    when torchvision's video models were never imported (then no model holds their blocks)."""
+    if "torchvision.models.video.resnet" not in sys.modules:
+        return {}
+    from .fused_block import FUSED_BLOCKS
+
+    return FUSED_BLOCKS
+
+
 def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
-    """Replace every fusable conv -> BN (-> activation) run of ``model`` by a fused site."""
+    """Replace every fusable conv -> BN (-> activation) run of ``model`` by a fused site, and the
+    residual tail of torchvision's BasicBlock / Bottleneck by the last conv's epilogue."""
     if not inplace:
         model = copy.deepcopy(model)
+    blocks = _fused_blocks()
     for module in model.modules():
-        if _fusable_sequential(module):
-            # Same object and children, Sequential's layout: only forward changes.
+        # Same object and children: only the class, and so forward, changes.
+        fused_class = FusedSequential if _fusable_sequential(module) else blocks.get(type(module))
+        if fused_class is not None:
             setattr(module, _ORIGINAL_CLASS, type(module))
-            module.__class__ = FusedSequential
+            module.__class__ = fused_class
     return model
 
 
@@ -52,45 +67,76 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     (``nn.Sequential`` for r21d's own ConvBNReLU3d, Conv2Plus1d, ...)."""
     if not inplace:
         model = copy.deepcopy(model)
+    fused_blocks = {fused: plain for plain, fused in _fused_blocks().items()}
     for module in model.modules():
         if isinstance(module, FusedSequential):
             module.__class__ = module.__dict__.pop(_ORIGINAL_CLASS, nn.Sequential)
+        elif type(module) in fused_blocks:
+            module.__class__ = module.__dict__.pop(_ORIGINAL_CLASS, fused_blocks[type(module)])
     return model
 
 
-def _pattern(conv, bn, act) -> str:
+def _pattern(conv, bn, act, residual: bool = False) -> str:
     k = "x".join(map(str, conv.kernel_size))
     parts = [f"{type(conv).__name__}({k}, stride {tuple(conv.stride)})", type(bn).__name__]
+    if residual:
+        parts.append("+ residual")
     if act is not None:
         parts.append(type(act).__name__)
     return " -> ".join(parts)
 
 
-def _site_row(site: str, conv, bn, act, dtype, device) -> Site:
+def _site_row(site: str, conv, bn, act, dtype, device, residual: bool = False) -> Site:
     cfg, blocker = site_config(conv, bn, act, dtype=dtype, device=device)
-    backend, reason = dispatch.resolve(cfg, blocker)
-    return Site(site, _pattern(conv, bn, act), cfg.family, backend, reason or "")
+    backend, reason = dispatch.resolve(dataclasses.replace(cfg, residual=residual), blocker)
+    return Site(site, _pattern(conv, bn, act, residual), cfg.family, backend, reason or "")
 
 
-def _unit_row(site: str, spatial, bn1, relu, temporal, bn2, act, dtype, device) -> Site:
-    pattern = f"(2+1)D unit: {_pattern(spatial, bn1, relu)} -> {_pattern(temporal, bn2, act)}"
-    choice = choose_unit(spatial, bn1, relu, temporal, bn2, act, dtype=dtype, device=device)
+def _unit_row(site: str, spatial, bn1, relu, temporal, bn2, act, dtype, device,
+              residual: bool = False) -> Site:
+    pattern = (f"(2+1)D unit: {_pattern(spatial, bn1, relu)} -> "
+               f"{_pattern(temporal, bn2, act, residual)}")
+    choice = choose_unit(spatial, bn1, relu, temporal, bn2, act, dtype=dtype, device=device,
+                         residual=residual)
     if choice.kernel in UNIT_KERNELS:
         return Site(site, pattern, choice.kernel, "triton", "")
-    rows = [_site_row(site, *parts, dtype, device) for parts in
-            ((spatial, bn1, relu), (temporal, bn2, act))]
+    rows = [_site_row(site, spatial, bn1, relu, dtype, device),
+            _site_row(site, temporal, bn2, act, dtype, device, residual)]
     backends = "+".join(dict.fromkeys(r.backend for r in rows))
     notes = "; ".join(n for n in (choice.reason, *(r.note for r in rows)) if n)
     return Site(site, pattern, f"{rows[0].kernel}+{rows[1].kernel}", backends, notes)
 
 
+def _block_tail(module: nn.Module) -> tuple[nn.Module, tuple] | None:
+    """(tail sequential, its fused parts) of a fused residual block whose tail runs fused."""
+    if not _fused_blocks():
+        return None
+    from .fused_block import tail_of, tail_parts
+
+    tail = tail_of(module)
+    parts = tail_parts(*tail) if tail is not None else None
+    return (tail[0], parts) if parts is not None else None
+
+
 def _sites(model: nn.Module, dtype, device):
     """(row, convs) for every fused site and (2+1)D unit of ``model``."""
     units = set()  # the Conv2Plus1D-like children a parent runs as a unit (not as their own site)
+    tails = {}  # id(tail sequential) -> the parts its fused block runs (r21d.fused_block)
     for name, module in model.named_modules():  # parents come before their children
         if id(module) in units:
             continue
-        if isinstance(module, FusedSequential):
+        tail = _block_tail(module)
+        if tail is not None:
+            tails[id(tail[0])] = tail[1]
+        if id(module) in tails:
+            parts = tails[id(module)]
+            site = f"{name}[0:2] + residual"
+            if len(parts) == 6:
+                units.add(id(module[0]))
+                yield _unit_row(site, *parts, dtype, device, True), (parts[0], parts[3])
+            else:
+                yield _site_row(site, *parts, dtype, device, True), (parts[0],)
+        elif isinstance(module, FusedSequential):
             children = list(module.children())
             for run in find_runs(module):
                 site = f"{name or '<root>'}[{run.start}:{run.start + run.length}]"

@@ -1,0 +1,81 @@
+"""The residual tail of torchvision's video ResNet blocks, fused: the last conv's BatchNorm, the
+residual add and the block's ReLU run in that conv's epilogue (r21d.fused_site / fused_unit with
+``residual``), instead of BN, then ``out += residual``, then ReLU as three passes.
+
+``FusedBasicBlock`` and ``FusedBottleneck`` subclass torchvision's BasicBlock and Bottleneck and
+only replace ``forward``: the children, their names and every state-dict key stay; ``r21d.fuse``
+swaps the class in and ``r21d.unfuse`` back. Where the tail cannot run fused (hooks on the tail's
+modules, a tail that is not conv -> BN, or a fused backend that cannot run it), the block runs
+torchvision's own arithmetic on its modules.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from torch import Tensor, nn
+from torchvision.models.video.resnet import BasicBlock, Bottleneck
+
+from .fused_site import conv_base, hooked, is_activation, is_batchnorm_for, run_site
+from .fused_unit import run_unit, unit_children
+
+
+def tail_parts(seq: nn.Module, act: nn.Module) -> Optional[tuple]:
+    """The parts of a block's tail ``seq`` (Sequential(conv, BN), or Sequential(Conv2Plus1D-like
+    unit, BN)) followed by the residual add and ``act``: (conv, bn, act) for a site,
+    (spatial, bn1, relu, temporal, bn2, act) for a unit; None when it cannot run fused."""
+    if not isinstance(seq, nn.Sequential) or len(seq) != 2 or not is_activation(act):
+        return None
+    if hooked(seq, *seq.children(), act):
+        return None  # the hooks see the tensors of the unfused forward
+    first, bn = seq
+    unit = unit_children(first)
+    if unit is not None and not hooked(first) and is_batchnorm_for(bn, unit[3]):
+        return (*unit, bn, act)
+    if conv_base(first) is nn.Conv3d and is_batchnorm_for(bn, first):
+        return first, bn, act
+    return None
+
+
+def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
+    """``act(seq(x) + residual)``, fused where it may (see :func:`tail_parts`)."""
+    parts = tail_parts(seq, act)
+    if parts is None:
+        out = seq(x)
+        out += residual
+        return act(out)
+    if len(parts) == 6:
+        return run_unit(*parts, x, residual)
+    return run_site(*parts, x, residual)
+
+
+class FusedBasicBlock(BasicBlock):
+    """torchvision's BasicBlock with conv2's BN + residual add + ReLU in conv2's epilogue."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv1(x)
+        residual = x if self.downsample is None else self.downsample(x)
+        return run_tail(self.conv2, self.relu, out, residual)
+
+
+class FusedBottleneck(Bottleneck):
+    """torchvision's Bottleneck with conv3's BN + residual add + ReLU in conv3's epilogue."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2(self.conv1(x))
+        residual = x if self.downsample is None else self.downsample(x)
+        return run_tail(self.conv3, self.relu, out, residual)
+
+
+# torchvision's block class -> its drop-in fused class (fuse swaps only exact classes: a subclass
+# may change forward).
+FUSED_BLOCKS = {BasicBlock: FusedBasicBlock, Bottleneck: FusedBottleneck}
+
+
+def tail_of(block: nn.Module) -> Optional[tuple[nn.Module, nn.Module]]:
+    """(tail sequential, activation) of a fused block, or None."""
+    if isinstance(block, FusedBasicBlock):
+        return block.conv2, block.relu
+    if isinstance(block, FusedBottleneck):
+        return block.conv3, block.relu
+    return None
