@@ -446,3 +446,11 @@ def test_r2plus1d_units_match_cudnn(name, dtype):
     base = _run("torch", fused, x, residual)
     assert_oracle_close(name, y, ref, dtype, base)
     assert_oracle_close(name, _run("triton", fused, x, residual), ref, dtype, base)
+
+
+@pytest.mark.parametrize("name", [gpu(n, id=n) for n in ("layer1-64-144-64", "layer3-256-576-256")])
+def test_r2plus1d_training_units_match_cudnn(name):
+    """The training unit on r2plus1d_18 shapes in bf16: output, every gradient and the running
+    statistics within twice cuDNN's error against float64."""
+    counter = _check_training(name, R2PLUS1D_UNITS[name], torch.bfloat16, "cuda")
+    assert counter.kernels[:len(TRAIN_FORWARD)] == TRAIN_FORWARD
