@@ -215,3 +215,34 @@ def check_backend(backend: str, case: ConvCase, dtype, device, training: bool, m
         assert_oracle_close("running_mean", rm, ref_rm, torch.float32)
         assert_oracle_close("running_var", rv, ref_rv, torch.float32)
     return y, counter
+
+
+def assert_module_matches_float64(fused: torch.nn.Module, plain: torch.nn.Module, x: torch.Tensor):
+    """One forward + backward of ``fused`` (float32, triton backend) against a float64 copy of
+    ``plain`` on the torch path: the output, the input gradient, every parameter gradient and
+    every buffer (running statistics, batch counts). Returns the launch counter of ``fused``."""
+    import copy
+
+    import r21d
+    from r21d.triton_kernels import _launch
+
+    g = torch.Generator().manual_seed(2)
+    results = []
+    for backend, m, dtype in (("triton", fused, torch.float32),
+                              ("torch", copy.deepcopy(plain).double(), torch.float64)):
+        xi = x.to(dtype).detach().requires_grad_()
+        with r21d.use_backend(backend), _launch.count() as counter:
+            y = m(xi)
+        if backend == "triton":
+            grad_out = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        y.backward(torch.empty_like(y).copy_(grad_out))  # in y's memory format
+        results.append((y, xi.grad, dict(m.named_parameters()), dict(m.named_buffers()), counter))
+    (y, gx, params, buffers, counter), (ry, rgx, rparams, rbuffers, _) = results
+    assert_oracle_close("out", y, ry, torch.float32)
+    assert_oracle_close("grad x", gx, rgx, torch.float32)
+    assert params.keys() == rparams.keys()
+    for name, p in rparams.items():
+        assert_oracle_close(f"grad {name}", params[name].grad, p.grad, torch.float32)
+    for name, b in rbuffers.items():
+        assert torch.allclose(buffers[name].to(b.dtype), b, rtol=1e-5, atol=1e-6), name
+    return counter

@@ -20,7 +20,7 @@ from torch import nn
 import r21d
 from r21d.fused_unit import run_unit
 from r21d.triton_kernels import _launch, conv2plus1d
-from tests.utils import DEVICE_DTYPES, assert_oracle_close, gpu
+from tests.utils import DEVICE_DTYPES, assert_module_matches_float64, assert_oracle_close, gpu
 
 pytestmark = pytest.mark.usefixtures("strict")
 
@@ -381,24 +381,8 @@ def test_fuse_trains_torchvision_conv2plus1d_block_as_the_training_unit():
     (row,) = r21d.fusion_sites(fused, device="cuda")
     assert (row.kernel, row.backend) == ("conv2plus1d-train", "triton"), row
     x = torch.randn(2, 6, 3, 5, 5).contiguous(memory_format=torch.channels_last_3d)
-    grad_out = torch.randn(2, 8, 3, 5, 5, dtype=torch.float64)
-    results = []
-    for backend, m, dtype in (("triton", fused, torch.float32),
-                              ("torch", copy.deepcopy(model).double(), torch.float64)):
-        xi = x.to(dtype).detach().requires_grad_()
-        with r21d.use_backend(backend), _launch.count() as counter:
-            y = m(xi)
-        y.backward(torch.empty_like(y).copy_(grad_out))
-        results.append((y, xi.grad, dict(m.named_parameters()), dict(m.named_buffers()), counter))
-    (y, gx, params, buffers, counter), (ry, rgx, rparams, rbuffers, _) = results
+    counter = assert_module_matches_float64(fused, model, x)
     assert counter.kernels[:len(TRAIN_FORWARD)] == TRAIN_FORWARD
-    assert_oracle_close("out", y, ry, torch.float32)
-    assert_oracle_close("grad x", gx, rgx, torch.float32)
-    assert params.keys() == rparams.keys()
-    for name, p in rparams.items():
-        assert_oracle_close(f"grad {name}", params[name].grad, p.grad, torch.float32)
-    for name, b in rbuffers.items():
-        assert torch.allclose(buffers[name].to(b.dtype), b, rtol=1e-5, atol=1e-6), name
 
 
 def test_fuse_runs_torchvision_r2plus1d_stem_as_one_unit():
