@@ -177,3 +177,88 @@ def test_wrapped_torchvision_model_runs_every_site_fused(strict):
     assert y.shape == (1, 512, 1, 1, 1)
     assert counter.kernels.count("_pointwise_fwd_kernel") == 3  # layer2..4 shortcuts
     assert counter.kernels.count("_igemm_fwd_kernel") == 17  # the stem and 16 3x3x3 convs
+
+
+def test_fused_r2plus1d_18_eval_launches_one_kernel_per_fused_conv(strict):
+    """The structural check of a whole fused r2plus1d_18 eval forward (launches captured, not
+    run): every site is one kernel, so one launch per fused (2+1)D unit kernel and per conv of a
+    unit run as its two sites, with no relayout, no separate BN, ReLU or residual-add pass;
+    against the operations the plain model runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    video = pytest.importorskip("torchvision.models.video")
+    model = video.r2plus1d_18().eval().to(memory_format=torch.channels_last_3d)
+    fused = r21d.fuse(model)
+    x = torch.randn(1, 3, 4, 16, 16).contiguous(memory_format=torch.channels_last_3d)
+    rows = r21d.fusion_sites(fused, device="cuda")
+    expected = sum(1 if "+" not in r.kernel else 2 for r in rows)  # "spatial+temporal": two sites
+    class RecordOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), r21d.use_backend("triton"), _launch.count() as counter, \
+            _launch.capture(), RecordOps() as fused_ops:
+        fused(x)
+    assert "relayout" not in counter.kernels
+    assert counter.launches == expected, (counter.kernels, [r.kernel for r in rows])
+    # 17 units (the stem and 4 layer1 units one kernel each, 12 two-site units) + 3 shortcuts
+    assert counter.launches == 1 + 4 + 2 * 12 + 3
+    # besides r21d's ops, torch computes nothing but the head (pooling, linear): no conv, BN,
+    # ReLU or residual add of its own
+    computed = {n for n in fused_ops.names if not n.endswith("_bn_act")} - {
+        "empty", "empty_strided", "view", "permute", "as_strided", "as_strided_", "detach",
+        "alias", "t"}
+    assert computed <= {"mean", "adaptive_avg_pool3d", "_adaptive_avg_pool3d", "addmm", "mm",
+                        "squeeze", "flatten", "_unsafe_view"}, computed
+    assert {"conv2plus1d_bn_act", "implicit_gemm_conv_bn_act", "pointwise_conv_bn_act"} \
+        <= set(fused_ops.names)
+    with torch.no_grad(), RecordOps() as plain_ops:
+        model(x)
+    plain = set(plain_ops.names)
+    assert {"convolution", "relu_", "add_"} <= plain, plain  # what fusion removed
+
+
+def _grad_cam(model: nn.Module, x: torch.Tensor, target: int) -> torch.Tensor:
+    """Grad-CAM on ``model.layer4``: activations from a forward hook, their gradient from a full
+    backward hook, the heat map relu(sum_c mean(grad_c) * act_c)."""
+    seen = {}
+    handles = [
+        model.layer4.register_forward_hook(lambda m, args, out: seen.__setitem__("act", out)),
+        model.layer4.register_full_backward_hook(lambda m, gin, gout: seen.__setitem__("grad", gout[0])),
+    ]
+    try:
+        model(x)[:, target].sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+    weights = seen["grad"].mean(dim=(2, 3, 4), keepdim=True)
+    return torch.relu((weights * seen["act"]).sum(dim=1))
+
+
+@pytest.mark.parametrize("device,backend", [
+    ("cpu", "torch"), pytest.param("cuda", "triton", marks=pytest.mark.gpu)])
+def test_grad_cam_on_fused_r2plus1d_18_matches_the_plain_model(device, backend, strict,
+                                                              monkeypatch):
+    """Hooks users put on a block sequence that fuse() leaves as it is (layer4) see the same
+    activations and gradients: the heat maps agree (float32; on a GPU in IEEE fp32, TF32 off for
+    cuDNN and so for the kernels, which follow its setting)."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    video = pytest.importorskip("torchvision.models.video")
+    plain = _randomize(video.r2plus1d_18(num_classes=6)).eval().to(device)
+    fused = r21d.fuse(plain)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 3, 4, 32, 32, generator=g).to(device)
+    with r21d.use_backend("torch"):
+        ref = _grad_cam(plain, x.clone().requires_grad_(), target=2)
+    with r21d.use_backend(backend):
+        cam = _grad_cam(fused, x.clone().requires_grad_(), target=2)
+    assert cam.shape == ref.shape and ref.abs().max() > 0
+    if backend == "torch":
+        assert torch.equal(cam, ref)
+    else:
+        assert torch.allclose(cam, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
