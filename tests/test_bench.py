@@ -89,7 +89,15 @@ def test_case_table_and_selection():
     ids = [c.id for c in cases.CASES]
     assert len(ids) == len(set(ids))
     assert len(cases.select("pointwise")) == 6
-    assert [c.id for c in cases.select("r2plus1d_18")] == ["r2plus1d_18-b16-eval", "r2plus1d_18-b16-train"]
+    assert [c.id for c in cases.select("r2plus1d_18")] == [
+        "r2plus1d_18-b16-eval", "r2plus1d_18-b16-train", "r2plus1d_18-b1-latency",
+        "r2plus1d_18-b4-latency"]
+    assert [c.id for c in cases.select("r3d_18-b")] == ["r3d_18-b16-eval", "r3d_18-b16-train"]
+    latency = cases.select("latency")
+    assert [(c.batch, c.training, c.cuda_graph, c.compile_modes) for c in latency] == [
+        (1, False, True, ("reduce-overhead",)), (4, False, True, ("reduce-overhead",))]
+    assert all(c.target.reference == "torch.compile/reduce-overhead" and c.target.max_ratio == 0.75
+               for c in latency)
     assert all(c.family == "pointwise" and c.dtype == torch.bfloat16 and c.channels_last
                for c in cases.select("pointwise"))
     smoke = cases.select("pointwise-64-256-n8t16s56-eval")[0].smoke(torch.device("cpu"))

@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune') of whole models (minutes)")
     p.add_argument("--no-compile", action="store_true",
-                   help="do not time torch.compile's default mode (--max-autotune still adds its own)")
+                   help="do not time torch.compile: neither its default mode nor a case's own (the "
+                        "latency cases' reduce-overhead); --max-autotune still adds its own")
     return p
 
 

@@ -48,6 +48,7 @@ class Variant:
     channels_last: bool
     autocast: bool
     dtype: torch.dtype
+    cuda_graph: bool = False  # captured once into a CUDA graph, then replayed
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -57,7 +58,8 @@ class Variant:
     def label(self) -> str:
         layout = "channels_last_3d" if self.channels_last else "NCDHW"
         dtype = str(self.dtype).replace("torch.", "")
-        return f"{layout} {'autocast ' if self.autocast else ''}{dtype}"
+        graph = " CUDA graph" if self.cuda_graph else ""
+        return f"{layout} {'autocast ' if self.autocast else ''}{dtype}{graph}"
 
     def context(self, device: torch.device):
         if self.autocast:
@@ -86,6 +88,34 @@ class Prepared:
     checked: Optional[Callable[[Any], list[Tensor]]] = _flat_tensors
     note: str = ""
     details: str = ""  # printed once (e.g. the fusion report of a fused model)
+
+
+CUDA_GRAPH_WARMUP = 3
+
+
+def cuda_graphed(fn: Callable[..., Any], example: tuple[Tensor, ...]) -> Callable[..., Any]:
+    """``fn`` captured into a CUDA graph, as a user would capture a fused model: warm-up calls on
+    a side stream first (Triton autotuning, cuDNN's algorithm search and lazy initialisation must
+    not happen during capture), then one captured call on static inputs. The returned callable
+    copies its arguments into those inputs, replays the graph and returns the static outputs
+    (overwritten by the next call)."""
+    static = tuple(a.clone() for a in example)  # clone keeps each input's memory format
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(CUDA_GRAPH_WARMUP):
+            fn(*static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = fn(*static)
+
+    def replay(*args):
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        return outputs
+    return replay
 
 
 def _filled(shape, *, dtype, device, memory_format=torch.contiguous_format, generator=None) -> Tensor:
@@ -365,7 +395,11 @@ class ModelWorkload(_PlainProviders):
         return [Variant(cl, ac, self.case.dtype) for cl in BEST_OF_LAYOUTS for ac in self._autocast_choices()]
 
     def fused_variants(self) -> list[Variant]:
-        return [Variant(self.case.channels_last, ac, self.case.dtype) for ac in self._autocast_choices()]
+        """The case's layout with and without autocast; latency cases on a GPU also each of
+        those captured into a CUDA graph."""
+        graphs = (False, True) if self.case.cuda_graph and self.device.type == "cuda" else (False,)
+        return [Variant(self.case.channels_last, ac, self.case.dtype, cuda_graph=g)
+                for g in graphs for ac in self._autocast_choices()]
 
     def _module(self, variant: Variant) -> nn.Module:
         model = copy.deepcopy(self.base).to(self.device, memory_format=variant.memory_format)
@@ -434,6 +468,11 @@ class ModelWorkload(_PlainProviders):
 
         model = fuse(self._module(variant), inplace=True)
         prepared = self._prepared(model, model, variant, outer=lambda: use_backend(backend))
+        if variant.cuda_graph:
+            if self.case.training:
+                raise ValueError("CUDA graph variants are eval only")
+            prepared.fn = cuda_graphed(prepared.fn, prepared.arg_sets[0])
+            prepared.note = "the fused model captured into a CUDA graph"
         if backend != "torch":  # where each site runs (on torch: everywhere, nothing to show)
             with use_backend(backend):
                 prepared.details = fusion_report(model, dtype=variant.dtype, device=self.device)

@@ -90,6 +90,7 @@ class Options:
     compile_modes: list[Optional[str]]  # torch.compile modes for every case; None: the default
     compile_skipped: Optional[str] = None  # why torch.compile is not measured at all
     model_compile_modes: list[Optional[str]] = dataclasses.field(default_factory=list)  # models only
+    case_compile_modes: bool = True  # also each case's own modes (case.compile_modes); off: --no-compile
     printed_details: set[str] = dataclasses.field(default_factory=set)  # shown once per run
 
 
@@ -184,6 +185,8 @@ class CaseRunner:
 
         modes = self.options.compile_modes + (
             self.options.model_compile_modes if self.case.kind == "model" else [])
+        if self.options.case_compile_modes:
+            modes += [m for m in getattr(self.case, "compile_modes", ()) if m not in modes]
         if self.options.compile_skipped or not modes:
             self._skip(COMPILE, self.options.compile_skipped or "--no-compile")
         else:

@@ -30,6 +30,7 @@ def _options(device: torch.device, timer: Timer, args: argparse.Namespace, smoke
         device=device, timer=timer, fused_backends=backends,
         compile_modes=[] if args.no_compile else [None], compile_skipped=skipped,
         model_compile_modes=["max-autotune"] if args.max_autotune else [],
+        case_compile_modes=not args.no_compile,
     )
 
 
