@@ -107,27 +107,38 @@ def _unit_row(site: str, spatial, bn1, relu, temporal, bn2, act, dtype, device,
     return Site(site, pattern, f"{rows[0].kernel}+{rows[1].kernel}", backends, notes)
 
 
-def _block_tail(module: nn.Module) -> tuple[nn.Module, tuple] | None:
-    """(tail sequential, its fused parts) of a fused residual block whose tail runs fused."""
+def _block_tail(module: nn.Module) -> tuple[nn.Module, tuple | None, str] | None:
+    """(tail sequential, its fused parts or None, why it runs unfused) of a fused residual
+    block; None for any other module."""
     if not _fused_blocks():
         return None
-    from .fused_block import tail_of, tail_parts
+    from .fused_block import tail_of, tail_parts, tail_unfused_reason
 
     tail = tail_of(module)
-    parts = tail_parts(*tail) if tail is not None else None
-    return (tail[0], parts) if parts is not None else None
+    if tail is None:
+        return None
+    return tail[0], tail_parts(*tail), tail_unfused_reason(*tail)
+
+
+def _with_note(row: Site, note: str) -> Site:
+    return dataclasses.replace(row, note="; ".join(n for n in (row.note, note) if n))
 
 
 def _sites(model: nn.Module, dtype, device):
     """(row, convs) for every fused site and (2+1)D unit of ``model``."""
     units = set()  # the Conv2Plus1D-like children a parent runs as a unit (not as their own site)
     tails = {}  # id(tail sequential) -> the parts its fused block runs (r21d.fused_block)
+    plain_tails = {}  # id(tail sequential) -> why its block's residual add + activation run apart
     for name, module in model.named_modules():  # parents come before their children
         if id(module) in units:
             continue
         tail = _block_tail(module)
         if tail is not None:
-            tails[id(tail[0])] = tail[1]
+            seq, parts, why = tail
+            if parts is not None:
+                tails[id(seq)] = parts
+            else:
+                plain_tails[id(seq)] = f"residual add + activation not fused: {why}"
         if id(module) in tails:
             parts = tails[id(module)]
             site = f"{name}[0:2] + residual"
@@ -138,15 +149,17 @@ def _sites(model: nn.Module, dtype, device):
                 yield _site_row(site, *parts, dtype, device, True), (parts[0],)
         elif isinstance(module, FusedSequential):
             children = list(module.children())
+            tail_note = plain_tails.get(id(module), "")
             for run in find_runs(module):
                 site = f"{name or '<root>'}[{run.start}:{run.start + run.length}]"
                 parts = run.parts(children)
                 if run.unit or run.inline_unit:
                     if run.unit:
                         units.add(id(children[run.start]))
-                    yield _unit_row(site, *parts, dtype, device), (parts[0], parts[3])
+                    row, convs = _unit_row(site, *parts, dtype, device), (parts[0], parts[3])
                 else:
-                    yield _site_row(site, *parts, dtype, device), (parts[0],)
+                    row, convs = _site_row(site, *parts, dtype, device), (parts[0],)
+                yield _with_note(row, tail_note), convs
         elif isinstance(module, SpatioTemporalConv):
             yield (_unit_row(name or "<root>", module.spatial_conv, module.bn1, module.relu,
                              module.temporal_conv, module.bn2, module.relu, dtype, device),

@@ -20,21 +20,34 @@ from .fused_site import conv_base, hooked, is_activation, is_batchnorm_for, run_
 from .fused_unit import run_unit, unit_children
 
 
+def _tail(seq: nn.Module, act: nn.Module) -> tuple[Optional[tuple], str]:
+    """(parts, "") of a tail that runs fused (see :func:`tail_parts`), else (None, why not)."""
+    if not isinstance(seq, nn.Sequential) or len(seq) != 2:
+        return None, "the block's last layer is not a conv -> BatchNorm sequential"
+    if not is_activation(act):
+        return None, f"its activation is {type(act).__name__}, not ReLU or SiLU"
+    if hooked(seq, *seq.children(), act):
+        # the hooks see the tensors of the unfused forward
+        return None, "hooks are registered on the tail's modules (conv, BatchNorm or activation)"
+    first, bn = seq
+    unit = unit_children(first)
+    if unit is not None and not hooked(first) and is_batchnorm_for(bn, unit[3]):
+        return (*unit, bn, act), ""
+    if conv_base(first) is nn.Conv3d and is_batchnorm_for(bn, first):
+        return (first, bn, act), ""
+    return None, "the block's last layer is not a Conv3d (or (2+1)D unit) and its BatchNorm"
+
+
 def tail_parts(seq: nn.Module, act: nn.Module) -> Optional[tuple]:
     """The parts of a block's tail ``seq`` (Sequential(conv, BN), or Sequential(Conv2Plus1D-like
     unit, BN)) followed by the residual add and ``act``: (conv, bn, act) for a site,
     (spatial, bn1, relu, temporal, bn2, act) for a unit; None when it cannot run fused."""
-    if not isinstance(seq, nn.Sequential) or len(seq) != 2 or not is_activation(act):
-        return None
-    if hooked(seq, *seq.children(), act):
-        return None  # the hooks see the tensors of the unfused forward
-    first, bn = seq
-    unit = unit_children(first)
-    if unit is not None and not hooked(first) and is_batchnorm_for(bn, unit[3]):
-        return (*unit, bn, act)
-    if conv_base(first) is nn.Conv3d and is_batchnorm_for(bn, first):
-        return first, bn, act
-    return None
+    return _tail(seq, act)[0]
+
+
+def tail_unfused_reason(seq: nn.Module, act: nn.Module) -> str:
+    """Why the tail of a fused block runs the plain arithmetic ("" when it runs fused)."""
+    return _tail(seq, act)[1]
 
 
 def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor) -> Tensor:

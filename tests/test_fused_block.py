@@ -89,6 +89,7 @@ def test_hooked_tail_runs_the_plain_arithmetic_and_calls_the_hook(monkeypatch):
     fused.relu.register_forward_pre_hook(record)
     (row,) = [s for s in r21d.fusion_sites(fused) if s.site.startswith("conv2")]
     assert "residual" not in row.pattern
+    assert row.note.startswith("residual add + activation not fused: hooks are registered")
     x = torch.randn(1, 8, 3, 5, 5)
     with torch.no_grad(), r21d.use_backend("torch"):
         y = fused(x)
