@@ -1,6 +1,7 @@
 """r21d.fuse / unfuse / fusion_report on nn.Sequential runs at any depth and on torchvision's
 video ResNets: state dict, modes and outputs preserved; idempotent; reversible."""
 
+import copy
 import io
 
 import pytest
@@ -10,6 +11,7 @@ from torch import nn
 import r21d
 from r21d.fused_sequential import FusedSequential
 from r21d.triton_kernels import _launch
+from tests.utils import assert_module_matches_float64, assert_oracle_close, narrow_r2plus1d_18
 
 
 class Net(nn.Module):
@@ -161,6 +163,62 @@ def test_torchvision_video_resnets(name):
     assert len(units) == (17 if name == "r2plus1d_18" else 0)
     back = r21d.unfuse(fused)
     assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
+
+
+def test_torchvision_s3d():
+    """S3D: every Conv3dNormActivation (a Sequential subclass with Sequential's forward) inside
+    its separable convs and inception branches is a fused site; the classifier conv has no BN."""
+    video = pytest.importorskip("torchvision.models.video")
+    torch.manual_seed(0)
+    model = _randomize(video.s3d(num_classes=5))
+    fused = r21d.fuse(model)
+    _same_state(fused, model)
+    sites = r21d.fusion_sites(fused)
+    unfused = [s.site for s in sites if s.backend == "unfused"]
+    assert unfused == ["classifier.1"]
+    assert len(sites) - 1 == sum(isinstance(m, nn.Conv3d) for m in model.modules()) - 1 == 77
+    assert {s.kernel for s in sites} == {"pointwise", "spatial", "temporal", "-"}
+    x = torch.randn(2, 3, 8, 48, 48)  # the features (the head's 2x7x7 pooling needs 16x224x224)
+    with r21d.use_backend("torch"):
+        for mode in (False, True):
+            model.train(mode), fused.train(mode)
+            assert torch.equal(fused.features(x), model.features(x))
+    _same_state(fused, model)  # training updated both models' running stats alike
+    back = r21d.unfuse(fused)
+    assert [type(m) for m in back.modules()] == [type(m) for m in model.modules()]
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_narrow_r2plus1d_18_runs_fused_in_the_interpreter(training, strict):
+    """r2plus1d_18's whole architecture (its stem, (2+1)D units, strided units, shortcuts and
+    residual tails, at 1/16 of its widths) through the Triton kernels in the interpreter, strict
+    mode: the output, the input gradient, every parameter gradient and the running statistics
+    against the float64 model; in eval without gradients, one launch per fused site (a unit
+    kernel or a unit's two sites) and the logits against float64."""
+    pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    plain = _randomize(narrow_r2plus1d_18()).train(training).to(memory_format=torch.channels_last_3d)
+    fused = r21d.fuse(plain)
+    # Training: 24x24 frames, so layer4's batch statistics see 8 values per channel (over 16x16
+    # they see 2, and BN's backward cancels to a few bits). The baseline, CPU torch in float32,
+    # sums BN's statistics and gradients in float64 (acc_type on the CPU), unlike cuDNN and the
+    # kernels, so over 37 layers its error is no yardstick for fp32 sums: a training gradient may
+    # be off by 1e-4 relative (~800 fp32 units of rounding; a wrong gradient is off by ~1).
+    size, floor = (24, 1e-4) if training else (16, None)
+    x = torch.randn(2, 3, 4, size, size, generator=torch.Generator().manual_seed(1))
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    counter = assert_module_matches_float64(fused, plain, x, floor)
+    assert counter.launches > 0
+    if training:
+        return
+    with torch.no_grad():
+        ref = copy.deepcopy(plain).double()(x.double())
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            logits = fused(x)
+            rows = r21d.fusion_sites(fused)
+    assert all(r.backend == "triton" for r in rows)
+    assert counter.launches == sum(1 if "+" not in r.kernel else 2 for r in rows)
+    assert_oracle_close("logits", logits, ref, torch.float32)
 
 
 def test_wrapped_torchvision_model_runs_every_site_fused(strict):
