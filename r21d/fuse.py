@@ -112,12 +112,12 @@ def _block_tail(module: nn.Module) -> tuple[nn.Module, tuple | None, str] | None
     block; None for any other module."""
     if not _fused_blocks():
         return None
-    from .fused_block import tail_of, tail_parts, tail_unfused_reason
+    from .fused_block import tail_fusion, tail_of
 
     tail = tail_of(module)
     if tail is None:
         return None
-    return tail[0], tail_parts(*tail), tail_unfused_reason(*tail)
+    return (tail[0], *tail_fusion(*tail))
 
 
 def _with_note(row: Site, note: str) -> Site:

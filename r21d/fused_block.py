@@ -20,7 +20,7 @@ from .fused_site import conv_base, hooked, is_activation, is_batchnorm_for, run_
 from .fused_unit import run_unit, unit_children
 
 
-def _tail(seq: nn.Module, act: nn.Module) -> tuple[Optional[tuple], str]:
+def tail_fusion(seq: nn.Module, act: nn.Module) -> tuple[Optional[tuple], str]:
     """(parts, "") of a tail that runs fused (see :func:`tail_parts`), else (None, why not)."""
     if not isinstance(seq, nn.Sequential) or len(seq) != 2:
         return None, "the block's last layer is not a conv -> BatchNorm sequential"
@@ -42,12 +42,7 @@ def tail_parts(seq: nn.Module, act: nn.Module) -> Optional[tuple]:
     """The parts of a block's tail ``seq`` (Sequential(conv, BN), or Sequential(Conv2Plus1D-like
     unit, BN)) followed by the residual add and ``act``: (conv, bn, act) for a site,
     (spatial, bn1, relu, temporal, bn2, act) for a unit; None when it cannot run fused."""
-    return _tail(seq, act)[0]
-
-
-def tail_unfused_reason(seq: nn.Module, act: nn.Module) -> str:
-    """Why the tail of a fused block runs the plain arithmetic ("" when it runs fused)."""
-    return _tail(seq, act)[1]
+    return tail_fusion(seq, act)[0]
 
 
 def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor) -> Tensor:

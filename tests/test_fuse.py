@@ -176,7 +176,8 @@ def test_torchvision_s3d():
     sites = r21d.fusion_sites(fused)
     unfused = [s.site for s in sites if s.backend == "unfused"]
     assert unfused == ["classifier.1"]
-    assert len(sites) - 1 == sum(isinstance(m, nn.Conv3d) for m in model.modules()) - 1 == 77
+    convs = sum(isinstance(m, nn.Conv3d) for m in model.modules())
+    assert convs == 78 and len(sites) == convs  # 77 fused sites, one row per unfused conv
     assert {s.kernel for s in sites} == {"pointwise", "spatial", "temporal", "-"}
     x = torch.randn(2, 3, 8, 48, 48)  # the features (the head's 2x7x7 pooling needs 16x224x224)
     with r21d.use_backend("torch"):

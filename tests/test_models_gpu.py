@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 import r21d
-from r21d.bench.providers import randomize_batchnorm
+from r21d.bench.providers import cuda_graphed, randomize_batchnorm
 from r21d.triton_kernels import _launch
 
-from .utils import assert_oracle_close
+from tests.utils import assert_oracle_close
 
 pytestmark = pytest.mark.gpu
 MODELS = ["r2plus1d_18", "r3d_18", "mc3_18"]
@@ -101,32 +101,19 @@ def test_fp32_training_step_gradients_match_float64(strict, monkeypatch):
                             baseline=results["cudnn"][name])
 
 
-def _capture(fn, *static):
-    """``fn(*static)`` captured into a CUDA graph after warm-up calls on a side stream (Triton
-    autotuning must not happen during capture); returns (graph, static outputs)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn(*static)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn(*static)
-    return graph, out
-
-
 def test_fused_eval_forward_replays_in_a_cuda_graph(strict):
+    """Captured as the bench captures it (warm-up on a side stream, so that Triton autotunes
+    outside the capture; then static inputs), replays equal eager calls bit for bit."""
     fused = r21d.fuse(_model("r2plus1d_18").eval().cuda().to(torch.bfloat16).to(memory_format=CL3D))
-    clip = lambda seed: _clip(seed=seed).cuda().to(torch.bfloat16).contiguous(memory_format=CL3D)  # noqa: E731
-    static_x = clip(0)
+
+    def clip(seed):
+        return _clip(seed=seed).cuda().to(torch.bfloat16).contiguous(memory_format=CL3D)
+
     with torch.no_grad(), r21d.use_backend("triton"):
-        graph, static_y = _capture(fused, static_x)
+        replay = cuda_graphed(fused, (clip(0),))
         for seed in (1, 2):
             x = clip(seed)
-            static_x.copy_(x)
-            graph.replay()
-            assert torch.equal(static_y, fused(x))  # the same kernels on the same data
+            assert torch.equal(replay(x), fused(x))  # the same kernels on the same data
 
 
 def test_fused_training_step_replays_in_a_cuda_graph(strict):
