@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="r21d backend (auto: Triton kernels on a GPU, torch on the CPU)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-autocast", action="store_true", help="on a GPU: train in fp32, not bf16 autocast")
+    p.add_argument("--sync-bn", action="store_true",
+                   help="under torchrun: SyncBatchNorm, statistics over every process's clips (fused)")
     p.add_argument("--save", help="write the fine-tuned state dict here (torchvision's keys)")
     p.add_argument("--seed", type=int, default=0)
     return p
@@ -104,14 +106,17 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def build_model(num_classes: int, weights: str | None, device: torch.device,
-                memory_format: torch.memory_format) -> nn.Module:
-    """torchvision's r2plus1d_18 (optionally with weights), a new classifier, then fused."""
+                memory_format: torch.memory_format, sync_bn: bool = False) -> nn.Module:
+    """torchvision's r2plus1d_18 (optionally with weights), a new classifier, SyncBatchNorm if
+    asked, then fused."""
     from torchvision.models.video import r2plus1d_18
 
     model = r2plus1d_18()
     if weights:
         model.load_state_dict(torch.load(weights, map_location="cpu"))
     model.fc = nn.Linear(model.fc.in_features, num_classes)
+    if sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = r21d.fuse(model)  # the one line: every conv + BN + ReLU site runs fused
     return model.to(device, memory_format=memory_format)
 
@@ -129,7 +134,7 @@ def main(argv: list[str] | None = None) -> float:
                         shuffle=sampler is None, drop_last=True)
     # channels_last_3d is the kernels' fast layout on a GPU; the CPU's conv3d is faster in NCDHW
     memory_format = torch.channels_last_3d if device.type == "cuda" else torch.contiguous_format
-    model = build_model(args.classes, args.weights, device, memory_format)
+    model = build_model(args.classes, args.weights, device, memory_format, args.sync_bn and world > 1)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -45,6 +45,7 @@ class FusedConfig:
     training: bool
     activation: str | None
     residual: bool
+    sync_stats: bool = False  # a SyncBatchNorm's batch statistics span a process group's ranks
 
     def describe(self) -> str:
         k = "x".join(map(str, self.kernel_size))
@@ -52,7 +53,7 @@ class FusedConfig:
         dtype = str(self.dtype).replace("torch.", "")
         return (f"conv_bn_act3d[{self.family} {k} stride={self.stride} padding={self.padding} "
                 f"dilation={self.dilation} groups={self.groups} {dtype} {self.device_type} {mode} "
-                f"act={self.activation} residual={self.residual}]")
+                f"act={self.activation} residual={self.residual}{' sync-bn' if self.sync_stats else ''}]")
 
 
 def _triton_reason(cfg: FusedConfig) -> str | None:
@@ -77,6 +78,8 @@ def _cuda_reason(cfg: FusedConfig) -> str | None:
         return f"r21d._C was built without the {cfg.family} ops; rebuild it (pip install --no-build-isolation -e .)"
     if cfg.device_type != "cuda":
         return "the csrc kernels need CUDA tensors"
+    if cfg.sync_stats:
+        return "the csrc kernels do not reduce SyncBatchNorm statistics across processes"
     return None
 
 

@@ -68,17 +68,20 @@ class Plan:
     config: dispatch.FusedConfig
     output_shape: tuple[int, ...]
     cast_dtype: Optional[torch.dtype]  # autocast's conv dtype, or None outside autocast
+    sync_group: str = ""  # the process group batch statistics span (SyncBatchNorm), "" for none
 
 
 def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
          stride=1, padding=0, dilation=1, groups=1, training=False, activation="relu",
-         residual=None, blocker: str | None = None) -> Plan:
+         residual=None, blocker: str | None = None, sync_group: str = "") -> Plan:
     """Validate a conv_bn_act3d call and choose its backend; nothing is computed or updated
     (where a requested fused backend cannot run it: the one-time fallback warning, or the error
     under R21D_STRICT=1).
 
     ``blocker`` is a caller's reason why no fused kernel may run it (it then falls back to
-    ``torch`` like an unsupported configuration, or raises under R21D_STRICT=1).
+    ``torch`` like an unsupported configuration, or raises under R21D_STRICT=1). ``sync_group``
+    names the process group whose ranks' batches the statistics span (a SyncBatchNorm in
+    training, see r21d.fused_site.sync_group).
     """
     if not isinstance(x, Tensor):
         raise TypeError(f"conv_bn_act3d: x must be a Tensor, got {type(x).__name__}")
@@ -143,7 +146,11 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
         blocker = f"{positions} positions (N*T*H*W) exceed the kernels' 32-bit row index"
     if blocker is None and weight.numel() >= 2**31:
         blocker = f"a weight of {weight.numel()} elements exceeds the kernels' 32-bit weight index"
-    if training and N * spatial[0] * spatial[1] * spatial[2] == 1:
+    if sync_group and training and N == 0:
+        raise ValueError(
+            "conv_bn_act3d: a SyncBatchNorm site needs a non-empty batch on every rank (the "
+            "fused statistics exchange has no empty contribution)")
+    if training and not sync_group and N * spatial[0] * spatial[1] * spatial[2] == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {torch.Size(output_shape)}")
     if residual is not None:
@@ -163,8 +170,10 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
         kernel_size=kernel_size, stride=stride, padding=padding, dilation=dilation,
         groups=int(groups), dtype=conv_dtype, device_type=x.device.type, training=bool(training),
         activation=activation, residual=residual is not None,
+        sync_stats=bool(sync_group and training),
     )
-    return Plan(dispatch.choose(config, blocker), config, output_shape, cast_dtype)
+    return Plan(dispatch.choose(config, blocker), config, output_shape, cast_dtype,
+                sync_group if training else "")
 
 
 def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps,
@@ -183,7 +192,7 @@ def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=cfg.groups,
             training=cfg.training, momentum=float(momentum), eps=float(eps),
-            activation=cfg.activation, save=save)
+            activation=cfg.activation, save=save, sync_group=p.sync_group)
 
 
 def conv_bn_act3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

@@ -17,6 +17,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
 from .dispatch import FusedConfig, conv_family
+from .triton_kernels import sync_stats
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
 BN_TYPES = {nn.Conv2d: (nn.BatchNorm2d, nn.SyncBatchNorm), nn.Conv3d: (nn.BatchNorm3d, nn.SyncBatchNorm)}
@@ -95,10 +96,18 @@ def _blocker(conv, bn, act, ndim) -> str | None:
         return reason
     if hooked(conv, bn, act):
         return "hooks are registered on its modules"
-    if isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available() and dist.is_initialized() \
-            and dist.get_world_size(bn.process_group or dist.group.WORLD) > 1:
-        return "SyncBatchNorm statistics across processes are not fused yet"
     return None
+
+
+def sync_group(bn: _BatchNorm) -> str:
+    """The name of the process group whose ranks' batches ``bn``'s statistics span now: a
+    SyncBatchNorm in training with a process group of several ranks, as nn.SyncBatchNorm decides;
+    else ""."""
+    if not (isinstance(bn, nn.SyncBatchNorm) and bn.training and dist.is_available()
+            and dist.is_initialized()):
+        return ""
+    group = bn.process_group or dist.group.WORLD
+    return sync_stats.group_name(group) if dist.get_world_size(group) > 1 else ""
 
 
 def bn_momentum(bn: _BatchNorm) -> float:
@@ -134,6 +143,7 @@ def site_config(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], *,
         dtype=dtype or conv.weight.dtype,
         device_type=torch.device(device if device is not None else conv.weight.device).type,
         training=uses_batch_stats(bn), activation=activation_name(act), residual=False,
+        sync_stats=bool(sync_group(bn)),
     )
     return cfg, _blocker(conv, bn, act, ndim)
 
@@ -154,6 +164,7 @@ def run_site(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], x: Tenso
         lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
         stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=conv.groups,
         training=cfg.training, activation=cfg.activation, residual=lift(residual), blocker=blocker,
+        sync_group=sync_group(bn),
     )
     if p.backend == "torch":
         y = bn(conv(x))

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from . import backends, dispatch, functional
 from .triton_kernels._layout import out_size
 from .fused_site import (activation_name, bn_momentum, conv_base, is_batchnorm_for, run_site,
-                         site_config, uses_batch_stats)
+                         site_config, sync_group, uses_batch_stats)
 
 UNIT_KERNEL = "conv2plus1d"
 UNIT_TRAIN_KERNEL = "conv2plus1d-train"
@@ -119,6 +119,8 @@ def _eligible_reason(spatial, bn1, relu, temporal, bn2) -> str | None:
         return training
     if activation_name(relu) != "relu":
         return "the unit kernels apply ReLU between the convs"
+    if sync_group(bn1) != sync_group(bn2):
+        return "its BNs reduce batch statistics over different process groups"
     return None if training else recompute_reason(spatial, temporal)
 
 
@@ -185,7 +187,7 @@ def run_unit(spatial: nn.Conv3d, bn1: nn.Module, relu: nn.Module, temporal: nn.C
     p = functional.plan(x, spatial.weight, spatial.bias, bn1.weight, bn1.bias, rm1, rv1,
                         stride=cfg1.stride, padding=cfg1.padding, dilation=cfg1.dilation,
                         groups=cfg1.groups, training=training, activation="relu",
-                        blocker=blocker1)
+                        blocker=blocker1, sync_group=sync_group(bn1))
     if p.backend != "triton":
         return two_sites()
     dtype = p.cast_dtype or x.dtype
@@ -229,7 +231,8 @@ def _run_train(x, w1, b1, bn1, rm1, rv1, cfg1, w2, b2, bn2, cfg2, residual, acti
         x, w1, b1, bn1.weight, bn1.bias, rm1, rv1, momentum1, float(bn1.eps),
         w2, b2, bn2.weight, bn2.bias, rm2, rv2, momentum2, float(bn2.eps), residual,
         list(cfg1.stride), list(cfg1.padding), list(cfg1.dilation),
-        list(cfg2.stride), list(cfg2.padding), list(cfg2.dilation), activation or "none", save)
+        list(cfg2.stride), list(cfg2.padding), list(cfg2.dilation), activation or "none", save,
+        sync_group(bn1))
     with torch.no_grad():
         for running, new in ((rm1, new_rm1), (rv1, new_rv1), (rm2, new_rm2), (rv2, new_rv2)):
             if new.numel():

@@ -3,15 +3,18 @@
 Every fused conv family has a forward op and a backward op with one shared schema:
 
 ``r21d::<family>_conv_bn_act(x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
-    residual, stride, padding, dilation, training, momentum, eps, activation, save_for_backward)``
+    residual, stride, padding, dilation, training, momentum, eps, activation, save_for_backward,
+    sync_group)``
     conv + BN + activation (+ residual). Returns (out, z, mean, invstd, new_running_mean,
     new_running_var): z, the conv output, and the (mean, invstd) the BN normalised with, filled
     only when ``save_for_backward`` is set (else empty); in training, the running statistics
     updated with ``momentum`` (the exponential-average factor), else empty. The ops are functional
     (torch.library allows autograd only on functional ops): the caller copies the new running
-    statistics back.
+    statistics back. ``sync_group`` names the process group whose ranks' batches the statistics
+    span (SyncBatchNorm; "" for this process only: see r21d.triton_kernels.sync_stats).
 ``r21d::<family>_conv_bn_act_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight,
-    bn_bias, residual, stride, padding, dilation, training, activation, output_mask, deterministic)``
+    bn_bias, residual, stride, padding, dilation, training, activation, output_mask, deterministic,
+    sync_group)``
     the gradients (dx, dw, dbias, dgamma, dbeta, dresidual); those not asked for in
     ``output_mask`` come back empty.
 
@@ -24,6 +27,7 @@ Ops:
                                as one kernel, in training as two chained kernels.
     depthwise3d_conv_bn_act    CUDA C++ (schema in csrc/ops.cpp, kernels in csrc/cuda/); fake
                                implementation and autograd registered here when r21d._C is built.
+                               Its schema has no ``sync_group`` (dispatch never gives it one).
 
 They are opaque to torch.compile (fake implementations give shapes and strides) and take
 already-validated arguments: r21d.functional checks inputs and chooses the backend first.
@@ -40,6 +44,7 @@ from torch import Tensor
 
 from . import _extension
 from .dispatch import IMPLICIT_GEMM_FAMILIES
+from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
 
 
@@ -48,6 +53,7 @@ class _OpFamily:
     forward: str  # qualified op names
     backward: str
     z_channels_last: bool  # z is channels_last_3d (else in x's memory format)
+    sync_group: bool = True  # the schemas end with ``str sync_group`` (the Triton families)
 
 
 def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, ...]:
@@ -68,7 +74,8 @@ def _activation(name: str) -> str | None:
 
 def _fake_forward(family: _OpFamily):
     def fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
-             padding, dilation, training, momentum, eps, activation, save_for_backward):
+             padding, dilation, training, momentum, eps, activation, save_for_backward,
+             sync_group=""):
         shape = _out_shape(x, weight, stride, padding, dilation)
         out_format = output_memory_format(x)
         out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format)
@@ -97,7 +104,8 @@ def _grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Te
 
 
 def _fake_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride,
-                   padding, dilation, training, activation, output_mask, deterministic):
+                   padding, dilation, training, activation, output_mask, deterministic,
+                   sync_group=""):
     inputs = (x, weight, bias, bn_weight, bn_bias, residual)
     return tuple(_grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
 
@@ -116,11 +124,13 @@ def _register_autograd(family: _OpFamily) -> None:
 
     def setup_context(ctx, inputs, output):
         (x, weight, bias, bn_weight, bn_bias, _rm, _rv, residual, stride, padding, dilation,
-         training, _mom, _eps, activation, saved) = inputs
+         training, _mom, _eps, activation, saved, *sync_group) = inputs
         _out, z, mean, invstd, new_rm, new_rv = output
         ctx.mark_non_differentiable(z, mean, invstd, new_rm, new_rv)
         ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd)
         ctx.config = (list(stride), list(padding), list(dilation), training, activation, saved)
+        ctx.sync_group = sync_group  # [name] for the Triton families, [] for csrc
+        ctx.num_inputs = len(inputs)
 
     def backward(ctx, grad_out, *_non_differentiable):
         x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd = ctx.saved_tensors
@@ -136,9 +146,9 @@ def _register_autograd(family: _OpFamily) -> None:
             backward_op = getattr(torch.ops.r21d, family.backward.split("::")[1])
             grads = backward_op(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,
                                 residual, stride, padding, dilation, training, activation, mask,
-                                torch.are_deterministic_algorithms_enabled())
+                                torch.are_deterministic_algorithms_enabled(), *ctx.sync_group)
         dx, dw, db, dg, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
-        return dx, dw, db, dg, dbeta, None, None, dres, *([None] * 8)
+        return dx, dw, db, dg, dbeta, None, None, dres, *([None] * (ctx.num_inputs - 8))
 
     torch.library.register_autograd(family.forward, backward, setup_context=setup_context)
 
@@ -155,9 +165,9 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
         bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
         residual: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
         dilation: Sequence[int], training: bool, momentum: float, eps: float, activation: str,
-        save_for_backward: bool,
+        save_for_backward: bool, sync_group: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        with _on_device(x):
+        with _on_device(x), sync_stats.over(sync_group):
             return forward_launcher(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                 tuple(stride), tuple(padding), tuple(dilation), training, momentum, eps,
@@ -168,10 +178,10 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
         mean: Tensor, invstd: Tensor, bn_weight: Optional[Tensor], bn_bias: Optional[Tensor],
         residual: Optional[Tensor], stride: Sequence[int], padding: Sequence[int],
         dilation: Sequence[int], training: bool, activation: str, output_mask: Sequence[bool],
-        deterministic: bool,
+        deterministic: bool, sync_group: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         # The Triton kernels are deterministic either way (fixed-order partial sums).
-        with _on_device(x):
+        with _on_device(x), sync_stats.over(sync_group):
             grads = backward_launcher(
                 grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual,
                 tuple(stride), tuple(padding), tuple(dilation), training, _activation(activation),
@@ -234,7 +244,7 @@ IMPLICIT_GEMM = _define_triton_family("implicit_gemm_conv_bn_act", True, _implic
 
 # csrc: the schemas come from r21d._C's TORCH_LIBRARY block.
 DEPTHWISE_CUDA = _OpFamily("r21d::depthwise3d_conv_bn_act", "r21d::depthwise3d_conv_bn_act_backward",
-                           False)
+                           False, sync_group=False)
 
 
 def csrc_op_available(family: _OpFamily) -> bool:
@@ -262,13 +272,16 @@ def _fused_call(family: _OpFamily, bn_float32: bool = False):
     op_name = family.forward.split("::")[1]
 
     def call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *, stride,
-             padding, dilation, groups, training, momentum, eps, activation, save):
+             padding, dilation, groups, training, momentum, eps, activation, save, sync_group=""):
+        if sync_group and not family.sync_group:
+            raise RuntimeError(f"r21d::{op_name} cannot reduce statistics across processes")
         bn = (bn_weight, bn_bias, running_mean, running_var)
         if bn_float32:
             bn = tuple(t.float() if t is not None and t.dtype != torch.float32 else t for t in bn)
         out, _z, _mean, _invstd, new_rm, new_rv = getattr(torch.ops.r21d, op_name)(
             x, weight, bias, bn[0], bn[1], bn[2], bn[3], residual, list(stride), list(padding),
-            list(dilation), training, momentum, eps, activation or "none", save)
+            list(dilation), training, momentum, eps, activation or "none", save,
+            *([sync_group] if family.sync_group else []))
         if new_rm.numel():
             with torch.no_grad():
                 running_mean.copy_(new_rm)

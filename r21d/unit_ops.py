@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .ops import _activation, _grad_shaped, _on_device, _out_shape
+from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
 
 @torch.library.custom_op("r21d::conv2plus1d_bn_act", mutates_args=())
@@ -64,14 +65,15 @@ def conv2plus1d_bn_act_train(
     residual: Optional[Tensor], spatial_stride: Sequence[int], spatial_padding: Sequence[int],
     spatial_dilation: Sequence[int], temporal_stride: Sequence[int],
     temporal_padding: Sequence[int], temporal_dilation: Sequence[int], activation: str,
-    save_for_backward: bool,
+    save_for_backward: bool, sync_group: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """act(bn2(temporal_conv(relu(bn1(spatial_conv(x))))) [+ residual]) with batch statistics.
     Returns (out, z1, mean1, invstd1, z2, mean2, invstd2, new_running_mean1, new_running_var1,
-    new_running_mean2, new_running_var2) as r21d.triton_kernels.conv2plus1d_train documents."""
+    new_running_mean2, new_running_var2) as r21d.triton_kernels.conv2plus1d_train documents.
+    ``sync_group``: both BNs' statistics span that process group's ranks ("" for none)."""
     from .triton_kernels import conv2plus1d_train
 
-    with _on_device(x):
+    with _on_device(x), sync_stats.over(sync_group):
         return conv2plus1d_train.unit_train_fwd(
             x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean,
             bn1_running_var, bn1_momentum, bn1_eps, temporal_weight, temporal_bias, bn2_weight,
@@ -92,7 +94,7 @@ def _(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean, b
       bn1_momentum, bn1_eps, temporal_weight, temporal_bias, bn2_weight, bn2_bias,
       bn2_running_mean, bn2_running_var, bn2_momentum, bn2_eps, residual, spatial_stride,
       spatial_padding, spatial_dilation, temporal_stride, temporal_padding, temporal_dilation,
-      activation, save_for_backward):
+      activation, save_for_backward, sync_group):
     def channels_last(shape):
         return torch.empty(shape, dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last_3d)
@@ -124,13 +126,14 @@ def conv2plus1d_bn_act_train_backward(
     spatial_padding: Sequence[int], spatial_dilation: Sequence[int],
     temporal_stride: Sequence[int], temporal_padding: Sequence[int],
     temporal_dilation: Sequence[int], activation: str, output_mask: Sequence[bool],
+    sync_group: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dspatial_weight, dspatial_bias, dbn1_weight, dbn1_bias, dtemporal_weight,
     dtemporal_bias, dbn2_weight, dbn2_bias, dresidual) of conv2plus1d_bn_act_train; those not
     asked for in ``output_mask`` come back empty. Deterministic (fixed-order partial sums)."""
     from .triton_kernels import conv2plus1d_train
 
-    with _on_device(x):
+    with _on_device(x), sync_stats.over(sync_group):
         grads = conv2plus1d_train.unit_train_bwd(
             grad_out, x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, z1, mean1, invstd1,
             temporal_weight, temporal_bias, bn2_weight, bn2_bias, z2, mean2, invstd2, residual,
@@ -148,7 +151,7 @@ _TRAIN_GRAD_INPUTS = (0, 1, 2, 3, 4, 9, 10, 11, 12, 17)
 def _(grad_out, x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, z1, mean1, invstd1,
       temporal_weight, temporal_bias, bn2_weight, bn2_bias, z2, mean2, invstd2, residual,
       spatial_stride, spatial_padding, spatial_dilation, temporal_stride, temporal_padding,
-      temporal_dilation, activation, output_mask):
+      temporal_dilation, activation, output_mask, sync_group):
     inputs = (x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, temporal_weight,
               temporal_bias, bn2_weight, bn2_bias, residual)
     return tuple(_grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
@@ -156,28 +159,28 @@ def _(grad_out, x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, z1, mean1
 
 def _train_setup_context(ctx, inputs, output):
     (x, w1, b1, g1, be1, _rm1, _rv1, _mom1, _eps1, w2, b2, g2, be2, _rm2, _rv2, _mom2, _eps2,
-     residual, *geometry, activation, saved) = inputs
+     residual, *geometry, activation, saved, sync_group) = inputs
     _out, z1, mean1, invstd1, z2, mean2, invstd2, *running = output
     ctx.mark_non_differentiable(z1, mean1, invstd1, z2, mean2, invstd2, *running)
     ctx.save_for_backward(x, w1, b1, g1, be1, z1, mean1, invstd1, w2, b2, g2, be2, z2, mean2,
                           invstd2, residual)
-    ctx.config = ([list(g) for g in geometry], activation, saved)
+    ctx.config = ([list(g) for g in geometry], activation, saved, sync_group)
 
 
 def _train_backward(ctx, grad_out, *_non_differentiable):
     (x, w1, b1, g1, be1, z1, mean1, invstd1, w2, b2, g2, be2, z2, mean2, invstd2,
      residual) = ctx.saved_tensors
-    geometry, activation, saved = ctx.config
+    geometry, activation, saved, sync_group = ctx.config
     if not saved:
         raise RuntimeError("r21d::conv2plus1d_bn_act_train ran with save_for_backward=False, so "
                            "it kept nothing to differentiate; run the unit through its module")
     mask = [ctx.needs_input_grad[i] for i in _TRAIN_GRAD_INPUTS]
     grads = torch.ops.r21d.conv2plus1d_bn_act_train_backward(
         grad_out, x, w1, b1, g1, be1, z1, mean1, invstd1, w2, b2, g2, be2, z2, mean2, invstd2,
-        residual, *geometry, activation, mask)
+        residual, *geometry, activation, mask, sync_group)
     dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2, dres = (g if m else None for g, m in zip(grads, mask))
     return (dx, dw1, db1, dg1, dbe1, None, None, None, None, dw2, db2, dg2, dbe2, None, None, None,
-            None, dres, *([None] * 8))
+            None, dres, *([None] * 9))
 
 
 torch.library.register_autograd("r21d::conv2plus1d_bn_act_train", _train_backward,

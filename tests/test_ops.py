@@ -14,7 +14,7 @@ def _op_args(case, training, save, dtype=torch.float32):
     a = make_inputs(case, dtype, "cpu")
     return (a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"], a["running_mean"],
             a["running_var"], a["residual"], list(case.stride), list(case.padding),
-            list(case.dilation), training, 0.1, 1e-5, case.activation or "none", save)
+            list(case.dilation), training, 0.1, 1e-5, case.activation or "none", save, "")
 
 
 def _depthwise(C=6, **kw):
@@ -61,7 +61,7 @@ def test_opcheck_backward(op, case):
     x, weight, bias, g, b, _, _, residual = args[:8]
     bwd_args = (torch.randn_like(out), x, weight, bias, z, mean, invstd, g, b, residual,
                 list(case.stride), list(case.padding), list(case.dilation), True, "relu", [True] * 6,
-                False)
+                False, "")
     torch.library.opcheck(getattr(torch.ops.r21d, op + "_backward").default, bwd_args)
 
 
@@ -146,6 +146,6 @@ def test_opcheck_conv2plus1d_train_unit(layout):
     args = (x, param(7, 5, 1, 3, 3), param(7), param(7), param(7), *running, 0.1, 1e-5,
             param(9, 7, 3, 1, 1), None, param(9), param(9), None, None, 0.0, 1e-3,
             torch.randn(2, 9, 2, 3, 3, generator=g).contiguous(memory_format=fmt).requires_grad_(),
-            [1, 2, 2], [0, 1, 1], [1, 1, 1], [2, 1, 1], [1, 0, 0], [1, 1, 1], "silu", True)
+            [1, 2, 2], [0, 1, 1], [1, 1, 1], [2, 1, 1], [1, 0, 0], [1, 1, 1], "silu", True, "")
     with r21d.use_backend("triton"):
         torch.library.opcheck(torch.ops.r21d.conv2plus1d_bn_act_train.default, args)

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from . import _common as cm
+from . import sync_stats
 from ._launch import alloc, interpreted, launch
 from ._layout import alloc_like, channel_vector, channels_last, pc_strides, rows_alignment, rows_strides
 
@@ -61,9 +62,9 @@ def fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask,
 @triton.jit
 def _bn_stats_finalize_kernel(
     part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
-    new_rmean_ptr, new_rvar_ptr, num_tiles, rows_per_tile, M, Mf, C, momentum, eps,
-    UPDATE_RUNNING: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    new_rmean_ptr, new_rvar_ptr, m2_ptr, num_tiles, rows_per_tile, M, Mf, C, momentum, eps,
+    UPDATE_RUNNING: tl.constexpr, HAS_COUNT: tl.constexpr, WRITE_M2: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cols < C
@@ -93,6 +94,8 @@ def _bn_stats_finalize_kernel(
         n_a = n
     var = m2_a / Mf
     tl.store(mean_ptr + cols, mean_a, mask=cmask)
+    if WRITE_M2:  # this rank's share, for sync_stats to merge across processes
+        tl.store(m2_ptr + cols, m2_a, mask=cmask)
     tl.store(invstd_ptr + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
     if UPDATE_RUNNING:
         rm = tl.load(rmean_ptr + cols, mask=cmask).to(tl.float32)
@@ -107,25 +110,32 @@ def finalize_stats(part_mean, part_m2, rows_per_tile: int | None, M: int, runnin
                    momentum: float, eps: float, part_count=None):
     """Batch (mean, invstd) from per-tile partials, and the running statistics updated with
     ``momentum`` as new tensors (None when ``running_mean`` is None). Tile i holds the rows
-    [i * rows_per_tile, (i + 1) * rows_per_tile), or ``part_count[i]`` rows when given."""
+    [i * rows_per_tile, (i + 1) * rows_per_tile), or ``part_count[i]`` rows when given. Inside
+    ``sync_stats.over(group)``, the statistics are those of every rank's rows together."""
     num_tiles, C = part_mean.shape
-    mean = alloc((C,), dtype=torch.float32, device=part_mean.device)
-    invstd = alloc((C,), dtype=torch.float32, device=part_mean.device)
-    update = running_mean is not None
+    dev = part_mean.device
+    group = sync_stats.current()
+    mean = alloc((C,), dtype=torch.float32, device=dev)
+    invstd = alloc((C,), dtype=torch.float32, device=dev)
+    m2 = alloc((C,), dtype=torch.float32, device=dev) if group is not None else None
+    update = running_mean is not None and group is None
     new_rm = new_rv = None
     if update:
-        new_rm = alloc((C,), dtype=running_mean.dtype, device=part_mean.device)
-        new_rv = alloc((C,), dtype=running_var.dtype, device=part_mean.device)
+        new_rm = alloc((C,), dtype=running_mean.dtype, device=dev)
+        new_rv = alloc((C,), dtype=running_var.dtype, device=dev)
     block_c = min(triton.next_power_of_2(C), 16 if interpreted() else 64)
     block_t = 16 if interpreted() else 64
     launch(
         _bn_stats_finalize_kernel, (triton.cdiv(C, block_c),),
         part_mean, part_m2, part_count if part_count is not None else mean, mean, invstd,
         running_mean if update else mean, running_var if update else invstd,
-        new_rm if update else mean, new_rv if update else invstd, num_tiles, rows_per_tile or 1, M,
-        float(M), C, float(momentum), float(eps), UPDATE_RUNNING=update,
-        HAS_COUNT=part_count is not None, BLOCK_T=block_t, BLOCK_C=block_c,
+        new_rm if update else mean, new_rv if update else invstd, m2 if m2 is not None else mean,
+        num_tiles, rows_per_tile or 1, M, float(M), C, float(momentum), float(eps),
+        UPDATE_RUNNING=update, HAS_COUNT=part_count is not None, WRITE_M2=m2 is not None,
+        BLOCK_T=block_t, BLOCK_C=block_c,
     )
+    if group is not None:
+        return sync_stats.finalize(group, M, mean, m2, running_mean, running_var, momentum, eps)
     return mean, invstd, new_rm, new_rv
 
 
@@ -289,6 +299,8 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
     channels are contiguous); ``dres`` comes back in the residual's memory format. Returns (coef, dgamma, dbeta, dbias, dres); unrequested gradients are None. ``coef`` is the
     6 x C fp32 table of the module docstring, for the conv backward prologues; dbias (the conv
     bias's gradient, in ``bias_dtype``) is the row sum of dz, which needs no pass of its own.
+    Inside ``sync_stats.over(group)`` in training, the batch statistics' terms of COEF span every
+    rank's rows; dgamma, dbeta and dbias stay this rank's sums.
     """
     N, C, T, H, W = z.shape
     M = N * T * H * W
@@ -315,6 +327,14 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
         C_VEC=channel_vector(C, grad_out, z, residual, dres) if cl else 1,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=8,  # 4 warps spill with scalar (odd-C) loads
     )
+    group = sync_stats.current() if training else None
+    if group is not None:  # the batch statistics span every rank's rows
+        coef, dgamma, dbeta, dbias = sync_stats.backward_coefficients(
+            group, M, part_g, part_gx, mean, invstd, gamma, beta, z if need_dbias else None)
+        dgamma = dgamma.to(gamma.dtype) if need_dgamma else None
+        dbeta = dbeta.to(beta.dtype) if need_dbeta else None
+        dbias = dbias.to(bias_dtype) if need_dbias else None
+        return coef, dgamma, dbeta, dbias, dres
     coef = alloc((NUM_COEF, C), dtype=torch.float32, device=dev)
     dgamma = alloc((C,), dtype=gamma.dtype, device=dev) if need_dgamma else None
     dbeta = alloc((C,), dtype=beta.dtype, device=dev) if need_dbeta else None
