@@ -269,7 +269,7 @@ R21D_HOST_DEVICE R21D_FORCEINLINE Affine bn_fold(float mean, float invstd, const
 R21D_HOST_DEVICE R21D_FORCEINLINE float sigmoid(float v) { return fast_div(1.f, 1.f + expf(-v)); }
 
 R21D_HOST_DEVICE R21D_FORCEINLINE float act_fwd(float v, int act) {
-  if (act == kActRelu) return v > 0.f ? v : 0.f;
+  if (act == kActRelu) return v <= 0.f ? 0.f : v;  // NaN stays NaN, as in torch.relu
   if (act == kActSilu) return v * sigmoid(v);
   return v;
 }
@@ -346,7 +346,10 @@ R21D_HOST_DEVICE R21D_FORCEINLINE void fwd_finalize_channel(const float* partial
 R21D_HOST_DEVICE R21D_FORCEINLINE float bwd_g(float dy, float zc, float invstd, float gamma, float beta, float r,
                                               int act, float& xhat) {
   xhat = zc * invstd;
-  return dy * act_grad(xhat * gamma + beta + r, act);
+  const float pre = xhat * gamma + beta + r;
+  // ReLU selects dy (torch's threshold_backward): an infinite dy where pre <= 0 gives 0, not NaN
+  if (act == kActRelu) return pre > 0.f ? dy : 0.f;
+  return dy * act_grad(pre, act);
 }
 
 // dz = k_g * g + k_z * (z - mean) + k_0.

@@ -18,7 +18,8 @@ ACTIVATIONS = {None: ACT_NONE, "none": ACT_NONE, "relu": ACT_RELU, "silu": ACT_S
 @triton.jit
 def activation(v, ACT: tl.constexpr):
     if ACT == 1:
-        v = tl.maximum(v, 0.0)
+        # NaN stays NaN as in torch.relu (a plain max, PTX max.f32, would return 0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
     elif ACT == 2:
         v = v * tl.sigmoid(v)
     return v
