@@ -285,3 +285,27 @@ def narrow_r2plus1d_18(divisor: int = 16, num_classes: int = 4) -> torch.nn.Modu
     model = Narrow(BasicBlock, [Conv2Plus1D] * 4, [2, 2, 2, 2], stem, num_classes)
     model.fc = torch.nn.Linear(512 // divisor, num_classes)
     return model
+
+
+def small_video_net() -> torch.nn.Module:
+    """Every kind of fused site on a clip of (N, 3, 4, 8, 8): a conv site, (2+1)D units, residual
+    tails, a strided pointwise shortcut and a depthwise site; BN away from its defaults."""
+    from torch import nn
+    from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv3d(3, 6, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(6), nn.ReLU(inplace=True),
+        BasicBlock(6, 6, Conv2Plus1D),
+        BasicBlock(6, 8, Conv2Plus1D, stride=2, downsample=nn.Sequential(
+            nn.Conv3d(6, 8, 1, stride=2, bias=False), nn.BatchNorm3d(8))),
+        nn.Conv3d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm3d(8), nn.SiLU(),
+        nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 3),
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm3d):
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    return net
