@@ -56,6 +56,38 @@ def _check_vector(t: Optional[Tensor], name: str, channels: int, device: torch.d
         raise ValueError(f"conv_bn_act3d: {name} is on {t.device} but x is on {device}")
 
 
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    """[first, last) byte a non-empty tensor may touch."""
+    extent = sum((n - 1) * stride for n, stride in zip(t.shape, t.stride()))
+    return t.data_ptr(), t.data_ptr() + (extent + 1) * t.element_size()
+
+
+def _check_in_place(running: dict, others: dict) -> None:
+    """Training writes ``running`` (running_mean, running_var) in place: each must hold distinct
+    elements and share no memory with another argument (else one write clobbers another read)."""
+    if torch.compiler.is_compiling():  # fake tensors have no addresses; functionalization copes
+        return
+    for name, t in running.items():
+        if t.numel() > 1 and torch._debug_has_internal_overlap(t) == 1:
+            raise ValueError(
+                f"conv_bn_act3d: {name} has overlapping elements (an expanded tensor?); training "
+                "updates it in place")
+    names = list(running) + [n for n in others if n not in running]
+    tensors = {**others, **running}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ta, tb = tensors[a], tensors[b]
+            if a not in running and b not in running:
+                continue
+            if ta is None or tb is None or ta.numel() == 0 or tb.numel() == 0 or ta.device != tb.device:
+                continue
+            (a0, a1), (b0, b1) = _byte_range(ta), _byte_range(tb)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(
+                    f"conv_bn_act3d: {a} and {b} share memory; training updates "
+                    f"{a if a in running else b} in place")
+
+
 def _output_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
@@ -130,6 +162,10 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
         raise ValueError("conv_bn_act3d: pass both running_mean and running_var, or neither")
     if not training and running_mean is None:
         raise ValueError("conv_bn_act3d: training=False normalises with running statistics; pass running_mean and running_var")
+    if training and running_mean is not None:
+        _check_in_place({"running_mean": running_mean, "running_var": running_var},
+                        {"x": x, "weight": weight, "bias": bias, "bn_weight": bn_weight,
+                         "bn_bias": bn_bias, "residual": residual if isinstance(residual, Tensor) else None})
 
     kernel_size = tuple(weight.shape[2:])
     spatial = []
