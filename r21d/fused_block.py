@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.video.resnet import BasicBlock, Bottleneck
 
@@ -45,10 +46,20 @@ def tail_parts(seq: nn.Module, act: nn.Module) -> Optional[tuple]:
     return tail_fusion(seq, act)[0]
 
 
+def _conv_output_dtype(x: Tensor) -> torch.dtype:
+    """The dtype a conv of ``x`` gives: autocast's for float32/16 inputs under autocast."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     """``act(seq(x) + residual)``, fused where it may (see :func:`tail_parts`)."""
     parts = tail_parts(seq, act)
-    if parts is None:
+    if parts is None or residual.dtype != _conv_output_dtype(x):
+        # torchvision's ``out += residual`` keeps out's dtype (an fp32 residual under autocast,
+        # e.g. a block fed fp32 input): the kernels' residual has the output's dtype, so add as
+        # torchvision does, after the fused seq
         out = seq(x)
         out += residual
         return act(out)

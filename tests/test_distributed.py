@@ -22,7 +22,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import r21d
-from tests.utils import assert_oracle_close
+from tests.utils import assert_oracle_close, gpu
 
 pytestmark = pytest.mark.usefixtures("strict")
 
@@ -63,30 +63,36 @@ def _init(rank: int, init_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
 
 
-def _sync_bn_rank(rank: int, init_file: str, out_dir: str) -> None:
+def _sync_bn_rank(rank: int, init_file: str, out_dir: str, device: str) -> None:
     _init(rank, init_file)
+    torch.backends.cudnn.allow_tf32 = False  # IEEE fp32 (r21d follows cuDNN's TF32 switch)
     try:
-        model = r21d.fuse(_model(sync=True)).train()
+        model = r21d.fuse(_model(sync=True)).to(device).train()
         xs, grads = _batches()
-        x = xs[rank].clone().requires_grad_()
+        x = xs[rank].to(device).requires_grad_()
         with r21d.use_backend("triton"):
             backends = [(s.kernel, s.backend) for s in r21d.fusion_sites(model)]
             y = model(x)
-            y.backward(grads[rank])
+            y.backward(grads[rank].to(device))
         local_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
         param_grads = {name: g.clone() for name, g in local_grads.items()}
         for g in param_grads.values():
             dist.all_reduce(g)  # the gradient of the whole batch's loss
-        torch.save({"out": y.detach(), "grad_x": x.grad, "param_grads": param_grads,
-                    "local_grads": local_grads,
-                    "buffers": dict(model.named_buffers()), "backends": backends},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        result = {"out": y.detach(), "grad_x": x.grad, "param_grads": param_grads,
+                  "local_grads": local_grads, "buffers": dict(model.named_buffers())}
+        torch.save({**_to_cpu(result), "backends": backends}, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(fn, tmp_path) -> list[dict]:
-    mp.spawn(fn, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+def _to_cpu(value):
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    return value.detach().cpu()
+
+
+def _spawn(fn, tmp_path, *args) -> list[dict]:
+    mp.spawn(fn, args=(str(tmp_path / "init"), str(tmp_path), *args), nprocs=WORLD, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
 
@@ -128,9 +134,12 @@ def _whole_batch_reference(dtype):
     return y.detach(), x.grad, model, rank_share
 
 
-def test_sync_batchnorm_statistics_span_every_rank(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", gpu("cuda")])
+def test_sync_batchnorm_statistics_span_every_rank(tmp_path, device):
+    """On a GPU: both ranks on the one visible GPU, gloo over CUDA tensors (NCCL wants a GPU per
+    rank); with several GPUs, torchrun --nproc_per_node=N runs the same code on NCCL."""
     pytest.importorskip("torchvision")
-    ranks = _spawn(_sync_bn_rank, tmp_path)
+    ranks = _spawn(_sync_bn_rank, tmp_path, device)
     ref_y, ref_gx, ref, ref_share = _whole_batch_reference(torch.float64)
     base_y, base_gx, base, base_share = _whole_batch_reference(torch.float32)
     assert ranks[0]["backends"] == [("spatial", "triton"), ("depthwise", "triton"),

@@ -323,3 +323,55 @@ def test_grad_cam_on_fused_r2plus1d_18_matches_the_plain_model(device, backend, 
         assert torch.equal(cam, ref)
     else:
         assert torch.allclose(cam, ref, rtol=1e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_model_under_autocast_behaves_like_the_plain_model(training, strict):
+    """Under torch.autocast (fp16 on the CPU: the interpreter has no bf16) every fused kind of site
+    runs its convs in fp16 like Conv3d does, and BN parameters, running statistics and parameter
+    gradients stay fp32: the features, their dtype and the running statistics match the plain
+    model under autocast. (Gradient accuracy in fp16 is checked per op against float64 by the
+    property tests: through a whole fp16 network, ReLU masks flip wherever two valid roundings of
+    a pre-activation straddle 0, which moves sums such as dbeta by percents in either model.)"""
+    pytest.importorskip("torchvision")
+    from tests.utils import small_video_net
+
+    plain = small_video_net().train(training)
+    fused = r21d.fuse(copy.deepcopy(plain))
+    x = torch.randn(2, 3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    results = []
+    for model, backend in ((fused, "triton"), (plain, "torch")):
+        xi = x.clone().requires_grad_()
+        with r21d.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+            features = model[:-3](xi)  # the last site's output, before the fp32 head
+            y = model[-3:](features)
+        y.float().sum().backward()
+        results.append((features, y, {n: p.grad for n, p in model.named_parameters()},
+                        dict(model.named_buffers())))
+    (f, y, grads, buffers), (rf, ry, rgrads, rbuffers) = results
+    assert f.dtype == rf.dtype == torch.float16 and y.dtype == ry.dtype
+    torch.testing.assert_close(f, rf, rtol=1e-2, atol=1e-2)
+    for name, g in rgrads.items():
+        assert grads[name].dtype == g.dtype == torch.float32 and grads[name].isfinite().all(), name
+    for name, b in rbuffers.items():
+        assert buffers[name].dtype == b.dtype, name
+        torch.testing.assert_close(buffers[name], b, rtol=1e-2, atol=1e-3, msg=name)
+
+
+def test_block_tail_with_an_fp32_residual_under_autocast_adds_like_torchvision(strict):
+    """A BasicBlock fed fp32 input under autocast: torchvision's ``out += residual`` keeps the fp16
+    conv output's dtype; the fused block does the same (its residual kernel takes fp16 only, so the
+    add runs after the fused conv2) and nothing falls back."""
+    pytest.importorskip("torchvision")
+    from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
+
+    torch.manual_seed(0)
+    plain = BasicBlock(4, 4, Conv2Plus1D).train()
+    fused = r21d.fuse(copy.deepcopy(plain))
+    x = torch.randn(2, 4, 3, 6, 6)
+    outs = []
+    for model, backend in ((fused, "triton"), (plain, "torch")):
+        with r21d.use_backend(backend), torch.autocast("cpu", dtype=torch.float16):
+            outs.append(model(x))
+    assert outs[0].dtype == outs[1].dtype == torch.float16
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-2)
