@@ -149,3 +149,27 @@ def test_opcheck_conv2plus1d_train_unit(layout):
             [1, 2, 2], [0, 1, 1], [1, 1, 1], [2, 1, 1], [1, 0, 0], [1, 1, 1], "silu", True, "")
     with r21d.use_backend("triton"):
         torch.library.opcheck(torch.ops.r21d.conv2plus1d_bn_act_train.default, args)
+        # and the backward op itself, on what the forward saved
+        _out, z1, mean1, invstd1, z2, mean2, invstd2, *_ = torch.ops.r21d.conv2plus1d_bn_act_train(*args)
+        x, w1, b1, g1, be1 = (t.detach() for t in args[:5])
+        w2, _b2, g2, be2 = (t.detach() if t is not None else None for t in args[9:13])
+        residual = args[17].detach()
+        bwd = (torch.randn_like(_out), x, w1, b1, g1, be1, z1, mean1, invstd1, w2, None, g2, be2, z2,
+               mean2, invstd2, residual, *args[18:24], "silu", [True, True, True, True, True, True,
+                                                                False, True, True, True], "")
+        torch.library.opcheck(torch.ops.r21d.conv2plus1d_bn_act_train_backward.default, bwd)
+
+
+# The ops opchecked above and, on a GPU, in tests/csrc/test_depthwise3d_cuda.py::test_opcheck.
+OPCHECKED = {op for op, _, _ in OPCHECK_CASES.values()} | {
+    "pointwise_conv_bn_act_backward", "depthwise_conv_bn_act_backward",
+    "implicit_gemm_conv_bn_act_backward", "conv2plus1d_bn_act", "conv2plus1d_bn_act_train",
+    "conv2plus1d_bn_act_train_backward", "depthwise3d_conv_bn_act",
+    "depthwise3d_conv_bn_act_backward"}
+
+
+def test_every_op_is_opchecked():
+    """A new op in the r21d namespace needs an opcheck test (build_info takes no tensors)."""
+    registered = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("r21d::")}
+    assert registered - {"build_info"} <= OPCHECKED, registered - OPCHECKED

@@ -145,3 +145,21 @@ def test_empty_batch_forward_saves_nothing():
         list(g["stride"]), list(g["padding"]), list(g["dilation"]), True, 0.1, 1e-5, "relu", True)
     assert outs[0].shape == (0, 8, 4, 5, 6)
     assert all(t.numel() == 0 for t in outs[1:])
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_opcheck(train):
+    """Schema, fake tensors (shapes and strides as the kernels return them), autograd registration
+    and AOT dispatch of both csrc ops."""
+    g = GEOMS["k133_s2"]
+    inp = make_inputs(g, torch.float32, "cl", True, seed=11)
+    for k in ("x", "w", "bias", "gamma", "beta", "res"):
+        inp[k].requires_grad_(True)
+    args = (inp["x"], inp["w"], inp["bias"], inp["gamma"], inp["beta"], inp["rm"], inp["rv"], inp["res"],
+            list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, 0.1, 1e-5, "relu", True)
+    torch.library.opcheck(torch.ops.r21d.depthwise3d_conv_bn_act.default, args)
+    out, z, mean, invstd, _, _ = torch.ops.r21d.depthwise3d_conv_bn_act(*args)
+    bwd = (inp["dy"], *(t.detach() for t in (inp["x"], inp["w"], inp["bias"], z, mean, invstd, inp["gamma"],
+                                             inp["beta"], inp["res"])),
+           list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, "relu", MASK_ALL, True)
+    torch.library.opcheck(torch.ops.r21d.depthwise3d_conv_bn_act_backward.default, bwd)
