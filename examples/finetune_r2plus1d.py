@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-autocast", action="store_true", help="on a GPU: train in fp32, not bf16 autocast")
     p.add_argument("--sync-bn", action="store_true",
-                   help="under torchrun: SyncBatchNorm, statistics over every process's clips (fused)")
+                   help="under torchrun: SyncBatchNorm, statistics over every process's clips (fused; "
+                        "PyTorch's own SyncBatchNorm, the torch backend, runs on GPUs only)")
     p.add_argument("--save", help="write the fine-tuned state dict here (torchvision's keys)")
     p.add_argument("--seed", type=int, default=0)
     return p
