@@ -47,9 +47,15 @@ def _fused_blocks() -> dict[type, type]:
     return FUSED_BLOCKS
 
 
+def _check_model(model, caller: str) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"r21d.{caller}: model must be an nn.Module, got {type(model).__name__}")
+
+
 def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Replace every fusable conv -> BN (-> activation) run of ``model`` by a fused site, and the
     residual tail of torchvision's BasicBlock / Bottleneck by the last conv's epilogue."""
+    _check_model(model, "fuse")
     if not inplace:
         model = copy.deepcopy(model)
     blocks = _fused_blocks()
@@ -65,6 +71,7 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
 def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
     """Back to plain PyTorch modules: fused sequentials become their original class again
     (``nn.Sequential`` for r21d's own ConvBNReLU3d, Conv2Plus1d, ...)."""
+    _check_model(model, "unfuse")
     if not inplace:
         model = copy.deepcopy(model)
     fused_blocks = {fused: plain for plain, fused in _fused_blocks().items()}
@@ -198,6 +205,7 @@ def fusion_sites(model: nn.Module, *, dtype: torch.dtype | None = None,
     """The rows of :func:`fusion_report`, for programs: each fused site with the backend that
     would run it (for ``dtype``/``device``, by default those of the model's parameters), then
     every convolution left unfused."""
+    _check_model(model, "fusion_sites")
     rows, fused_convs = [], set()
     for row, convs in _sites(model, dtype, device):
         rows.append(row)

@@ -375,3 +375,9 @@ def test_block_tail_with_an_fp32_residual_under_autocast_adds_like_torchvision(s
             outs.append(model(x))
     assert outs[0].dtype == outs[1].dtype == torch.float16
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("entry", ["fuse", "unfuse", "fusion_sites", "fusion_report"])
+def test_a_model_that_is_not_a_module_is_named_in_the_error(entry):
+    with pytest.raises(TypeError, match="model must be an nn.Module, got str"):
+        getattr(r21d, entry)("r2plus1d_18")
