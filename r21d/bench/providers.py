@@ -259,12 +259,13 @@ class ConvBNActWorkload(_PlainProviders):
         case, device = self.case, self.device
         weight = torch.empty(case.out_channels, case.in_channels // case.groups, *case.kernel_size,
                              dtype=case.dtype, device=device)
-        vector = torch.empty(case.out_channels, device=device)
+        # four distinct vectors: training refuses running statistics that share memory
+        vectors = [torch.empty(case.out_channels, device=device) for _ in range(4)]
         with backends.use_backend(backend), warnings.catch_warnings():
             warnings.simplefilter("ignore", backends.FallbackWarning)
             try:
                 plan = functional.plan(
-                    self.xs[0], weight, None, vector, vector, vector, vector, stride=case.stride,
+                    self.xs[0], weight, None, *vectors, stride=case.stride,
                     padding=case.padding, dilation=case.dilation, groups=case.groups,
                     training=case.training, activation=case.activation)
             except FusedKernelUnavailable as e:  # R21D_STRICT=1
