@@ -12,7 +12,6 @@ interpreter (strict, so nothing falls back).
   error).
 """
 
-import copy
 import os
 
 import pytest
