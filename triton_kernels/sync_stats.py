@@ -102,6 +102,6 @@ def backward_coefficients(group, count: int, part_g, part_gx, mean, invstd, gamm
     if z is not None:
         # The row sum of this rank's dz = k_g * g + k_z * (z - mean) + k_0. Unlike one process,
         # this rank's sum of (z - mean) is not zero (only all ranks' together are).
-        centred = z.double().sum((0, 2, 3, 4)) - count * mean.double()
-        dbias = (a * local_g + k_z * centred.float() + k_0 * count)
+        centred = z.sum((0, 2, 3, 4), dtype=torch.float64) - count * mean.double()
+        dbias = a * local_g + k_z * centred.float() + k_0 * count
     return coef, local_gx, local_g, dbias
