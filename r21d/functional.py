@@ -85,6 +85,14 @@ def _check_in_place(running_mean: Tensor, running_var: Tensor, others: dict) -> 
                     f"{written} in place")
 
 
+def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast casts a conv of ``x`` to (its float32/16 inputs, never float64), or None
+    outside autocast."""
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def _output_size(size: int, k: int, s: int, p: int, d: int) -> int:
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
@@ -142,10 +150,7 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
     if weight.device != x.device:
         raise ValueError(f"conv_bn_act3d: weight is on {weight.device} but x is on {x.device}")
 
-    cast_dtype = None
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        # autocast casts conv3d's float32/16 inputs (never float64) to its dtype
-        cast_dtype = torch.get_autocast_dtype(x.device.type)
+    cast_dtype = autocast_dtype(x)
     conv_dtype = cast_dtype or x.dtype
     if cast_dtype is None and weight.dtype != x.dtype:
         raise TypeError(f"conv_bn_act3d: weight dtype {weight.dtype} does not match x dtype {x.dtype}")

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 from torchvision.models.video.resnet import BasicBlock, Bottleneck
 
+from .functional import autocast_dtype
 from .fused_site import conv_base, hooked, is_activation, is_batchnorm_for, run_site
 from .fused_unit import run_unit, unit_children
 
@@ -46,17 +46,10 @@ def tail_parts(seq: nn.Module, act: nn.Module) -> Optional[tuple]:
     return tail_fusion(seq, act)[0]
 
 
-def _conv_output_dtype(x: Tensor) -> torch.dtype:
-    """The dtype a conv of ``x`` gives: autocast's for float32/16 inputs under autocast."""
-    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
     """``act(seq(x) + residual)``, fused where it may (see :func:`tail_parts`)."""
     parts = tail_parts(seq, act)
-    if parts is None or residual.dtype != _conv_output_dtype(x):
+    if parts is None or residual.dtype != (autocast_dtype(x) or x.dtype):
         # torchvision's ``out += residual`` keeps out's dtype (an fp32 residual under autocast,
         # e.g. a block fed fp32 input): the kernels' residual has the output's dtype, so add as
         # torchvision does, after the fused seq

@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import r21d
-from tests.utils import assert_oracle_close, gpu
+from tests.utils import assert_oracle_close, gpu, perturb_batchnorm
 
 pytestmark = pytest.mark.usefixtures("strict")
 
@@ -42,12 +42,7 @@ def _model(sync: bool) -> nn.Module:
         nn.Conv3d(8, 6, 1), nn.BatchNorm3d(6), nn.ReLU(),
         Conv2Plus1D(6, 5, 4), nn.BatchNorm3d(5), nn.ReLU(),
     )
-    for m in model.modules():  # BN parameters and statistics away from their defaults
-        if isinstance(m, nn.BatchNorm3d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
+    perturb_batchnorm(model)
     return nn.SyncBatchNorm.convert_sync_batchnorm(model) if sync else model
 
 

@@ -304,10 +304,18 @@ def small_video_net() -> torch.nn.Module:
         nn.Conv3d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm3d(8), nn.SiLU(),
         nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(8, 3),
     )
-    for m in net.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            nn.init.uniform_(m.weight, 0.5, 1.5)
-            nn.init.uniform_(m.bias, -0.5, 0.5)
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(0.5, 1.5)
-    return net
+    return perturb_batchnorm(net)
+
+
+def perturb_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with every BatchNorm3d's parameters and running statistics moved away from their
+    defaults (1, 0, 0, 1), which would hide mistakes in gamma, beta, mean or var; from the global
+    RNG, after the caller's seed."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+                torch.nn.init.uniform_(m.bias, -0.5, 0.5)
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
