@@ -122,6 +122,15 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+def autotuning() -> bool:
+    """False under R21D_AUTOTUNE=0: every kernel variant launches its first configuration (a
+    deterministic choice with one compile per specialisation, as ``make gpu-check`` needs);
+    otherwise Triton's autotuner times every configuration on first use."""
+    import os
+
+    return os.environ.get("R21D_AUTOTUNE", "").strip() != "0"
+
+
 class Tuned:
     """A kernel with GPU autotuning configurations per variant (operand precision, epilogue, ...:
     what makes a tile size spill or not) and the one configuration the interpreter runs
@@ -139,6 +148,8 @@ class Tuned:
     def select(self, variant: str):
         if interpreted():
             return self.fn, dict(self.interpret.get(variant, self.interpret))
+        if not autotuning():  # the variant's first configuration: no timing, one compile
+            return self.fn, self.configs[variant][0].all_kwargs()
         if variant not in self._autotuners:
             import triton
 
