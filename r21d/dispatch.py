@@ -13,6 +13,7 @@ import torch
 
 from . import _extension, auto_choices, backends
 from .triton_kernels._launch import interpreted
+from .triton_kernels._limits import GRID_YZ_MAX
 
 FAMILIES = ("pointwise", "depthwise", "spatial", "temporal", "dense", "grouped")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,9 +92,9 @@ DEPTHWISE_MAX_DILATION = 3
 
 
 # The conv families the implicit-GEMM kernels run; they put groups and stride residue classes on
-# grid axes (at most 65535).
+# grid axes y and z.
 IMPLICIT_GEMM_FAMILIES = ("spatial", "temporal", "dense", "grouped")
-IMPLICIT_GEMM_MAX_GRID = 65535
+IMPLICIT_GEMM_MAX_GRID = GRID_YZ_MAX
 
 
 # The eval-mode (2+1)D unit kernel keeps one accumulator per open output frame, ceil(kt / st).

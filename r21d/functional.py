@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import dispatch
 from .reference import ACTIVATIONS, conv_bn_act3d_reference
+from .triton_kernels import _limits as limits
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -180,8 +181,7 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
         spatial.append(out)
     output_shape = (N, C_out, *spatial)
     positions = max(N * math.prod(x.shape[2:]), N * math.prod(spatial))
-    if blocker is None and positions >= 2**31:
-        blocker = f"{positions} positions (N*T*H*W) exceed the kernels' 32-bit row index"
+    blocker = blocker or limits.positions_reason(positions) or limits.channels_reason(max(C_in, C_out))
     if blocker is None and weight.numel() >= 2**31:
         blocker = f"a weight of {weight.numel()} elements exceeds the kernels' 32-bit weight index"
     if sync_group and training and N == 0:
@@ -216,7 +216,9 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
 
 def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps,
         residual=None) -> Tensor:
-    """Execute a :class:`Plan` on a fused backend (``p.backend`` must not be ``torch``)."""
+    """Execute a :class:`Plan` on a fused backend (``p.backend`` must not be ``torch``).
+    ``momentum``: the exponential-average factor, a float or a 0-dim tensor on the device (see
+    r21d.ops.update_running_stats)."""
     from .ops import FUSED_CALLS
 
     cfg = p.config
@@ -229,7 +231,8 @@ def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
         return FUSED_CALLS[p.backend, cfg.family](
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
             stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=cfg.groups,
-            training=cfg.training, momentum=float(momentum), eps=float(eps),
+            training=cfg.training, momentum=momentum if isinstance(momentum, Tensor) else float(momentum),
+            eps=float(eps),
             activation=cfg.activation, save=save, sync_group=p.sync_group)
 
 

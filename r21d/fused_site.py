@@ -110,13 +110,17 @@ def sync_group(bn: _BatchNorm) -> str:
     return sync_stats.group_name(group) if dist.get_world_size(group) > 1 else ""
 
 
-def bn_momentum(bn: _BatchNorm) -> float:
-    """The exponential-average factor, counting the batch like _BatchNorm.forward does."""
-    factor = 0.0 if bn.momentum is None else bn.momentum
-    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    return factor
+def bn_momentum(bn: _BatchNorm) -> float | Tensor:
+    """The exponential-average factor, counting the batch like _BatchNorm.forward does. For the
+    cumulative average (momentum=None) that is 1 / num_batches_tracked, kept on the BN's device
+    as a 0-dim tensor: reading the count on the host would wait for the GPU and break CUDA-graph
+    capture (r21d.ops.update_running_stats applies it)."""
+    if not (bn.training and bn.track_running_stats and bn.num_batches_tracked is not None):
+        return 0.0 if bn.momentum is None else bn.momentum
+    bn.num_batches_tracked.add_(1)
+    if bn.momentum is None:
+        return torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
+    return bn.momentum
 
 
 def _as_3d(t: Optional[Tensor]) -> Optional[Tensor]:

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, dispatch, functional
-from .triton_kernels._layout import out_size
 from .fused_site import (activation_name, bn_momentum, conv_base, is_batchnorm_for, run_site,
                          site_config, sync_group, uses_batch_stats)
+from .ops import op_momentum, update_running_stats
+from .triton_kernels._layout import out_size
 
 UNIT_KERNEL = "conv2plus1d"
 UNIT_TRAIN_KERNEL = "conv2plus1d-train"
@@ -228,13 +229,13 @@ def _run_train(x, w1, b1, bn1, rm1, rv1, cfg1, w2, b2, bn2, cfg2, residual, acti
     rm2, rv2 = _running_stats(bn2)
     momentum1, momentum2 = bn_momentum(bn1), bn_momentum(bn2)
     out, *_saved, new_rm1, new_rv1, new_rm2, new_rv2 = torch.ops.r21d.conv2plus1d_bn_act_train(
-        x, w1, b1, bn1.weight, bn1.bias, rm1, rv1, momentum1, float(bn1.eps),
-        w2, b2, bn2.weight, bn2.bias, rm2, rv2, momentum2, float(bn2.eps), residual,
+        x, w1, b1, bn1.weight, bn1.bias, rm1, rv1, op_momentum(momentum1), float(bn1.eps),
+        w2, b2, bn2.weight, bn2.bias, rm2, rv2, op_momentum(momentum2), float(bn2.eps), residual,
         list(cfg1.stride), list(cfg1.padding), list(cfg1.dilation),
         list(cfg2.stride), list(cfg2.padding), list(cfg2.dilation), activation or "none", save,
         sync_group(bn1))
-    with torch.no_grad():
-        for running, new in ((rm1, new_rm1), (rv1, new_rv1), (rm2, new_rm2), (rv2, new_rv2)):
-            if new.numel():
-                running.copy_(new)
+    for running, new, momentum in ((rm1, new_rm1, momentum1), (rv1, new_rv1, momentum1),
+                                   (rm2, new_rm2, momentum2), (rv2, new_rv2, momentum2)):
+        if new.numel():
+            update_running_stats(running, new, momentum)
     return out

@@ -266,6 +266,23 @@ def _register_csrc(family: _OpFamily) -> None:
 _register_csrc(DEPTHWISE_CUDA)
 
 
+def op_momentum(momentum: float | Tensor) -> float:
+    """The factor an op gets: a device-side factor (a tensor) is applied by
+    :func:`update_running_stats` after the op, which then returns the batch statistics (1.0)."""
+    return 1.0 if isinstance(momentum, Tensor) else float(momentum)
+
+
+def update_running_stats(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:
+    """Copy an op's updated running statistic back, or, for a factor that lives on the device
+    (the cumulative average's 1 / num_batches_tracked), blend the op's batch statistic in on the
+    device: running + factor * (batch - running), no host sync."""
+    with torch.no_grad():
+        if isinstance(momentum, Tensor):
+            running.lerp_(new, momentum.to(running.dtype))
+        else:
+            running.copy_(new)
+
+
 def _fused_call(family: _OpFamily, bn_float32: bool = False):
     """The call r21d.functional.run makes: the op, then the running statistics copied back.
     ``bn_float32``: the kernels take float32 BN vectors (others are cast, differentiably)."""
@@ -280,12 +297,11 @@ def _fused_call(family: _OpFamily, bn_float32: bool = False):
             bn = tuple(t.float() if t is not None and t.dtype != torch.float32 else t for t in bn)
         out, _z, _mean, _invstd, new_rm, new_rv = getattr(torch.ops.r21d, op_name)(
             x, weight, bias, bn[0], bn[1], bn[2], bn[3], residual, list(stride), list(padding),
-            list(dilation), training, momentum, eps, activation or "none", save,
+            list(dilation), training, op_momentum(momentum), eps, activation or "none", save,
             *([sync_group] if family.sync_group else []))
         if new_rm.numel():
-            with torch.no_grad():
-                running_mean.copy_(new_rm)
-                running_var.copy_(new_rv)
+            update_running_stats(running_mean, new_rm, momentum)
+            update_running_stats(running_var, new_rv, momentum)
         return out
 
     return call

@@ -18,8 +18,10 @@ dtypes, integer == 1 -> constexpr, 16-divisibility attributes and options as
 
 Rules checked by ``--check`` (exit status 1 when one fails): every configuration compiles; no
 spills (LOCAL == 0 and STACK == 0); shared memory within the arch's opt-in limit (227 KB sm_90,
-163 KB sm_80); on sm_90 every GEMM kernel (source uses ``tl.dot``) with fp16 / bf16 / TF32 operands
-has HGMMA; every ``*_kernel`` of ``r21d.triton_kernels`` is covered by a case. Reported only:
+163 KB sm_80); on sm_90 every GEMM kernel (one that takes the dot precision ``PREC``) with fp16 /
+bf16 / TF32 operands has HGMMA; every TF32 GEMM rounds its operands to TF32 (PTX
+``cvt.rna.tf32.f32``: the tensor cores would truncate them) and no other kernel does; every
+``*_kernel`` of ``r21d.triton_kernels`` is covered by a case. Reported only:
 IEEE-fp32 GEMMs (no tensor cores by design) and whether the memory-bound kernels use 128-bit
 loads in channels_last_3d.
 
@@ -27,8 +29,8 @@ The report must run with TRITON_INTERPRET unset: kernels decorated while it is s
 functions and cannot be compiled (the test runs it in a subprocess for that reason).
 
 Adding a kernel family: add its module to ``KERNEL_MODULES``, write its case function (like
-``_pointwise``) and add its cases to ``CASES``. A kernel counts as a GEMM when its own source uses
-``tl.dot`` (not a helper it calls).
+``_pointwise``) and add its cases to ``CASES``. A kernel counts as a GEMM when it takes the dot
+precision ``PREC`` (its products go through ``_gemm.dot``).
 """
 
 from __future__ import annotations
@@ -455,7 +457,7 @@ def _jobs(cases: list[Case], archs) -> list[dict]:
                             module=fn.__module__, kernel=fn.__name__, arch=arch,
                             signature=signature, constexprs=constexprs, attrs=attrs, options=opts,
                             constexpr_values=cx, num_warps=opts["num_warps"],
-                            num_stages=opts["num_stages"], gemm="tl.dot" in fn.src,
+                            num_stages=opts["num_stages"], gemm="PREC" in names,
                             families=[], cases=[], dtypes=[], layouts=[],
                         )
                     for field, value in (("families", case.family), ("cases", case.name),
@@ -587,6 +589,7 @@ def _compile_job(job: dict) -> dict:
             raise RuntimeError(f"expected one function in the cubin, got {sorted(stats)}")
         result.update(next(iter(stats.values())))
         result["shared"] = int(k.metadata.shared)
+        result["tf32_round"] = k.asm["ptx"].count("cvt.rna.tf32.f32")
     except Exception as e:  # reported as a failing row
         result["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
     result["compile_s"] = round(time.perf_counter() - start, 2)
@@ -644,6 +647,7 @@ class Row:
     stg128: int = 0
     ldl: int = 0
     stl: int = 0
+    tf32_round: int = 0  # PTX cvt.rna.tf32.f32: fp32 operands rounded to TF32 before the MMA
     compile_s: float = 0.0
     error: str | None = None
     failures: list = dataclasses.field(default_factory=list)
@@ -683,6 +687,11 @@ def _apply_rules(row: Row) -> None:
         f.append(f"shared memory {row.shared} B > {limit} B")
     if row.arch == 90 and row.tensor_core_operands and row.hgmma == 0:
         f.append(f"no HGMMA ({'/'.join(row.dtypes)}, HMMA={row.hmma})")
+    tf32 = row.gemm and row.precision == "tf32" and any(d.startswith("fp32") for d in row.dtypes)
+    if tf32 and row.tf32_round == 0:
+        f.append("TF32 operands not rounded (no cvt.rna.tf32.f32: the tensor cores truncate)")
+    if not tf32 and row.tf32_round:
+        f.append(f"{row.tf32_round} TF32 roundings in a kernel without TF32 operands")
     if row.kernel in VECTOR_KERNELS and set(row.layouts) <= VECTOR_LAYOUTS and row.ldg128 == 0:
         f.append(f"no 128-bit global loads ({row.ldg} LDG) in a channels_last_3d kernel")
 
@@ -774,7 +783,7 @@ def format_table(rows: list[Row]) -> str:
         group = (r.family, r.module, r.kernel)
         if group != current:
             current = group
-            kind = "GEMM (tl.dot)" if r.gemm else "memory-bound"
+            kind = "GEMM" if r.gemm else "memory-bound"
             lines.append("")
             lines.append(f"== [{r.family}] {r.module}.{r.kernel}  ({kind})")
             lines.append(head)

@@ -10,39 +10,29 @@ partials (tests/csrc/test_depthwise3d_cuda.py and the depthwise tests check both
 
 import ast
 import copy
-import pathlib
 
 import pytest
 import torch
 
 import r21d
-from tests.utils import gpu, small_video_net
-
-KERNELS = pathlib.Path(__file__).resolve().parents[1] / "triton_kernels"
-
-
-def _jit_functions(tree: ast.Module):
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and any(
-                "jit" in ast.unparse(d) or "autotune" in ast.unparse(d) for d in node.decorator_list):
-            yield node
+from tests.utils import gpu, jit_functions, kernel_sources, small_video_net
 
 
 def test_no_triton_kernel_uses_atomics():
     kernels, atomic = 0, []
-    for path in sorted(KERNELS.glob("*.py")):
-        for fn in _jit_functions(ast.parse(path.read_text())):
+    for path, tree in kernel_sources():
+        for fn in jit_functions(tree):
             kernels += 1
             atomic += [f"{path.name}:{fn.name}:{n.lineno} {n.attr}" for n in ast.walk(fn)
                        if isinstance(n, ast.Attribute) and n.attr.startswith("atomic")]
-    assert kernels >= 20, f"found only {kernels} @triton.jit functions under {KERNELS}"
+    assert kernels >= 20, f"found only {kernels} @triton.jit functions"
     assert not atomic, "atomics make reductions order-dependent: " + ", ".join(atomic)
 
 
 def test_the_scan_sees_atomics():
     """The scan above is not vacuous: it finds an atomic in a kernel written like ours."""
     src = "@triton.jit\ndef k(p):\n    tl.atomic_add(p, 1.0)\n"
-    (fn,) = _jit_functions(ast.parse(src))
+    (fn,) = jit_functions(ast.parse(src))
     assert any(isinstance(n, ast.Attribute) and n.attr == "atomic_add" for n in ast.walk(fn))
 
 

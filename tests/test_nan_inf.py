@@ -11,18 +11,28 @@ import shutil
 import subprocess
 import sys
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 
-from tests.utils import ConvCase, assert_oracle_close, gpu, make_inputs, oracle, run_backend
+import r21d
+from r21d.fused_unit import UNIT_KERNEL, UNIT_TRAIN_KERNEL, choose_unit, run_unit
+from tests.utils import (ConvCase, assert_oracle_close, gpu, make_inputs, oracle, perturb_batchnorm,
+                         run_backend)
 
 pytestmark = pytest.mark.usefixtures("strict")
 
+# One case per conv family (r21d.dispatch.conv_family); the (2+1)D unit is below.
 CASES = {
     "pointwise": ConvCase(C_in=6, C_out=5, residual=True),
     "depthwise": ConvCase(C_in=5, C_out=5, groups=5, kernel=(3, 3, 3), padding=(1, 1, 1), layout="cl3d"),
     "spatial": ConvCase(C_in=4, C_out=6, kernel=(1, 3, 3), padding=(0, 1, 1), activation="silu"),
     "temporal": ConvCase(C_in=4, C_out=6, kernel=(3, 1, 1), padding=(1, 0, 0), T=4, layout="cl3d"),
+    "dense": ConvCase(C_in=3, C_out=4, kernel=(3, 3, 3), padding=(1, 1, 1), T=3, H=4, W=4),
+    "grouped": ConvCase(C_in=4, C_out=6, groups=2, kernel=(1, 3, 3), padding=(0, 1, 1),
+                        layout="cl3d"),
 }
 
 
@@ -72,6 +82,23 @@ def test_specials_in_x_propagate_like_pytorch(name, training, device):
             assert_same_specials(what, got, want, b)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("device", ["cpu", gpu("cuda")])
+def test_relu_gradient_passes_where_its_input_is_nan(name, device):
+    """Eval (running statistics: the NaN stays where it is): ReLU's gradient is threshold_backward,
+    0 where its input <= 0 and dy elsewhere, NaN inputs included; a multiply or a ``pre > 0``
+    select would block dy there and change the finite gradients around it."""
+    case = CASES[name]
+    args = make_inputs(case, torch.float32, device)
+    args["x"] = _poison(args["x"], seed=1)
+    grad_out = torch.randn(case.output_shape(), generator=torch.Generator().manual_seed(4)).to(device)
+    _, grads, _ = run_backend("triton", args, case, False, grad_out)
+    _, ref_grads, _ = oracle(args, case, False, grad_out)
+    _, base_grads, _ = run_backend("torch", args, case, False, grad_out)
+    for key in ref_grads:
+        assert_same_specials(f"grad {key}", grads[key], ref_grads[key], base_grads[key])
+
+
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("device", ["cpu", gpu("cuda")])
@@ -92,6 +119,41 @@ def test_specials_in_grad_out_propagate_like_pytorch(name, training, device):
     assert grads.keys() == ref_grads.keys()
     for key in ref_grads:
         assert_same_specials(f"grad {key}", grads[key], ref_grads[key], base_grads[key])
+
+
+def _unit_modules(training: bool, device: str):
+    """A (2+1)D unit's modules (spatial 1x3x3, BN, ReLU, temporal 3x1x1, BN, ReLU) with BN away
+    from its defaults."""
+    torch.manual_seed(0)
+    mods = nn.Sequential(
+        nn.Conv3d(4, 6, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(6), nn.ReLU(),
+        nn.Conv3d(6, 5, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.BatchNorm3d(5), nn.ReLU())
+    return list(perturb_batchnorm(mods).to(device).train(training))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("device", ["cpu", gpu("cuda")])
+def test_specials_in_x_propagate_through_the_unit(training, device):
+    """The (2+1)D unit's kernels (eval: one kernel, BN1 + ReLU in registers; training: the BN1 +
+    ReLU prologue of the temporal conv) keep NaN and Inf where PyTorch does: in training one NaN
+    in x makes the batch statistics, and so every output, NaN."""
+    mods = _unit_modules(training, device)
+    g = torch.Generator().manual_seed(5)
+    x = _poison(torch.randn(2, 4, 3, 4, 4, generator=g), seed=1).to(device)
+    with r21d.use_backend("triton"):
+        assert choose_unit(*mods).kernel == (UNIT_TRAIN_KERNEL if training else UNIT_KERNEL)
+    results = []
+    for backend, dtype, dev in (("triton", torch.float32, device), ("torch", torch.float64, "cpu"),
+                                ("torch", torch.float32, device)):
+        m = [copy.deepcopy(mod).to(dev, dtype) for mod in mods]
+        with r21d.use_backend(backend), torch.no_grad():
+            results.append((run_unit(*m, x.to(dev, dtype)), m))
+    (out, m), (ref, m_ref), (base, m_base) = results
+    assert_same_specials("out", out, ref, base)
+    for i in (1, 4):  # the BNs' running statistics take the batch statistics' NaN and Inf
+        for stat in ("running_mean", "running_var"):
+            assert_same_specials(f"bn{i}.{stat}", getattr(m[i], stat), getattr(m_ref[i], stat),
+                                 getattr(m_base[i], stat))
 
 
 RELU_PTX = """

@@ -147,3 +147,17 @@ def test_training_unit_prologue_kernels_covered_on_hgmma(report):
     for r in rows:
         if r["arch"] == 90 and r["dtypes"] != ["fp32-ieee"]:
             assert r["hgmma"] > 0, (r["kernel"], r["dtypes"], r["layouts"], r["config"])
+
+
+def test_tf32_kernels_round_their_operands(report):
+    """Every GEMM with TF32 operands rounds them to TF32 (PTX cvt.rna.tf32.f32) before the tensor
+    cores read them, which would truncate instead (cuDNN rounds); no other kernel rounds."""
+    _, data, _ = report
+    assert data is not None
+    tf32 = [r for r in data["rows"] if r["gemm"] and r["dtypes"] == ["fp32-tf32"]]
+    assert {r["kernel"] for r in tf32} >= IMPLICIT_GEMMS | POINTWISE_GEMMS | {"_unit_eval_kernel"}
+    unrounded = [f"{r['kernel']} {r['config']} {r['layouts']}" for r in tf32 if r["tf32_round"] == 0]
+    assert not unrounded, "TF32 operands truncated by the tensor cores in:\n" + "\n".join(unrounded)
+    others = [f"{r['kernel']} {r['dtypes']}" for r in data["rows"]
+              if r["tf32_round"] and r["dtypes"] != ["fp32-tf32"]]
+    assert not others, others

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import pathlib
 
 import pytest
 import torch
@@ -319,3 +321,20 @@ def perturb_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 1.5)
     return model
+
+
+# ---------------------------------------------------------------------------- kernel source scans
+KERNELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "triton_kernels"
+
+
+def kernel_sources() -> list[tuple[pathlib.Path, ast.Module]]:
+    """(path, parsed module) of every file of triton_kernels/."""
+    return [(path, ast.parse(path.read_text())) for path in sorted(KERNELS_DIR.glob("*.py"))]
+
+
+def jit_functions(tree: ast.Module):
+    """The @triton.jit (or autotuned) functions of a parsed module."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and any(
+                "jit" in ast.unparse(d) or "autotune" in ast.unparse(d) for d in node.decorator_list):
+            yield node

@@ -29,7 +29,8 @@ def activation(v, ACT: tl.constexpr):
 def activation_grad(pre, dy, ACT: tl.constexpr):
     """d act(pre) / d pre * dy, with ReLU's gradient 0 at pre == 0 as in PyTorch."""
     if ACT == 1:
-        dy = tl.where(pre > 0.0, dy, 0.0)
+        # threshold_backward's select: 0 where pre <= 0, else dy (also where pre is NaN)
+        dy = tl.where(pre <= 0.0, 0.0, dy)
     elif ACT == 2:
         s = tl.sigmoid(pre)
         dy = dy * (s * (1.0 + pre * (1.0 - s)))
@@ -112,6 +113,14 @@ def channel_mask(cols, C, C_VEC: tl.constexpr):
         return (cols // C_VEC) < (C // C_VEC)
     else:
         return cols < C
+
+
+@triton.jit
+def split_end(start, length, total):
+    """The end of the range of ``length`` items from ``start`` (< total), cut at ``total``:
+    computed as start + min(length, total - start), which stays below ``total`` where
+    start + length could pass 2^31 and wrap."""
+    return start + tl.minimum(length, total - start, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit

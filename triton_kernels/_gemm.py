@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import _common as cm
 from . import batchnorm as bn
-from ._launch import alloc
+from ._launch import alloc, interpreted
 from ._layout import alloc_channels_last, channels_contiguous, in_format_of
 
 # Training (STATS) tiles are always STATS_BLOCK_M rows: the partial-statistics buffers and their
@@ -26,15 +26,28 @@ STATS_BLOCK_M = 128
 INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=16, num_warps=4)
 
 
+def cudnn_conv_allows_tf32() -> bool:
+    """Whether PyTorch lets cuDNN run fp32 convolutions in TF32, resolved as ATen does
+    (Context::float32Precision): cudnn.conv.fp32_precision, else cudnn.fp32_precision, else the
+    generic torch.backends.fp32_precision, where "none" defers to the next; "tf32" allows it,
+    anything else is IEEE. Torch < 2.9 has only the legacy flag. (Reading the legacy flag raises
+    when the new API set conv and RNN differently, so it is not read when the new one exists.)"""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if not hasattr(conv, "fp32_precision"):
+        return bool(torch.backends.cudnn.allow_tf32)
+    for level in (conv, torch.backends.cudnn, torch.backends):
+        precision = getattr(level, "fp32_precision", "none")
+        if precision != "none":
+            return precision == "tf32"
+    return False
+
+
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 convs use TF32 only where PyTorch lets cuDNN use it (DESIGN.md §3)."""
+    """The dot's input precision: fp32 convs use TF32 exactly where PyTorch lets cuDNN use it
+    (DESIGN.md §3), with operands rounded as cuDNN rounds them (:func:`dot`); else IEEE."""
     if dtype != torch.float32:
         return "ieee"
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    precision = getattr(conv, "fp32_precision", None)
-    if precision in ("tf32", "ieee"):
-        return precision
-    return "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
+    return "tf32" if cudnn_conv_allows_tf32() else "ieee"
 
 
 def operand_class(dtype: torch.dtype, prec: str) -> str:
@@ -119,6 +132,35 @@ def tile(bm, bn_, bk, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn_, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
+# Rounding fp32 to TF32 (10 mantissa bits), to nearest with ties away from zero (PTX cvt.rna):
+# the tensor cores read a TF32 operand from an fp32 register and ignore its low 13 bits, i.e.
+# truncate, which shrinks every product of positive values (post-ReLU activations) and roughly
+# triples the error of rounding; tl.dot leaves the rounding to the caller (its documentation
+# says so). On the GPU one cvt.rna.tf32.f32 per element (the static report checks the PTX); the
+# interpreter, which has no inline assembly, computes the same function on the bits.
+if interpreted():
+    @triton.jit
+    def round_tf32(x):
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)  # +half ulp, cut
+        return tl.where(x != x, x, rounded)  # NaN stays NaN (its payload may sit in the low bits)
+else:
+    @triton.jit
+    def round_tf32(x):
+        return tl.inline_asm_elementwise("cvt.rna.tf32.f32 $0, $1;", "=r,r", [x],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def dot(a, b, acc, PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation, every GEMM kernel's one matrix product: with PREC
+    "tf32" (fp32 operands, TF32 allowed) both operands are first rounded to TF32 as cuDNN does."""
+    if PREC == "tf32":
+        a = round_tf32(a)
+        b = round_tf32(b)
+    return tl.dot(a, b, acc, input_precision=PREC)
+
+
 @triton.jit
 def bn_act_epilogue(
     acc, pid_m, M, n, t, h, w, rmask, cols, cmask, C_out,
@@ -146,7 +188,8 @@ def bn_act_epilogue(
     if STATS:
         acc += bias[None, :]
         tl.store(z_ptr + o_off, acc, mask=mask)
-        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+        count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M,
+                           propagate_nan=tl.PropagateNan.ALL).to(tl.float32)
         tile_mean = tl.sum(tl.where(mask, acc, 0.0), axis=0) / count
         d = tl.where(mask, acc - tile_mean[None, :], 0.0)
         part = pid_m.to(tl.int64) * C_out + cols
@@ -172,34 +215,38 @@ def bn_act_epilogue(
 
 @triton.jit
 def dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, C,
-            HAS_RES: tl.constexpr, ACT: tl.constexpr):
+            HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr):
     """The conv-output gradient dz of a (rows x channels) tile, rebuilt from dy and z with the
-    coefficient table of batchnorm.py; 0 where ``mask`` is off."""
+    coefficient table of batchnorm.py; 0 where ``mask`` is off. The batch statistics' terms
+    (k_z, k_0) only in TRAINING: with running statistics they are 0, and 0 * (z - mean) would
+    make dz NaN where z is NaN or Inf although PyTorch's gradient there is finite."""
     cmask = chans < C
     mean = tl.load(coef_ptr + bn.COEF_MEAN * C + chans, mask=cmask, other=0.0)
     a = tl.load(coef_ptr + bn.COEF_A * C + chans, mask=cmask, other=0.0)
     beta = tl.load(coef_ptr + bn.COEF_BETA * C + chans, mask=cmask, other=0.0)
     k_g = tl.load(coef_ptr + bn.COEF_KG * C + chans, mask=cmask, other=0.0)
-    k_z = tl.load(coef_ptr + bn.COEF_KZ * C + chans, mask=cmask, other=0.0)
-    k_0 = tl.load(coef_ptr + bn.COEF_K0 * C + chans, mask=cmask, other=0.0)
     dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
     zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
     pre = zc * a[None, :] + beta[None, :]
     if HAS_RES:
         pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     g = cm.activation_grad(pre, dy, ACT)
-    dz = k_g[None, :] * g + k_z[None, :] * zc + k_0[None, :]
+    dz = k_g[None, :] * g
+    if TRAINING:
+        k_z = tl.load(coef_ptr + bn.COEF_KZ * C + chans, mask=cmask, other=0.0)
+        k_0 = tl.load(coef_ptr + bn.COEF_K0 * C + chans, mask=cmask, other=0.0)
+        dz += k_z[None, :] * zc + k_0[None, :]
     return tl.where(mask, dz, 0.0)
 
 
 @triton.jit
 def dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, t, h, w, chans, mask, C,
                sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
-               HAS_RES: tl.constexpr, ACT: tl.constexpr, D_ALIGN: tl.constexpr,
-               Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr):
+               HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
+               D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr):
     """:func:`dz_tile` at output positions (n, t, h, w) x channels ``chans``."""
     d_off = cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + chans[None, :]
     z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN)[:, None] + chans[None, :]
     r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + chans[None, :]
     return dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, C,
-                   HAS_RES, ACT)
+                   HAS_RES, ACT, TRAINING)

@@ -21,6 +21,8 @@ from typing import Iterator
 
 import torch
 
+from ._limits import check_grid
+
 
 @dataclasses.dataclass
 class Counter:
@@ -104,8 +106,19 @@ def kernel_name(kernel) -> str:
     return getattr(fn, "__name__", repr(fn))
 
 
+def _grids(kernel, grid, kwargs: dict) -> list:
+    """The grid of every configuration the launch may run with (an autotuner picks one later)."""
+    if not callable(grid):
+        return [grid]
+    configs = getattr(kernel, "configs", None) or [None]
+    return [grid({**kwargs, **(c.all_kwargs() if c is not None else {})}) for c in configs]
+
+
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """kernel[grid](*args, **kwargs), counted; launches on the current stream (Triton's default)."""
+    """kernel[grid](*args, **kwargs), counted; launches on the current stream (Triton's default).
+    The grid is checked against CUDA's limits first (also when captured)."""
+    for g in _grids(kernel, grid, kwargs):
+        check_grid(kernel_name(kernel), g)
     for c in _active:
         c.launches += 1
         c.kernels.append(kernel_name(kernel))

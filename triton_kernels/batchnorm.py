@@ -77,7 +77,9 @@ def _bn_stats_finalize_kernel(
         if HAS_COUNT:  # tiles of any shape, each with its own count
             n_i = tl.load(part_count_ptr + tiles, mask=tmask, other=0.0)
         else:  # tiles of rows_per_tile consecutive rows
-            n_i = tl.where(tmask, tl.minimum(rows_per_tile, M - tiles * rows_per_tile), 0).to(tl.float32)
+            first = tiles.to(tl.int64) * rows_per_tile  # masked tiles may pass 2^31
+            n_i = tl.where(tmask, tl.minimum(rows_per_tile, M - first, propagate_nan=tl.PropagateNan.ALL),
+                           0).to(tl.float32)
         offs = tiles[:, None].to(tl.int64) * C + cols[None, :]
         m = tmask[:, None] & cmask[None, :]
         pm = tl.load(part_mean_ptr + offs, mask=m, other=0.0)

@@ -48,11 +48,11 @@ def _temporal_tap(acc_a, acc_b, acc_c, mid, w2_ptr, mids, mmask, w2_cols, comask
             b = tl.load(w2_ptr + (mids * s2i)[:, None] + w2_cols[None, :] + (s * ST + R) * s2t,
                         mask=mmask[:, None] & comask[None, :], other=0.0)
             if s == 0:
-                acc_a = tl.dot(mid, b, acc_a, input_precision=PREC)
+                acc_a = gm.dot(mid, b, acc_a, PREC)
             elif s == 1:
-                acc_b = tl.dot(mid, b, acc_b, input_precision=PREC)
+                acc_b = gm.dot(mid, b, acc_b, PREC)
             else:
-                acc_c = tl.dot(mid, b, acc_c, input_precision=PREC)
+                acc_c = gm.dot(mid, b, acc_c, PREC)
     return acc_a, acc_b, acc_c
 
 
@@ -73,13 +73,17 @@ def _unit_eval_kernel(
     R_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_MID: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
+    # grid x: (image, position tile, channel tile), channels fastest: consecutive programs share
+    # the gathered x tile (L2 reuse); N is not a grid axis of its own (y and z stop at 65535)
     pid = tl.program_id(0)
-    n = tl.program_id(1)
     num_n = tl.cdiv(C_out, BLOCK_N)
-    pid_m = pid // num_n  # consecutive programs share the gathered x tile (L2 reuse)
+    per_image = tl.cdiv(HW, BLOCK_M) * num_n
+    n = pid // per_image
+    pid = pid - n * per_image
+    pid_m = pid // num_n
     pid_n = pid % num_n
-    o_first = tl.program_id(2) * frames_per_program
-    o_end = tl.minimum(o_first + frames_per_program, T_out)
+    o_first = tl.program_id(1) * frames_per_program
+    o_end = cm.split_end(o_first, frames_per_program, T_out)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < HW
@@ -95,7 +99,8 @@ def _unit_eval_kernel(
     ks = tl.arange(0, BLOCK_K)
     num_cb = tl.cdiv(C_in, BLOCK_K)
     # the last intermediate frame any of this program's output frames reads
-    t_last = tl.minimum((o_end - 1) * ST - pt + KT - 1, T_in - 1)
+    t_last = tl.minimum((o_end - 1) * ST - pt + KT - 1, T_in - 1,
+                        propagate_nan=tl.PropagateNan.ALL)
 
     acc_a = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # slot 0: the newest output frame
     acc_b = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -125,7 +130,7 @@ def _unit_eval_kernel(
                             b_cols = tl.multiple_of(b_cols, W1_ALIGN)
                         b = tl.load(w1_ptr + cc[:, None] * s1i + b_cols[None, :],
                                     mask=kmask[:, None] & mmask[None, :], other=0.0)
-                        acc1 = tl.dot(a, b, acc1, input_precision=PREC)
+                        acc1 = gm.dot(a, b, acc1, PREC)
                     # BN1 (folded with the spatial bias) + ReLU, in the dtype the next GEMM reads
                     bias1 = tl.zeros((BLOCK_MID,), tl.float32)
                     if HAS_BIAS1:
@@ -135,7 +140,7 @@ def _unit_eval_kernel(
                     scale1, shift1 = bn.fold(mean1, 1.0 / tl.sqrt(var1 + eps1), bias1,
                                              gamma1_ptr, beta1_ptr, mids, mmask,
                                              HAS_GAMMA1, HAS_BETA1)
-                    mid = tl.maximum(acc1 * scale1[None, :] + shift1[None, :], 0.0)
+                    mid = cm.activation(acc1 * scale1[None, :] + shift1[None, :], 1)  # ReLU
                     acc_a, acc_b, acc_c = _temporal_tap(
                         acc_a, acc_b, acc_c, mid.to(x_ptr.dtype.element_ty), w2_ptr, mids, mmask,
                         w2_cols, comask, s2i, s2t, r, KT, ST, NSLOT, PREC)
@@ -239,7 +244,7 @@ def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
         frames = _frames_per_program(T_out, N * triton.cdiv(HW, 128) * triton.cdiv(C_out, 128))
 
     def grid(meta):
-        return (triton.cdiv(HW, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]), N,
+        return (N * triton.cdiv(HW, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),
                 triton.cdiv(T_out, frames))
 
     absent = x  # stands in for the optional vectors that are not given

@@ -129,7 +129,7 @@ def _depthwise_fwd_kernel(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     t_start = tc * t_chunk
-    t_end = tl.minimum(t_start + t_chunk, T_out)
+    t_end = cm.split_end(t_start, t_chunk, T_out)
 
     if MODE == 1:  # MODE_STATS: per-channel (count, mean, M2) of this program's positions
         count_t = tl.sum(pmask.to(tl.float32), axis=0)  # positions per frame
@@ -340,7 +340,8 @@ def _depthwise_bwd_kernel(
     pt, ph, pw, dt, dh, dw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, NEED_DX: tl.constexpr,
+    NEED_DW: tl.constexpr,
     CL: tl.constexpr, D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     X_ALIGN: tl.constexpr, G_ALIGN: tl.constexpr, C_VEC: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -349,18 +350,21 @@ def _depthwise_bwd_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cm.channel_mask(cols, C, C_VEC)
     cols64 = cols.to(tl.int64)
-    # dz = k_g * g + k_z * (z - mean) + k_0, g = dy * act'((z - mean) * a + beta [+ r])
+    # dz = k_g * g [+ k_z * (z - mean) + k_0 in TRAINING, see _gemm.dz_tile],
+    # g = dy * act'((z - mean) * a + beta [+ r])
     mean = cm.per_channel(tl.load(coef_ptr + bn.COEF_MEAN * C + cols, mask=cmask, other=0.0), CL)
     a = cm.per_channel(tl.load(coef_ptr + bn.COEF_A * C + cols, mask=cmask, other=0.0), CL)
     beta = cm.per_channel(tl.load(coef_ptr + bn.COEF_BETA * C + cols, mask=cmask, other=0.0), CL)
     k_g = cm.per_channel(tl.load(coef_ptr + bn.COEF_KG * C + cols, mask=cmask, other=0.0), CL)
-    k_z = cm.per_channel(tl.load(coef_ptr + bn.COEF_KZ * C + cols, mask=cmask, other=0.0), CL)
-    k_0 = cm.per_channel(tl.load(coef_ptr + bn.COEF_K0 * C + cols, mask=cmask, other=0.0), CL)
+    k_z = k_0 = k_g  # stand-ins, used only in TRAINING
+    if TRAINING:
+        k_z = cm.per_channel(tl.load(coef_ptr + bn.COEF_KZ * C + cols, mask=cmask, other=0.0), CL)
+        k_0 = cm.per_channel(tl.load(coef_ptr + bn.COEF_K0 * C + cols, mask=cmask, other=0.0), CL)
     taps = tl.arange(0, TAPS)
     dw_acc = tl.zeros((TAPS, BLOCK_C), tl.float32)
 
     row_start = split * rows_per_split
-    row_end = tl.minimum(row_start + rows_per_split, M_in)
+    row_end = cm.split_end(row_start, rows_per_split, M_in)
     for r0 in range(row_start, row_end, BLOCK_P):
         rows = r0 + tl.arange(0, BLOCK_P)
         pmask = rows < row_end
@@ -391,7 +395,10 @@ def _depthwise_bwd_kernel(
                         r_off = _offsets(n, to, ho, wo, cols64, srn, src, srt, srh, srw, R_ALIGN, CL)
                         pre += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
                     g = cm.activation_grad(pre, dyv, ACT)
-                    dz = tl.where(mask, k_g * g + k_z * zc + k_0, 0.0)
+                    dz = k_g * g
+                    if TRAINING:
+                        dz += k_z * zc + k_0
+                    dz = tl.where(mask, dz, 0.0)
                     if NEED_DX:
                         wv = tl.load(w_ptr + cols * swc + (kt * swt + kh * swh + kw * sww),
                                      mask=cmask, other=0.0).to(tl.float32)
@@ -474,7 +481,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
             *pc_strides(dx), *weight.stride()[:1], *weight.stride()[2:],
             pt, ph, pw, dt, dh, dw_,
             KT=KT, KH=KH, KW=KW, TAPS=triton.next_power_of_2(K), ST=st, SH=sh, SW=sw, HAS_RES=residual is not None,
-            ACT=act, NEED_DX=need_dx, NEED_DW=need_dw, CL=cl,
+            ACT=act, TRAINING=training, NEED_DX=need_dx, NEED_DW=need_dw, CL=cl,
             D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
             R_ALIGN=rows_alignment(residual), X_ALIGN=rows_alignment(x), G_ALIGN=rows_alignment(dx),
             C_VEC=channel_vector(C, grad_out, z, residual, x, dx) if cl else 1, **meta,

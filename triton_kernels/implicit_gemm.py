@@ -3,7 +3,7 @@
 
 A conv is a GEMM whose A operand is gathered on the fly (im2col never exists): rows are output
 positions (n, t, h, w), the reduction runs over K = (tap, input channel) of the row's group, and
-columns are the group's output channels. Kernels (fp32 accumulation with ``tl.dot``):
+columns are the group's output channels. Kernels (fp32 accumulation with ``_gemm.dot``):
 
 ``_igemm_fwd_kernel``    eval: y = act((conv(x) + b) * scale + shift [+ r]) with BN folded in the
                          epilogue (one launch); train (STATS): z and per-tile statistics for
@@ -68,7 +68,7 @@ def _bn_relu_prologue(v, ok, pre_ptr, chans, cmask, C):
     the conv's zero padding stays zero after the transform."""
     scale = tl.load(pre_ptr + chans, mask=cmask, other=0.0)
     shift = tl.load(pre_ptr + C + chans, mask=cmask, other=0.0)
-    y = tl.maximum(v.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+    y = cm.activation(v.to(tl.float32) * scale[None, :] + shift[None, :], 1)  # ReLU
     return tl.where(ok, y, 0.0).to(v.dtype)
 
 
@@ -160,7 +160,7 @@ def _igemm_fwd_kernel(
             b_rows = ci * swi + kt * swt + kh * swh + kw * sww
             b = tl.load(w_ptr + b_rows[:, None] + w_cols[None, :],
                         mask=kmask[:, None] & comask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = gm.dot(a, b, acc, PREC)
     else:
         num_cb = tl.cdiv(C_in_g, BLOCK_K)
         for step in range(0, TAPS * num_cb):
@@ -176,7 +176,7 @@ def _igemm_fwd_kernel(
                 b_cols = tl.multiple_of(b_cols, W_ALIGN)
             b = tl.load(w_ptr + cc[:, None] * swi + b_cols[None, :],
                         mask=kmask[:, None] & comask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=PREC)
+            acc = gm.dot(a, b, acc, PREC)
 
     gm.bn_act_epilogue(
         acc, pid_m, M, n, to, ho, wo, rmask, cols, comask, C_out,
@@ -361,7 +361,7 @@ def _igemm_dgrad_kernel(
     srn, srt, srh, srw,
     sxn, sxt, sxh, sxw, swo, swi, swt, swh, sww,
     st, sh, sw, pt, ph, pw, dt, dh, dw, jt_step, jh_step, jw_step,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, GROUPED: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr,
     X_ALIGN: tl.constexpr, CO_VEC: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -433,10 +433,10 @@ def _igemm_dgrad_kernel(
             r_rows = tl.multiple_of(r_rows, R_ALIGN)
         dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
                         z_rows[:, None] + kk[None, :], r_rows[:, None] + kk[None, :], co_base + kk,
-                        ok[:, None] & kmask[None, :], C_out, HAS_RES, ACT)
+                        ok[:, None] & kmask[None, :], C_out, HAS_RES, ACT, TRAINING)
         b = tl.load(w_ptr + ((co_base + kk) * swo + (kt * swt + kh * swh + kw * sww))[:, None]
                     + (ci * swi)[None, :], mask=kmask[:, None] & cimask[None, :], other=0.0)
-        acc = tl.dot(dz.to(w_ptr.dtype.element_ty), b, acc, input_precision=PREC)
+        acc = gm.dot(dz.to(w_ptr.dtype.element_ty), b, acc, PREC)
 
     if X_ALIGN > 1:
         x_rows = tl.multiple_of(x_rows, X_ALIGN)
@@ -452,7 +452,8 @@ def _igemm_wgrad_kernel(
     srn, srt, srh, srw,
     sxn, sxt, sxh, sxw,
     st, sh, sw, pt, ph, pw, dt, dh, dw,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr, GROUPED: tl.constexpr, FLAT_K: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, GROUPED: tl.constexpr,
+    FLAT_K: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr,
     X_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr, PRE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -490,7 +491,7 @@ def _igemm_wgrad_kernel(
         kk = tap * C_in_g + ci
     kt, kh, kw = _tap(tap, KH, KW)
     r_start = split * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, M)
+    r_end = cm.split_end(r_start, rows_per_split, M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(r_start, r_end, BLOCK_K):
@@ -500,7 +501,7 @@ def _igemm_wgrad_kernel(
         dz = gm.dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, to, ho, wo, chans,
                            rmask[:, None] & comask[None, :], C_out,
                            sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
-                           HAS_RES, ACT, D_ALIGN, Z_ALIGN, R_ALIGN)
+                           HAS_RES, ACT, TRAINING, D_ALIGN, Z_ALIGN, R_ALIGN)
         t0 = to * st - pt
         h0 = ho * sh - ph
         w0 = wo * sw - pw
@@ -512,7 +513,7 @@ def _igemm_wgrad_kernel(
             xa = _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
                              T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g,
                              X_ALIGN, PRE)
-        acc = tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, input_precision=PREC)
+        acc = gm.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, PREC)
 
     w_off = split.to(tl.int64) * C_out * K + chans[:, None] * K + kk[None, :]
     tl.store(dw_ptr + w_off, acc, mask=comask[:, None] & kmask[None, :])
@@ -570,7 +571,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     dz_aligns = (d_align, z_align, *([r_align] if residual is not None else []))
     co_align = _group_alignment(16, geom, geom.C_out_g)  # what a group's first channel keeps
     common = dict(
-        HAS_RES=residual is not None, ACT=act, GROUPED=geom.groups > 1,
+        HAS_RES=residual is not None, ACT=act, TRAINING=training, GROUPED=geom.groups > 1,
         D_ALIGN=d_align, Z_ALIGN=z_align, R_ALIGN=r_align, CO_ALIGN=co_align, PREC=prec,
     )
     some = z

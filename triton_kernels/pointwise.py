@@ -2,7 +2,7 @@
 
 A 1x1x1 convolution is a GEMM: rows are output positions (n, t, h, w), K = C_in, N = C_out;
 the row of x an output reads is (n, t*st - pt, h*sh - ph, w*sw - pw), zero where that is
-padding. Kernels (all accumulate in fp32 with ``tl.dot``):
+padding. Kernels (all accumulate in fp32 with ``_gemm.dot``):
 
 ``_pointwise_fwd_kernel``    eval: y = act((x W^T + b) * scale + shift [+ r]) with BN folded in
                              the epilogue (one launch); train (STATS): writes z = x W^T + b and,
@@ -80,7 +80,7 @@ def _pointwise_fwd_kernel(
                     mask=inside[:, None] & kmask[None, :], other=0.0)
         b = tl.load(w_ptr + kk[:, None] * swi + cols[None, :] * swo,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PREC)
+        acc = gm.dot(a, b, acc, PREC)
 
     gm.bn_act_epilogue(
         acc, pid_m, M, n, to, ho, wo, rmask, cols, cmask, C_out,
@@ -191,7 +191,7 @@ def _pointwise_dgrad_kernel(
     srn, srt, srh, srw,
     sxn, sxt, sxh, sxw, swo, swi,
     st, sh, sw, pt, ph, pw,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     X_ALIGN: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -226,10 +226,10 @@ def _pointwise_dgrad_kernel(
         kmask = kk < C_out
         dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
                       z_rows[:, None] + kk[None, :], r_rows[:, None] + kk[None, :], kk,
-                      feeds[:, None] & kmask[None, :], C_out, HAS_RES, ACT)
+                      feeds[:, None] & kmask[None, :], C_out, HAS_RES, ACT, TRAINING)
         b = tl.load(w_ptr + kk[:, None] * swo + cols[None, :] * swi,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(dz.to(w_ptr.dtype.element_ty), b, acc, input_precision=PREC)
+        acc = gm.dot(dz.to(w_ptr.dtype.element_ty), b, acc, PREC)
 
     x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)[:, None] \
         + cols[None, :]
@@ -245,7 +245,7 @@ def _pointwise_wgrad_kernel(
     srn, srt, srh, srw,
     sxn, sxt, sxh, sxw,
     st, sh, sw, pt, ph, pw,
-    HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     X_ALIGN: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -259,7 +259,7 @@ def _pointwise_wgrad_kernel(
     comask = co < C_out
     cimask = ci < C_in
     r_start = split * rows_per_split
-    r_end = tl.minimum(r_start + rows_per_split, M)
+    r_end = cm.split_end(r_start, rows_per_split, M)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(r_start, r_end, BLOCK_K):
@@ -269,14 +269,14 @@ def _pointwise_wgrad_kernel(
         dz = gm.dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, to, ho, wo, co,
                            rmask[:, None] & comask[None, :], C_out,
                            sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
-                           HAS_RES, ACT, D_ALIGN, Z_ALIGN, R_ALIGN)
+                           HAS_RES, ACT, TRAINING, D_ALIGN, Z_ALIGN, R_ALIGN)
         ti = to * st - pt
         hi = ho * sh - ph
         wi = wo * sw - pw
         inside = rmask & (ti >= 0) & (ti < T_in) & (hi >= 0) & (hi < H_in) & (wi >= 0) & (wi < W_in)
         x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)[:, None] + ci[None, :]
         xa = tl.load(x_ptr + x_off, mask=inside[:, None] & cimask[None, :], other=0.0)
-        acc = tl.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, input_precision=PREC)
+        acc = gm.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, PREC)
 
     w_off = split.to(tl.int64) * C_out * C_in + co[:, None] * C_in + ci[None, :]
     tl.store(dw_ptr + w_off, acc, mask=comask[:, None] & cimask[None, :])
@@ -322,7 +322,8 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     prec = gm.dot_precision(x.dtype)
     unaligned = "" if _fully_aligned(grad_out, z, residual) else "-unaligned"
     common = dict(
-        HAS_RES=residual is not None, ACT=act, D_ALIGN=rows_alignment(grad_out),
+        HAS_RES=residual is not None, ACT=act, TRAINING=training,
+        D_ALIGN=rows_alignment(grad_out),
         Z_ALIGN=rows_alignment(z), R_ALIGN=rows_alignment(residual), PREC=prec,
     )
     some = z

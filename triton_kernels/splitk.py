@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common as cm
 from ._launch import alloc, interpreted, launch
 
 
@@ -15,7 +16,7 @@ def _sum_splits_kernel(part_ptr, out_ptr, splits, numel, BLOCK: tl.constexpr):
     mask = offs < numel
     acc = tl.zeros((BLOCK,), tl.float32)
     for s in range(0, splits):
-        acc += tl.load(part_ptr + s * numel + offs, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + cm.as_int64(s) * numel + offs, mask=mask, other=0.0)
     tl.store(out_ptr + offs, acc, mask=mask)
 
 
