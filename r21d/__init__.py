@@ -5,7 +5,12 @@ as torch.library ops with autograd, behind drop-in modules, with ``r21d.fuse(mod
 into existing models. See README.md and DESIGN.md.
 """
 
-from . import functional, ops
+from . import _compat
+
+# TRITON_INTERPRET set with a Triton / NumPy pair whose interpreter cannot run: say so now
+_compat.check_interpreter()
+
+from . import functional, ops  # noqa: E402  (after the check)
 from .backends import (
     FallbackWarning,
     FusedKernelUnavailable,

@@ -12,6 +12,12 @@ import pytest  # noqa: E402
 
 import r21d  # noqa: E402
 
+from tests import strict_interpreter  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
+    # load / store masks must be bool arrays, as Triton 3.9's interpreter requires, on any Triton
+    strict_interpreter.install()
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -68,10 +68,13 @@ def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
     for kt in range(KT):
         ti = t0 + kt * dt
         x_t = cm.as_int64(n) * sxn + cm.as_int64(ti) * sxt
-        ok_t = (ti >= 0) & (ti < T_in)
+        ok_t = (ti >= 0) & (ti < T_in)  # a scalar: one frame
         for kh in range(KH):
             hi = h0 + kh * dh
-            ok_h = pmask & ok_t & (hi >= 0) & (hi < H_in)
+            # the scalar ok_t applied as a select, not as pmask & ok_t: a scalar condition
+            # &-ed with a block gives an int32 mask in Triton's interpreter, which 3.9's tl.load
+            # refuses (tests/strict_interpreter.py); compiled, it is the same predicate
+            ok_h = tl.where(ok_t, pmask, False) & (hi >= 0) & (hi < H_in)
             for kw in tl.static_range(KW):
                 wi = w0 + kw * dw
                 ok = ok_h & (wi >= 0) & (wi < W_in)

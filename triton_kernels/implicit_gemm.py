@@ -58,7 +58,10 @@ def _tap(tap, KH, KW):
 
 @triton.jit
 def _inside(t, h, w, T, H, W):
-    return (t >= 0) & (t < T) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+    # The t test applied as a select: t is a scalar in the (2+1)D unit's gathers (one frame at a
+    # time), and a scalar condition &-ed with a block gives an int32 mask in Triton's interpreter,
+    # which 3.9's tl.load refuses (tests/strict_interpreter.py); compiled, the same predicate.
+    return tl.where((t >= 0) & (t < T), (h >= 0) & (h < H) & (w >= 0) & (w < W), False)
 
 
 @triton.jit
