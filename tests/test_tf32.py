@@ -169,7 +169,7 @@ def test_unit_kernel_rounds_both_gemms(tf32):
     mods = list(perturb_batchnorm(nn.Sequential(
         nn.Conv3d(16, 24, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(24), nn.ReLU(),
         nn.Conv3d(24, 16, (3, 1, 1), padding=(1, 0, 0), bias=False), nn.BatchNorm3d(16),
-        nn.ReLU())).eval())
+        nn.ReLU())).eval().to(memory_format=torch.channels_last_3d))
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 16, 3, 4, 5, generator=g).relu().contiguous(memory_format=torch.channels_last_3d)
     with r21d.use_backend("triton"), torch.no_grad(), _launch.count() as counter:

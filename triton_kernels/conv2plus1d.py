@@ -141,6 +141,9 @@ def _unit_eval_kernel(
                                              gamma1_ptr, beta1_ptr, mids, mmask,
                                              HAS_GAMMA1, HAS_BETA1)
                     mid = cm.activation(acc1 * scale1[None, :] + shift1[None, :], 1)  # ReLU
+                    # channels past C_mid are 0 (an Inf in x would make them 0 * Inf = NaN, and
+                    # the temporal GEMM would spread it)
+                    mid = tl.where(mmask[None, :], mid, 0.0)
                     acc_a, acc_b, acc_c = _temporal_tap(
                         acc_a, acc_b, acc_c, mid.to(x_ptr.dtype.element_ty), w2_ptr, mids, mmask,
                         w2_cols, comask, s2i, s2t, r, KT, ST, NSLOT, PREC)

@@ -359,7 +359,8 @@ def _depthwise_bwd_kernel(
     a = cm.per_channel(tl.load(coef_ptr + bn.COEF_A * C + cols, mask=cmask, other=0.0), CL)
     beta = cm.per_channel(tl.load(coef_ptr + bn.COEF_BETA * C + cols, mask=cmask, other=0.0), CL)
     k_g = cm.per_channel(tl.load(coef_ptr + bn.COEF_KG * C + cols, mask=cmask, other=0.0), CL)
-    k_z = k_0 = k_g  # stand-ins, used only in TRAINING
+    k_z = k_g  # stand-ins, used only in TRAINING
+    k_0 = k_g
     if TRAINING:
         k_z = cm.per_channel(tl.load(coef_ptr + bn.COEF_KZ * C + cols, mask=cmask, other=0.0), CL)
         k_0 = cm.per_channel(tl.load(coef_ptr + bn.COEF_K0 * C + cols, mask=cmask, other=0.0), CL)
@@ -407,7 +408,9 @@ def _depthwise_bwd_kernel(
                                      mask=cmask, other=0.0).to(tl.float32)
                         dx += dz * cm.per_channel(wv, CL)
                     if NEED_DW:
-                        s = cm.sum_positions(dz * xv, CL)
+                        # only the pairs this tap connects: a NaN or Inf x must not meet the
+                        # 0 of a tap whose output position does not exist (0 * Inf = NaN)
+                        s = cm.sum_positions(tl.where(mask, dz * xv, 0.0), CL)
                         tap = (kt * KH + kh) * KW + kw
                         dw_acc += tl.where(taps[:, None] == tap, s[None, :], 0.0)
         if NEED_DX:
