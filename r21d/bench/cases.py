@@ -119,13 +119,16 @@ class ConvBNActCase:
         def shrink(c: int) -> int:
             return max(4, c // 16)
         depthwise = self.groups > 1 and self.groups == self.in_channels == self.out_channels
-        c_in, c_out = shrink(self.in_channels), shrink(self.out_channels)
+        c_in, c_out, groups = shrink(self.in_channels), shrink(self.out_channels), self.groups
         if depthwise:
-            c_out = c_in
+            c_out = groups = c_in
+        elif groups > 1:  # fewer groups of the same width
+            groups = max(1, groups // 16)
+            c_in, c_out = groups * (self.in_channels // self.groups), groups * (self.out_channels // self.groups)
         mode = "train" if self.training else "eval"
         return dataclasses.replace(
             self, id=f"{self.id}-smoke", batch=2, in_channels=c_in, out_channels=c_out, frames=2,
-            height=4, width=4, groups=c_in if depthwise else self.groups, dtype=dtype, target=None,
+            height=4, width=4, groups=groups, dtype=dtype, target=None,
             description=(f"smoke version of {self.id}: {self.family} {c_in}->{c_out}, N2 T2 4x4, "
                          f"{str(dtype).replace('torch.', '')}, {mode}"))
 
@@ -246,7 +249,20 @@ class UnitCase:
                          f"N2 T2 8x8, {str(dtype).replace('torch.', '')}, {mode}"))
 
 
-Case = Union[ConvBNActCase, ModelCase, UnitCase]
+@dataclasses.dataclass(frozen=True)
+class BlockCase(UnitCase):
+    """torchvision's R(2+1)D BasicBlock with an identity shortcut (in = out channels, stride 1):
+    unit -> BN -> ReLU -> unit -> BN -> (+ the block's input) -> ReLU, the mid channels being
+    BasicBlock's own. r21d runs the residual tail (BN + add + ReLU) in the second unit's epilogue."""
+
+    kind: ClassVar[str] = "block"
+    family: ClassVar[str] = "block"
+
+    def work(self) -> list[roofline.Work]:
+        return super().work() * 2  # two units of the same geometry (the residual read is small)
+
+
+Case = Union[ConvBNActCase, ModelCase, UnitCase, BlockCase]
 
 
 def pointwise(in_channels: int, out_channels: int, batch: int, frames: int, size: int,
@@ -444,6 +460,17 @@ def conv2plus1d_unit(spatial_row: int, temporal_row: int, training: bool,
                      f"{mode}" + (" (forward+backward)" if training else " (forward)")),
         batch=batch, in_channels=cin, mid_channels=cmid, out_channels=cout, frames=t, size=size,
         spatial_kernel=k, spatial_stride=s, temporal_stride=st, training=training, target=target)
+
+
+def r2plus1d_block(training: bool, batch: int = 16) -> BlockCase:
+    """r2plus1d_18's layer1 BasicBlock: 64 -> 144 -> 64 twice and the residual tail, T16 56x56."""
+    mode = "train" if training else "eval"
+    return BlockCase(
+        id=f"r2p1d-block-64-144-64-t16s56-n{batch}-{mode}",
+        description=(f"r2plus1d_18 layer1 BasicBlock: two (2+1)D units 64->144->64 + BN + residual "
+                     f"add + ReLU, N{batch} T16 56x56, bf16 channels_last_3d, {mode}"),
+        batch=batch, in_channels=64, mid_channels=144, out_channels=64, frames=16, size=56,
+        training=training)
 
 
 # The issue's targets for fused pointwise: eval no slower than 1.1x the plain GEMM (BASELINES.md);

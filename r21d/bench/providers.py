@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cases import ConvBNActCase, ModelCase, UnitCase
+from .cases import BlockCase, ConvBNActCase, ModelCase, UnitCase
 from .timing import rotation_copies
 
 SEED = 0
@@ -364,6 +364,40 @@ class UnitWorkload(ConvBNActWorkload):
         return prepared
 
 
+class BlockWorkload(UnitWorkload):
+    """A BasicBlock (:class:`BlockCase`): torchvision's ``BasicBlock(c, c, Conv2Plus1D)``; r21d
+    runs it through ``r21d.fuse``: its two units, the second with the residual tail in its
+    epilogue."""
+
+    def __init__(self, case: BlockCase, device: torch.device, seed: int = SEED):
+        from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D
+
+        if case.in_channels != case.out_channels:
+            raise ValueError("a block without a shortcut conv keeps its channel count")
+        self.case, self.device = case, device
+        torch.manual_seed(seed)
+        self.base = BasicBlock(case.in_channels, case.out_channels, Conv2Plus1D)
+        randomize_batchnorm(self.base, torch.Generator().manual_seed(seed))
+        self._make_inputs(seed)
+
+    def fused_unavailable(self, backend: str) -> Optional[str]:
+        """Why ``backend`` would not run every site of the block, or None."""
+        from .. import backends
+        from ..fuse import fuse, fusion_sites
+
+        with backends.use_backend(backend):
+            rows = fusion_sites(fuse(self._module(self.fused_variants()[0])),
+                                dtype=self.case.dtype, device=self.device)
+        elsewhere = [f"{r.site} on {r.backend}: {r.note}" for r in rows if r.backend != backend]
+        return "; ".join(elsewhere) or None
+
+    def fused(self, backend: str, variant: Variant) -> Prepared:
+        prepared = ConvBNActWorkload.fused(self, backend, variant)
+        if backend != "torch":
+            prepared.note = "two units, the residual tail in the second's epilogue"
+        return prepared
+
+
 # ----------------------------------------------------------------------------- whole model
 
 
@@ -487,6 +521,7 @@ WORKLOADS = {
     ConvBNActCase.kind: ConvBNActWorkload,
     ModelCase.kind: ModelWorkload,
     UnitCase.kind: UnitWorkload,
+    BlockCase.kind: BlockWorkload,
 }
 
 
