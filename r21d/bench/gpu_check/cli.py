@@ -122,6 +122,10 @@ def _gpu_run(plan: list[P.Stage], args) -> int:
     why_not = chart.write(out / PNG_NAME, results.data)
     print(f"\n{status} after {clock.elapsed():.0f} s: wrote {out / JSON_NAME}"
           + (f" (no chart: {why_not})" if why_not else f" and {out / PNG_NAME}"))
+    from .. import environment
+
+    stem = environment.result_stem(environment.default_out_dir(), ctx.device, smoke=False)
+    print(f"commit them as {stem}.json / .png and write the outcome in benchmarks/NOTES.md")
     return code
 
 
