@@ -15,7 +15,7 @@ CSRC   := $(shell find csrc 2>/dev/null)
 # the package roots: an editable install made before their __init__.py existed must be redone
 ROOTS  := $(wildcard r21d/__init__.py triton_kernels/__init__.py)
 
-.PHONY: test bench static install clean gpu-check
+.PHONY: test bench static install clean test-oldest gpu-check
 
 test: $(VENV)/.r21d-installed
 	$(PY) -m pytest -q
@@ -39,6 +39,52 @@ $(VENV)/.r21d-installed: $(VENV)/.r21d-deps setup.py pyproject.toml MANIFEST.in 
 	$(PIP) install --no-build-isolation -e '.[test,bench]'
 	touch $@
 
+# The oldest supported pair (README: Platforms) in a second venv, .venv-oldest: torch 2.11 with its
+# Triton 3.6, and NumPy < 2.4 (Triton 3.6's interpreter fails with NumPy 2.4; r21d refuses that
+# pair at import). Runs the static report for sm_90 (tests/test_static.py), the version checks
+# and an interpreter subset of every kernel family, with a Triton cache of its own; pure Python
+# (r21d._C is built for the main venv's torch). CI runs it after `make test`.
+OLD_VENV  := .venv-oldest
+OLD_PY    := $(OLD_VENV)/bin/python
+OLD_DEPS  := torch==2.11.0 triton==3.6.0 'numpy<2.4' 'setuptools>=64' wheel pytest hypothesis \
+             expecttest
+PW_TEST   := tests/triton_kernels/test_pointwise.py
+DW_TEST   := tests/triton_kernels/test_depthwise.py
+IG_TEST   := tests/triton_kernels/test_implicit_gemm.py
+UNIT_TEST := tests/triton_kernels/test_conv2plus1d.py
+OLD_TESTS := tests/test_triton_compat.py tests/test_static.py \
+  '$(PW_TEST)::test_forward_backward_matches_oracle[cpu-fp32-residual-cl3d-train]' \
+  '$(PW_TEST)::test_forward_backward_matches_oracle[cpu-fp16-stride2-pad1-eval]' \
+  '$(PW_TEST)::test_large_mean_offset_is_numerically_safe[cpu-fp32]' \
+  '$(DW_TEST)::test_forward_backward_matches_oracle[triton-cpu-fp32-3x3x3-train]' \
+  '$(DW_TEST)::test_forward_backward_matches_oracle[triton-cpu-fp16-3x3x3-cl3d-residual-eval]' \
+  '$(DW_TEST)::test_forward_backward_matches_oracle[triton-cpu-fp32-1x3x3-stride2-hw-train]' \
+  '$(IG_TEST)::test_forward_backward_matches_oracle[cpu-fp32-spatial-1x3x3-cl3d-train]' \
+  '$(IG_TEST)::test_forward_backward_matches_oracle[cpu-fp16-temporal-3x1x1-residual-train]' \
+  '$(IG_TEST)::test_forward_backward_matches_oracle[cpu-fp32-dense-3x3x3-flat-dilated-silu-train]' \
+  '$(IG_TEST)::test_forward_backward_matches_oracle[cpu-fp32-grouped-tap-major-cl3d-train]' \
+  '$(IG_TEST)::test_forward_backward_matches_oracle[cpu-fp16-grouped-flat-eval]' \
+  '$(UNIT_TEST)::test_eval_unit_matches_oracle[cpu-fp32-odd-channels-residual]' \
+  '$(UNIT_TEST)::test_eval_unit_matches_oracle[cpu-fp16-downsample-stride2]' \
+  '$(UNIT_TEST)::test_training_unit_matches_oracle[cpu-fp32-r2plus1d-like-aligned]' \
+  '$(UNIT_TEST)::test_training_unit_matches_oracle[cpu-fp16-stem-1x7x7-stride2]'
+
+# (NumPy 2.3 warns at each scalar Triton 3.6's interpreter converts: thousands of lines, ignored)
+test-oldest: $(OLD_VENV)/.r21d-installed
+	TRITON_CACHE_DIR=$(abspath $(OLD_VENV))/triton-cache $(OLD_PY) -m pytest -q -p no:cacheprovider \
+	  -W 'ignore:Conversion of an array with ndim > 0:DeprecationWarning' $(OLD_TESTS)
+
+$(OLD_PY):
+	$(PYTHON) -m venv $(OLD_VENV)
+
+$(OLD_VENV)/.r21d-deps: Makefile | $(OLD_PY)
+	$(OLD_PY) -m pip install -q --progress-bar off $(OLD_DEPS)
+	touch $@
+
+$(OLD_VENV)/.r21d-installed: $(OLD_VENV)/.r21d-deps setup.py pyproject.toml MANIFEST.in $(ROOTS)
+	R21D_SKIP_CUDA_BUILD=1 $(OLD_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
+
 # make gpu-check OUT=dir: on a GPU machine, no network and no venv needed: builds r21d._C when
 # missing or stale (pip install --no-build-isolation --no-deps -e ., MAX_JOBS = cores), then
 # checks and times everything in at most 8 minutes, build included, into dir/gpu-check.json
@@ -54,5 +100,5 @@ gpu-check:
 	$(GPU_CHECK_PY) -m r21d.bench.gpu_check --out '$(OUT)' --started-at $$start $(ARGS)
 
 clean:
-	rm -rf build dist *.egg-info r21d/_C*.so $(VENV)/.r21d-installed .pytest_cache
-	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -rf build dist *.egg-info r21d/_C*.so $(VENV)/.r21d-installed $(OLD_VENV)/.r21d-installed .pytest_cache
+	find . \( -path ./$(VENV) -o -path ./$(OLD_VENV) \) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
