@@ -201,6 +201,7 @@ def _tile(bh, bw, block_c, warps):
 _INTERPRET = {"cl": dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), "ncdhw": dict(BLOCK_P=16, BLOCK_C=4, num_warps=1)}
 _INTERPRET_FWD = {"cl": dict(BH=2, BW=4, BLOCK_C=8, num_warps=1),
                   "ncdhw": dict(BH=2, BW=8, BLOCK_C=4, num_warps=1)}
+_INTERPRET["cl-fp32"], _INTERPRET_FWD["cl-fp32"] = _INTERPRET["cl"], _INTERPRET_FWD["cl"]
 # Training statistics: the partial-statistics buffers are sized by the tile, so every statistics
 # configuration of an orientation has the same BH x BW.
 STATS_TILE = {True: (4, 8), False: (2, 32)}
@@ -208,11 +209,15 @@ STATS_TILE = {True: (4, 8), False: (2, 32)}
 # Variants: "cl" tiles channels-innermost (channels_last_3d), "ncdhw" positions-innermost (W
 # runs of 16-64 positions). Kept to configurations that compile without spills on sm_90 and
 # sm_80 and, in channels_last_3d, give every thread a 16-byte channel vector
-# (python -m r21d.static checks both).
+# (python -m r21d.static checks both). The forward's channels_last_3d tiles differ by element
+# size ("cl" 16-bit, "cl-fp32"): a 16-byte vector is 8 or 4 channels, and with Triton 3.6-3.9
+# the fp32 stencil spilled with 8 warps over 4x8 x 64 channels (8 per thread), the 16-bit
+# statistics pass with 4x8 x 32 and 4x8 x 128 channels.
 _FWD = Tuned(
     _depthwise_fwd_kernel,
     {
         "cl": [_tile(4, 8, 32, 4), _tile(4, 8, 64, 8)],
+        "cl-fp32": [_tile(4, 8, 32, 4), _tile(4, 8, 64, 16)],
         "ncdhw": [_tile(2, 32, 8, 4), _tile(4, 16, 8, 4), _tile(2, 64, 8, 8), _tile(4, 32, 8, 8)],
     },
     key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD,
@@ -220,8 +225,10 @@ _FWD = Tuned(
 _FWD_STATS = Tuned(
     _depthwise_fwd_kernel,
     {
-        "cl": [_tile(*STATS_TILE[True], bc, w) for bc, w in ((32, 4), (64, 8), (128, 8))],
-        "ncdhw": [_tile(*STATS_TILE[False], bc, w) for bc, w in ((2, 4), (4, 4), (4, 8), (8, 8))],
+        "cl": [_tile(*STATS_TILE[True], 64, 8)],
+        "cl-fp32": [_tile(*STATS_TILE[True], bc, 16) for bc in (64, 128)],
+        # (4 channels with 8 warps spilled on sm_90 with Triton 3.8)
+        "ncdhw": [_tile(*STATS_TILE[False], bc, w) for bc, w in ((2, 4), (4, 4), (8, 8))],
     },
     key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD,
 )
@@ -240,8 +247,13 @@ def _t_chunk(N: int, T_out: int, H_out: int, W_out: int, C: int, cl: bool) -> in
     return triton.cdiv(T_out, chunks)
 
 
-def _select(tuned: Tuned, cl: bool):
-    return tuned.select("cl" if cl else "ncdhw")
+def _select(tuned: Tuned, cl: bool, dtype: torch.dtype | None = None):
+    """The variant: the layout, and in channels_last_3d the element size where the kernel has
+    tiles per element size ("cl-fp32")."""
+    variant = "cl" if cl else "ncdhw"
+    if cl and dtype == torch.float32 and "cl-fp32" in tuned.configs:
+        variant = "cl-fp32"
+    return tuned.select(variant)
 
 
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
@@ -308,10 +320,10 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         if save:
             mean = alloc((C,), dtype=torch.float32, device=dev)
             invstd = alloc((C,), dtype=torch.float32, device=dev)
-        run(_select(_FWD, cl), MODE_EVAL, running_mean, running_var, (some,) * 3, save)
+        run(_select(_FWD, cl, x.dtype), MODE_EVAL, running_mean, running_var, (some,) * 3, save)
         return out, z, mean, invstd, new_rm, new_rv
 
-    stats = _select(_FWD_STATS, cl)
+    stats = _select(_FWD_STATS, cl, x.dtype)
     num_tiles = programs(*((stats[1]["BH"], stats[1]["BW"]) if interpreted() else STATS_TILE[cl]))
     part_mean = alloc((num_tiles, C), dtype=torch.float32, device=dev)
     part_m2 = alloc((num_tiles, C), dtype=torch.float32, device=dev)
@@ -319,7 +331,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
     run(stats, MODE_STATS, some, some, (part_mean, part_m2, part_count), False)
     bmean, binvstd, rm, rv = bn.finalize_stats(part_mean, part_m2, None, M, running_mean,
                                                running_var, momentum, eps, part_count=part_count)
-    run(_select(_FWD, cl), MODE_APPLY, bmean, binvstd, (some,) * 3, save)
+    run(_select(_FWD, cl, x.dtype), MODE_APPLY, bmean, binvstd, (some,) * 3, save)
     if save:
         mean, invstd = bmean, binvstd
     if running_mean is not None:
@@ -427,6 +439,8 @@ _BWD = Tuned(
     _depthwise_bwd_kernel,
     {
         "cl": [_cfg(16, 64, 4), _cfg(32, 32, 4), _cfg(32, 64, 8)],
+        # (fp32: 32 x 32 channels with 4 warps spilled on sm_90 with Triton 3.6)
+        "cl-fp32": [_cfg(16, 64, 4), _cfg(32, 32, 8), _cfg(32, 64, 8)],
         "ncdhw": [_cfg(128, 8, 8), _cfg(64, 16, 8), _cfg(128, 4, 8)],
     },
     key=["M_in", "C", "T_out", "H_out", "W_out", "NEED_DX", "NEED_DW"], interpret=_INTERPRET,
@@ -466,7 +480,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     dx = dw = None
     if need_dx or need_dw:
         cl = channels_last(x)
-        kernel, meta = _select(_BWD, cl)
+        kernel, meta = _select(_BWD, cl, x.dtype)
         if need_dx:
             dx = alloc_like(x.shape, x)
         K = KT * KH * KW

@@ -194,16 +194,19 @@ def _igemm_fwd_kernel(
 # the gathered A operand's per-row masks and addresses take registers the pointwise GEMM does
 # not need; "-flat" (per-element tap decomposition) more still.
 _FWD_TILES = {
-    "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 4, 3), _tile(64, 128, 64, 4, 3),
+    # 128x64x64 with 4 warps (and 64x128x64 with 4 warps and a residual) spilled on sm_80 with
+    # Triton 3.6 and 3.9: 8 warps
+    "16bit": [_tile(128, 128, 64, 8, 3), _tile(128, 64, 64, 8, 3), _tile(64, 128, 64, 4, 3),
               _tile(64, 64, 64, 4, 4)],
-    "16bit-res": [_tile(128, 64, 64, 4, 3), _tile(64, 128, 64, 4, 3), _tile(64, 64, 64, 4, 3)],
+    "16bit-res": [_tile(128, 64, 64, 8, 3), _tile(64, 128, 64, 8, 3), _tile(64, 64, 64, 4, 3)],
     "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 8, 2)],
     "16bit-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2), _tile(64, 32, 32, 4, 2)],
     "16bit-flat": [_tile(128, 64, 32, 8, 2), _tile(64, 64, 32, 4, 2)],
     "16bit-flat-res": [_tile(64, 64, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
     "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 64, 32, 4, 3)],
     "tf32-res": [_tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
-    "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 2)],
+    # (64x64x32 with 4 warps spilled on sm_90 with Triton 3.6 and 3.9 and TF32-rounded operands)
+    "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
     "tf32-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 32, 32, 4, 2)],
     "tf32-flat": [_tile(128, 64, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
     "tf32-flat-res": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
@@ -526,7 +529,8 @@ def _igemm_wgrad_kernel(
 # (BLOCK_M output channels x BLOCK_N (tap, input channel) columns, K = rows): the pointwise
 # backward's classes, with the gathers' extra registers.
 _BWD_TILES = {
-    "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 64, 4, 3)],
+    # (wgrad: 64x64x64 with 4 warps spilled on sm_80 with Triton 3.6, BN1 + ReLU prologue)
+    "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
     "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
     "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
     "tf32-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
@@ -539,12 +543,22 @@ _DGRAD = Tuned(
     _igemm_dgrad_kernel,
     {**_BWD_TILES, "16bit-flat": [_tile(64, 16, 32, 8, 2), _tile(128, 16, 16, 8, 2)],
      "tf32-flat": [_tile(64, 16, 32, 8, 2)], "ieee-flat": [_tile(64, 16, 16, 8, 1)],
-     # 128x64x32 spills 16 bytes on sm_90 for a strided conv with unaligned output channels
-     "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)]},
+     # 64-wide tiles with 4 warps spilled on sm_90 (64x64x64, every Triton 3.6-3.9; 64x64x32
+     # with unaligned channels, 3.6 and 3.8), 64x128 ones on sm_80 (3.6): 128-row or 8-warp tiles
+     "16bit": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3)],
+     "16bit-unaligned": [_tile(128, 64, 32, 8, 2), _tile(64, 64, 32, 8, 3)],
+     # 128x64x32 spills 16 bytes on sm_90 for a strided conv with unaligned output channels;
+     # with TF32-rounded operands 128x64x16 and 64x128x32 spilled too (3.6 sm_90, 3.9 sm_80)
+     "tf32-unaligned": [_tile(64, 64, 16, 8, 2), _tile(128, 64, 32, 8, 3)],
+     # IEEE fp32 (FMA dots, not a fast path): larger tiles spilled on sm_90 (3.6, 3.9)
+     "ieee": [_tile(32, 64, 16, 4, 1)], "ieee-unaligned": [_tile(32, 16, 16, 4, 1)]},
     key=["R", "C_in_g", "C_out_g", "KT", "KH", "KW", "HAS_RES"], interpret=gm.INTERPRET_GEMM)
 _WGRAD = Tuned(
     _igemm_wgrad_kernel,
-    {**_BWD_TILES, "16bit-flat": [_tile(64, 64, 32, 8, 2), _tile(64, 128, 32, 8, 2)],
+    # 64x128x32 spilled 40-168 B (sm_90 and sm_80, Triton 3.6) in the flat (stem) wgrad, and
+    # 128x128x32 TF32 on sm_80 (3.6)
+    {**_BWD_TILES, "16bit-flat": [_tile(64, 64, 32, 8, 2)],
+     "tf32": [_tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
      "tf32-flat": [_tile(64, 64, 32, 8, 2)], "ieee-flat": [_tile(64, 32, 16, 4, 2)]},
     key=["M", "C_in_g", "C_out_g", "TAPS", "HAS_RES", "PRE"], interpret=gm.INTERPRET_GEMM)
 

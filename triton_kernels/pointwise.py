@@ -106,15 +106,16 @@ _FWD_EVAL = Tuned(
                             _tile(64, 128, 32, 8, 2), _tile(64, 64, 32, 4, 3)],
         "16bit-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2),
                                 _tile(64, 32, 32, 4, 2)],
-        "tf32": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 4, 3),
-                 _tile(64, 64, 32, 4, 3)],
+        # 128x128x32 spilled (208-256 B) on sm_90 with Triton 3.6 and 3.9 once the TF32 operands
+        # are rounded; 64x128x32 with 4 warps spilled on sm_80 (3.6)
+        "tf32": [_tile(128, 64, 32, 4, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
         "tf32-res": [_tile(128, 64, 32, 8, 3), _tile(64, 128, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
         "tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(128, 64, 32, 8, 1),
                            _tile(64, 128, 16, 8, 2), _tile(64, 64, 32, 4, 3)],
         "tf32-res-unaligned": [_tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2),
                                _tile(64, 32, 32, 4, 2)],
-        "ieee": [_tile(64, 64, 16, 4, 2), _tile(64, 64, 32, 4, 2), _tile(128, 64, 16, 8, 2),
-                 _tile(128, 128, 16, 8, 2)],
+        # 64x64x32 with 4 warps spilled 256 B on sm_90 with Triton 3.9
+        "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
         "ieee-res": [_tile(128, 64, 16, 8, 1), _tile(64, 128, 16, 8, 1), _tile(64, 64, 32, 8, 2),
                      _tile(64, 64, 16, 4, 3)],
         "ieee-unaligned": [_tile(128, 64, 16, 8, 2), _tile(64, 128, 16, 8, 2),
@@ -129,8 +130,8 @@ _FWD_STATS = Tuned(
     {
         "16bit": [_tile(STATS_BLOCK_M, 128, 64, 8, 3), _tile(STATS_BLOCK_M, 64, 64, 4, 4),
                   _tile(STATS_BLOCK_M, 128, 32, 8, 4)],
-        "16bit-unaligned": [_tile(STATS_BLOCK_M, 64, 64, 8, 2), _tile(STATS_BLOCK_M, 64, 32, 8, 2),
-                            _tile(STATS_BLOCK_M, 128, 32, 8, 2)],
+        # (128x128x32 spilled on sm_90 with Triton 3.9)
+        "16bit-unaligned": [_tile(STATS_BLOCK_M, 64, 64, 8, 2), _tile(STATS_BLOCK_M, 64, 32, 8, 2)],
         "tf32": [_tile(STATS_BLOCK_M, 128, 32, 8, 3), _tile(STATS_BLOCK_M, 64, 32, 4, 3)],
         "tf32-unaligned": [_tile(STATS_BLOCK_M, 64, 16, 8, 2), _tile(STATS_BLOCK_M, 64, 32, 8, 1),
                            _tile(STATS_BLOCK_M, 128, 32, 8, 1)],
@@ -294,7 +295,12 @@ _BWD_TILES = {
     "ieee": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2), _tile(128, 128, 16, 8, 2)],
     "ieee-unaligned": [_tile(64, 128, 16, 8, 2), _tile(64, 64, 16, 4, 2)],
 }
-_DGRAD = Tuned(_pointwise_dgrad_kernel, _BWD_TILES, key=["M_in", "C_in", "C_out", "HAS_RES"],
+# dgrad: 64x128x32 with 4 warps spilled on sm_80 (Triton 3.6), 64x64x64 with 4 warps on sm_80
+# (3.8, 3.9) and sm_90 (3.9); every IEEE tile above 32x64 spilled on sm_90 with 3.9
+_DGRAD_TILES = {**_BWD_TILES,
+                "16bit": [_tile(128, 128, 32, 8, 3), _tile(64, 128, 32, 8, 3)],
+                "ieee": [_tile(32, 64, 16, 4, 1)], "ieee-unaligned": [_tile(32, 64, 16, 4, 1)]}
+_DGRAD = Tuned(_pointwise_dgrad_kernel, _DGRAD_TILES, key=["M_in", "C_in", "C_out", "HAS_RES"],
                interpret=gm.INTERPRET_GEMM)
 _WGRAD = Tuned(_pointwise_wgrad_kernel, _BWD_TILES, key=["M", "C_in", "C_out", "HAS_RES"],
                interpret=gm.INTERPRET_GEMM)
