@@ -227,6 +227,9 @@ _FWD_STATS = Tuned(
      for variant, configs in _FWD_TILES.items() if "-res" not in variant},
     key=["M", "C_in_g", "C_out_g", "TAPS", "PRE"], interpret=gm.INTERPRET_GEMM,
 )
+# IEEE fp32 with the BN1 + ReLU prologue (the training unit's temporal conv): 128x64x16 with two
+# stages spilled 8-16 B on sm_90 with Triton 3.6 and 3.9; one stage does not
+_FWD_STATS.configs["ieee"] = [_tile(gm.STATS_BLOCK_M, 64, 16, 8, 1)]
 
 
 class _Geometry:
@@ -542,7 +545,9 @@ _BWD_TILES = {
 _DGRAD = Tuned(
     _igemm_dgrad_kernel,
     {**_BWD_TILES, "16bit-flat": [_tile(64, 16, 32, 8, 2), _tile(128, 16, 16, 8, 2)],
-     "tf32-flat": [_tile(64, 16, 32, 8, 2)], "ieee-flat": [_tile(64, 16, 16, 8, 1)],
+     "tf32-flat": [_tile(64, 16, 32, 8, 2)],
+     # (64x16x16 with one stage spilled on sm_90 with Triton 3.6 and 3.9, on sm_80 with 3.8)
+     "ieee-flat": [_tile(64, 16, 16, 8, 2)],
      # 64-wide tiles with 4 warps spilled on sm_90 (64x64x64, every Triton 3.6-3.9; 64x64x32
      # with unaligned channels, 3.6 and 3.8), 64x128 ones on sm_80 (3.6): 128-row or 8-warp tiles
      "16bit": [_tile(128, 128, 32, 8, 3), _tile(128, 64, 32, 8, 3)],
