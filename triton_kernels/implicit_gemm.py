@@ -214,7 +214,8 @@ _FWD_TILES = {
     "ieee-res": [_tile(64, 64, 16, 4, 2), _tile(64, 128, 16, 8, 1)],
     "ieee-unaligned": [_tile(64, 64, 16, 4, 2), _tile(128, 64, 16, 8, 2)],
     "ieee-res-unaligned": [_tile(64, 64, 16, 8, 2), _tile(64, 32, 16, 4, 2)],
-    "ieee-flat": [_tile(64, 32, 16, 4, 2)],
+    # (64x32x16 with two stages spilled 16 B on sm_90 with Triton 3.9)
+    "ieee-flat": [_tile(64, 32, 16, 4, 1)],
     "ieee-flat-res": [_tile(64, 32, 16, 4, 1)],
 }
 _FWD_EVAL = Tuned(_igemm_fwd_kernel, _FWD_TILES,
@@ -230,6 +231,9 @@ _FWD_STATS = Tuned(
 # IEEE fp32 with the BN1 + ReLU prologue (the training unit's temporal conv): 128x64x16 with two
 # stages spilled 8-16 B on sm_90 with Triton 3.6 and 3.9; one stage does not
 _FWD_STATS.configs["ieee"] = [_tile(gm.STATS_BLOCK_M, 64, 16, 8, 1)]
+_FWD_STATS.configs["ieee-flat"] = [_tile(gm.STATS_BLOCK_M, 32, 16, 8, 2)]
+# (128x128x32 spilled 16 B on sm_90 with Triton 3.9, unaligned 16-bit rows)
+_FWD_STATS.configs["16bit-unaligned"] = [_tile(gm.STATS_BLOCK_M, 64, 32, 8, 2)]
 
 
 class _Geometry:
