@@ -182,7 +182,8 @@ _TILES = {
     "16bit": [_config(64, 64, 64, 64, 8, 3), _config(64, 64, 32, 64, 8, 3)],
     "16bit-unaligned": [_config(64, 64, 32, 32, 8, 2), _config(64, 64, 16, 32, 8, 2)],
     "tf32": [_config(64, 64, 32, 32, 8, 3), _config(64, 64, 32, 64, 8, 2)],
-    "tf32-unaligned": [_config(64, 64, 32, 32, 8, 2)],
+    # (64x64 spilled on sm_90 with Triton 3.9 and 3.5 KB on sm_80: 32 output channels a tile)
+    "tf32-unaligned": [_config(64, 32, 16, 32, 8, 2)],
     "ieee": [_config(64, 32, 16, 32, 8, 1)],
     "ieee-unaligned": [_config(64, 32, 16, 32, 8, 1)],
 }
