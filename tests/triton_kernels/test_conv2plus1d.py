@@ -151,7 +151,7 @@ def test_one_program_walks_every_frame(monkeypatch):
         with _launch.capture() as launches:
             _run("triton", _to(mods, torch.float32, "cpu"), x, residual)
         (unit_launch,) = launches
-        assert unit_launch.grid(unit_launch.kwargs)[2] == 1  # one run of frames per program
+        assert unit_launch.grid(unit_launch.kwargs)[1] == 1  # one run of frames per program
         y = _run("triton", _to(mods, torch.float32, "cpu"), x, residual)
         assert_oracle_close(name, y, _reference(unit, mods, x, residual), torch.float32)
 
