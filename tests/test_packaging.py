@@ -60,6 +60,7 @@ FUSED_CALL_IN_THE_INTERPRETER = """
 import torch, r21d
 from r21d import _extension
 assert not _extension.loaded() and "without its CUDA extension" in _extension.unavailable_reason()
+torch.backends.cudnn.allow_tf32 = False  # IEEE fp32, as the CPU reference computes (tests/__init__.py)
 x, w = torch.randn(2, 4, 3, 5, 5), torch.randn(6, 4, 1, 1, 1)
 with r21d.use_backend("triton"):
     y = r21d.functional.conv_bn_act3d(x, w, None, None, None, torch.zeros(6), torch.ones(6))
