@@ -18,7 +18,7 @@ ROOTS  := $(wildcard r21d/__init__.py triton_kernels/__init__.py)
 .PHONY: test bench static install clean test-oldest gpu-check
 
 test: $(VENV)/.r21d-installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 bench: $(VENV)/.r21d-installed
 	$(VENV)/bin/r21d-bench $(ARGS)

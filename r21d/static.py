@@ -434,8 +434,9 @@ def _jobs(cases: list[Case], archs) -> list[dict]:
 
     backends = {arch: make_backend(GPUTarget("cuda", arch, 32)) for arch in archs}
     jobs: dict[tuple, dict] = {}
-    for case in cases:
-        with _fp32_precision(case.dtype), _launch.capture() as launches:
+    for case, (arch, backend) in ((c, a) for c in cases for a in backends.items()):
+        # each arch's launches: the launchers pick that arch's tile tables
+        with _launch.tile_arch(arch), _fp32_precision(case.dtype), _launch.capture() as launches:
             case.run(case)
         for launch in launches:
             prec = launch.kwargs.get("PREC")
@@ -444,26 +445,25 @@ def _jobs(cases: list[Case], archs) -> list[dict]:
             fn = _jit_function(launch.kernel)
             names = _arg_names(fn)
             for kw in _configs(launch.kernel, launch.kwargs):
-                for arch, backend in backends.items():
-                    options, signature, constexprs, attrs = _specialize(fn, backend, launch.args, kw)
-                    opts = options.__dict__
-                    key = (fn.__module__, fn.__name__, arch,
-                           repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-                           repr(sorted(attrs.items())), repr(sorted(opts.items())))
-                    job = jobs.get(key)
-                    if job is None:
-                        cx = {names[p[0]]: _plain(v) for p, v in constexprs.items() if len(p) == 1}
-                        job = jobs[key] = dict(
-                            module=fn.__module__, kernel=fn.__name__, arch=arch,
-                            signature=signature, constexprs=constexprs, attrs=attrs, options=opts,
-                            constexpr_values=cx, num_warps=opts["num_warps"],
-                            num_stages=opts["num_stages"], gemm="PREC" in names,
-                            families=[], cases=[], dtypes=[], layouts=[],
-                        )
-                    for field, value in (("families", case.family), ("cases", case.name),
-                                         ("dtypes", case.dtype), ("layouts", case.layout)):
-                        if value not in job[field]:
-                            job[field].append(value)
+                options, signature, constexprs, attrs = _specialize(fn, backend, launch.args, kw)
+                opts = options.__dict__
+                key = (fn.__module__, fn.__name__, arch,
+                       repr(sorted(signature.items())), repr(sorted(constexprs.items())),
+                       repr(sorted(attrs.items())), repr(sorted(opts.items())))
+                job = jobs.get(key)
+                if job is None:
+                    cx = {names[p[0]]: _plain(v) for p, v in constexprs.items() if len(p) == 1}
+                    job = jobs[key] = dict(
+                        module=fn.__module__, kernel=fn.__name__, arch=arch,
+                        signature=signature, constexprs=constexprs, attrs=attrs, options=opts,
+                        constexpr_values=cx, num_warps=opts["num_warps"],
+                        num_stages=opts["num_stages"], gemm="PREC" in names,
+                        families=[], cases=[], dtypes=[], layouts=[],
+                    )
+                for field, value in (("families", case.family), ("cases", case.name),
+                                     ("dtypes", case.dtype), ("layouts", case.layout)):
+                    if value not in job[field]:
+                        job[field].append(value)
     return list(jobs.values())
 
 

@@ -48,7 +48,8 @@ def test_launch_refuses_a_grid_past_the_limits_before_launching():
 
 
 def _block_sizes(tuned: _launch.Tuned):
-    configs = [c.all_kwargs() for variant in tuned.configs.values() for c in variant]
+    tables = [tuned.configs, *tuned.arch_configs.values()]
+    configs = [c.all_kwargs() for table in tables for variant in table.values() for c in variant]
     interpret = tuned.interpret.values() if all(isinstance(v, dict) for v in tuned.interpret.values()) \
         else [tuned.interpret]
     return [v for cfg in (*configs, *interpret) for k, v in cfg.items() if k.startswith("BLOCK")]

@@ -144,6 +144,38 @@ def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
 
 
+_tile_arch_override: list[int] = []
+
+
+@contextlib.contextmanager
+def tile_arch(arch: int) -> Iterator[None]:
+    """Pick configurations for compute capability ``arch`` (90, 86, 80, ...) whatever device is
+    present: the static report and the compile warm-up capture each arch's launches with it."""
+    _tile_arch_override.append(90 if arch >= 90 else 80)
+    try:
+        yield
+    finally:
+        _tile_arch_override.pop()
+
+
+_device_arch: dict[int, int] = {}
+
+
+def current_tile_arch() -> int:
+    """The tile tables' arch for launches now: 90 on Hopper and later (wgmma keeps the MMA
+    accumulators out of the general registers), 80 on Ampere and Ada (mma.sync accumulators are
+    registers: larger tiles spill there); 90 without a GPU (the static report names its archs)."""
+    if _tile_arch_override:
+        return _tile_arch_override[-1]
+    if not torch.cuda.is_available():
+        return 90
+    device = torch.cuda.current_device()
+    if device not in _device_arch:
+        major, _ = torch.cuda.get_device_capability(device)
+        _device_arch[device] = 90 if major >= 9 else 80
+    return _device_arch[device]
+
+
 def autotuning() -> bool:
     """False under R21D_AUTOTUNE=0: every kernel variant launches its first configuration (a
     deterministic choice with one compile per specialisation, as ``make gpu-check`` needs);
@@ -157,23 +189,30 @@ class Tuned:
     """A kernel with GPU autotuning configurations per variant (operand precision, epilogue, ...:
     what makes a tile size spill or not) and the one configuration the interpreter runs
     (DESIGN.md §6: tiny shapes, one config; ``interpret`` may instead map each variant to its own,
-    where variants differ in more than tile sizes). ``select(variant)`` gives what to launch and
-    the meta arguments to pass; each variant's autotuner is built on first GPU use."""
+    where variants differ in more than tile sizes). ``arch_configs`` replaces variants' tables on
+    an arch (``{80: {variant: [...]}}``: see :func:`current_tile_arch`). ``select(variant)`` gives
+    what to launch and the meta arguments to pass; each autotuner is built on first GPU use."""
 
-    def __init__(self, fn, configs: dict, key, interpret: dict):
+    def __init__(self, fn, configs: dict, key, interpret: dict, arch_configs: dict | None = None):
         self.fn = fn
         self.configs = configs
+        self.arch_configs = arch_configs or {}
         self.key = key
         self.interpret = interpret
         self._autotuners: dict = {}
 
+    def configs_for(self, variant: str, arch: int) -> list:
+        return self.arch_configs.get(arch, {}).get(variant, self.configs[variant])
+
     def select(self, variant: str):
         if interpreted():
             return self.fn, dict(self.interpret.get(variant, self.interpret))
+        arch = current_tile_arch()
+        configs = self.configs_for(variant, arch)
         if not autotuning():  # the variant's first configuration: no timing, one compile
-            return self.fn, self.configs[variant][0].all_kwargs()
-        if variant not in self._autotuners:
+            return self.fn, configs[0].all_kwargs()
+        if (variant, arch) not in self._autotuners:
             import triton
 
-            self._autotuners[variant] = triton.autotune(self.configs[variant], key=self.key)(self.fn)
-        return self._autotuners[variant], {}
+            self._autotuners[variant, arch] = triton.autotune(configs, key=self.key)(self.fn)
+        return self._autotuners[variant, arch], {}

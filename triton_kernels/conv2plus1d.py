@@ -176,8 +176,7 @@ def _config(bm, bn_, bmid, bk, warps, stages):
 # Registers hold NSLOT = 3 output accumulators (BLOCK_M x BLOCK_N fp32) next to the
 # intermediate's (BLOCK_M x BLOCK_MID): the tiles are kept to those that compile without spills
 # on sm_90 (python -m r21d.static checks every one; BLOCK_N = 128 or BLOCK_MID = 64 with
-# unaligned rows spilled). On sm_80, whose MMA accumulators have no wgmma to live in, the
-# aligned 16-bit and TF32 tiles spill (up to 300 B): reported, not yet tuned.
+# unaligned rows spilled).
 _TILES = {
     "16bit": [_config(64, 64, 64, 64, 8, 3), _config(64, 64, 32, 64, 8, 3)],
     "16bit-unaligned": [_config(64, 64, 32, 32, 8, 2), _config(64, 64, 16, 32, 8, 2)],
@@ -187,9 +186,21 @@ _TILES = {
     "ieee": [_config(64, 32, 16, 32, 8, 1)],
     "ieee-unaligned": [_config(64, 32, 16, 32, 8, 1)],
 }
+# sm_80 (and Ada): mma.sync keeps the accumulators in the general registers, where wgmma has its
+# own, so every 64x64 tile above spills there (up to 600 B with Triton 3.6-3.9): half the tile,
+# 32 rows (or 32 output channels, which recomputes the spatial conv once more per output
+# channel tile) and 4 warps, clean with Triton 3.6, 3.8 and 3.9.
+_TILES_SM80 = {
+    "16bit": [_config(32, 64, 32, 64, 4, 2), _config(64, 32, 32, 32, 4, 3),
+              _config(64, 32, 32, 32, 4, 2)],
+    "16bit-unaligned": [_config(32, 64, 16, 32, 4, 2), _config(64, 32, 32, 32, 4, 2)],
+    "tf32": [_config(64, 32, 16, 32, 4, 2), _config(32, 32, 16, 32, 4, 2)],
+    "tf32-unaligned": [_config(64, 32, 16, 32, 4, 2), _config(32, 32, 16, 32, 4, 2)],
+}
 _UNIT = Tuned(_unit_eval_kernel, _TILES,
               key=["HW", "C_in", "C_mid", "C_out", "T_out", "KH", "KW", "frames_per_program"],
-              interpret=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_MID=16, BLOCK_K=16, num_warps=4))
+              interpret=dict(BLOCK_M=16, BLOCK_N=16, BLOCK_MID=16, BLOCK_K=16, num_warps=4),
+              arch_configs={80: _TILES_SM80})
 
 
 def _frames_per_program(T_out: int, programs: int) -> int:
@@ -241,7 +252,7 @@ def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
         x.dtype, x_align, o_align, *([r_align] if residual is not None else []))
     kernel, meta = _UNIT.select(variant)
     HW = H_out * W_out
-    if meta:  # the interpreter's fixed tile
+    if meta:  # a fixed tile (the interpreter's, or the first under R21D_AUTOTUNE=0)
         frames = _frames_per_program(T_out, N * triton.cdiv(HW, meta["BLOCK_M"])
                                      * triton.cdiv(C_out, meta["BLOCK_N"]))
     else:  # the tile is autotuned; split the frames for the smallest one

@@ -221,6 +221,9 @@ _FWD = Tuned(
         "ncdhw": [_tile(2, 32, 8, 4), _tile(4, 16, 8, 4), _tile(2, 64, 8, 8), _tile(4, 32, 8, 8)],
     },
     key=["C", "T_out", "H_out", "W_out", "t_chunk"], interpret=_INTERPRET_FWD,
+    # sm_80: the fp32 stencil with 16 warps (at most 128 registers a thread) spilled 8-16 B in
+    # the eval and normalising passes (Triton 3.8, 3.9)
+    arch_configs={80: {"cl-fp32": [_tile(4, 8, 32, 4)]}},
 )
 _FWD_STATS = Tuned(
     _depthwise_fwd_kernel,
@@ -444,6 +447,8 @@ _BWD = Tuned(
         "ncdhw": [_cfg(128, 8, 8), _cfg(64, 16, 8), _cfg(128, 4, 8)],
     },
     key=["M_in", "C", "T_out", "H_out", "W_out", "NEED_DX", "NEED_DW"], interpret=_INTERPRET,
+    # sm_80: fp32 32 x 32 channels with 8 warps spilled 40 B with unaligned rows (3.8, 3.9)
+    arch_configs={80: {"cl-fp32": [_cfg(16, 64, 4), _cfg(32, 64, 8)]}},
 )
 
 # Each program of the backward takes a range of input positions (a multiple of every BLOCK_P)

@@ -234,6 +234,9 @@ _FWD_STATS.configs["ieee"] = [_tile(gm.STATS_BLOCK_M, 64, 16, 8, 1)]
 _FWD_STATS.configs["ieee-flat"] = [_tile(gm.STATS_BLOCK_M, 32, 16, 8, 2)]
 # (128x128x32 spilled 16 B on sm_90 with Triton 3.9, unaligned 16-bit rows)
 _FWD_STATS.configs["16bit-unaligned"] = [_tile(gm.STATS_BLOCK_M, 64, 32, 8, 2)]
+# sm_80: that tile's two stages spilled 8 B with the prologue (the strided unit, 3.8 and 3.9)
+_FWD_STATS.arch_configs = {80: {"16bit-unaligned": [_tile(gm.STATS_BLOCK_M, 64, 32, 8, 1),
+                                                    _tile(gm.STATS_BLOCK_M, 32, 32, 8, 2)]}}
 
 
 class _Geometry:
@@ -561,7 +564,13 @@ _DGRAD = Tuned(
      "tf32-unaligned": [_tile(64, 64, 16, 8, 2), _tile(128, 64, 32, 8, 3)],
      # IEEE fp32 (FMA dots, not a fast path): larger tiles spilled on sm_90 (3.6, 3.9)
      "ieee": [_tile(32, 64, 16, 4, 1)], "ieee-unaligned": [_tile(32, 16, 16, 4, 1)]},
-    key=["R", "C_in_g", "C_out_g", "KT", "KH", "KW", "HAS_RES"], interpret=gm.INTERPRET_GEMM)
+    key=["R", "C_in_g", "C_out_g", "KT", "KH", "KW", "HAS_RES"], interpret=gm.INTERPRET_GEMM,
+    # sm_80 (mma.sync accumulators in registers): the second 16-bit and TF32 tiles and the 4-warp
+    # IEEE one spilled 8-40 B (Triton 3.6, 3.8 or 3.9); these compile clean on all three
+    arch_configs={80: {"16bit": [_tile(128, 128, 32, 8, 3)],
+                       "16bit-unaligned": [_tile(128, 64, 32, 8, 2)],
+                       "tf32-unaligned": [_tile(64, 64, 16, 8, 2)],
+                       "ieee": [_tile(32, 64, 16, 8, 1)]}})
 _WGRAD = Tuned(
     _igemm_wgrad_kernel,
     # 64x128x32 spilled 40-168 B (sm_90 and sm_80, Triton 3.6) in the flat (stem) wgrad, and
@@ -569,7 +578,9 @@ _WGRAD = Tuned(
     {**_BWD_TILES, "16bit-flat": [_tile(64, 64, 32, 8, 2)],
      "tf32": [_tile(128, 64, 32, 8, 3), _tile(64, 64, 32, 4, 3)],
      "tf32-flat": [_tile(64, 64, 32, 8, 2)], "ieee-flat": [_tile(64, 32, 16, 4, 2)]},
-    key=["M", "C_in_g", "C_out_g", "TAPS", "HAS_RES", "PRE"], interpret=gm.INTERPRET_GEMM)
+    key=["M", "C_in_g", "C_out_g", "TAPS", "HAS_RES", "PRE"], interpret=gm.INTERPRET_GEMM,
+    # sm_80: the flat TF32 tile's two stages spilled 8 B in the stem unit's wgrad (3.8, 3.9)
+    arch_configs={80: {"tf32-flat": [_tile(64, 64, 32, 8, 1)]}})
 
 
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,

@@ -124,6 +124,10 @@ _FWD_EVAL = Tuned(
                                _tile(64, 64, 32, 8, 2), _tile(64, 64, 16, 8, 2)],
     },
     key=["M", "C_in", "C_out", "SAVE"], interpret=gm.INTERPRET_GEMM,
+    # sm_80 (mma.sync accumulators in the general registers): 64x64x32 TF32 with 4 warps and
+    # unaligned rows spilled 8 B (Triton 3.6)
+    arch_configs={80: {"tf32-unaligned": [_tile(128, 64, 16, 8, 2), _tile(128, 64, 32, 8, 1),
+                                          _tile(64, 128, 16, 8, 2)]}},
 )
 _FWD_STATS = Tuned(
     _pointwise_fwd_kernel,
