@@ -35,7 +35,8 @@ def test_tile_arch_picks_the_table_a_launch_runs(monkeypatch):
     tuned = conv2plus1d._UNIT
     assert _launch.current_tile_arch() == 90  # no GPU: sm_90, the report names others
     sm80 = tuned.arch_configs[80]
-    for arch, table in ((90, tuned.configs), (100, tuned.configs), (89, sm80), (86, sm80), (80, sm80)):
+    for arch, table in ((90, tuned.configs), (100, tuned.configs), (120, sm80), (89, sm80),
+                        (86, sm80), (80, sm80)):
         with _launch.tile_arch(arch):
             _, meta = tuned.select("16bit")
         assert meta == table["16bit"][0].all_kwargs(), arch

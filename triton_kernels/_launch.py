@@ -151,20 +151,26 @@ _tile_arch_override: list[int] = []
 def tile_arch(arch: int) -> Iterator[None]:
     """Pick configurations for compute capability ``arch`` (90, 86, 80, ...) whatever device is
     present: the static report and the compile warm-up capture each arch's launches with it."""
-    _tile_arch_override.append(90 if arch >= 90 else 80)
+    _tile_arch_override.append(_table_arch(arch // 10))
     try:
         yield
     finally:
         _tile_arch_override.pop()
 
 
+def _table_arch(major: int) -> int:
+    """90 where Triton's MMAs keep their accumulators out of the general registers (Hopper's
+    wgmma, datacenter Blackwell's tensor memory: compute capability 9.x-11.x), 80 where they are
+    registers (mma.sync: Ampere, Ada, consumer Blackwell 12.x) and larger tiles spill."""
+    return 90 if 9 <= major <= 11 else 80
+
+
 _device_arch: dict[int, int] = {}
 
 
 def current_tile_arch() -> int:
-    """The tile tables' arch for launches now: 90 on Hopper and later (wgmma keeps the MMA
-    accumulators out of the general registers), 80 on Ampere and Ada (mma.sync accumulators are
-    registers: larger tiles spill there); 90 without a GPU (the static report names its archs)."""
+    """The tile tables' arch for launches on the current device (:func:`_table_arch`); 90 without
+    a GPU (the static report names its archs with :func:`tile_arch`)."""
     if _tile_arch_override:
         return _tile_arch_override[-1]
     if not torch.cuda.is_available():
@@ -172,7 +178,7 @@ def current_tile_arch() -> int:
     device = torch.cuda.current_device()
     if device not in _device_arch:
         major, _ = torch.cuda.get_device_capability(device)
-        _device_arch[device] = 90 if major >= 9 else 80
+        _device_arch[device] = _table_arch(major)
     return _device_arch[device]
 
 
