@@ -169,8 +169,9 @@ _device_arch: dict[int, int] = {}
 
 
 def current_tile_arch() -> int:
-    """The tile tables' arch for launches on the current device (:func:`_table_arch`); 90 without
-    a GPU (the static report names its archs with :func:`tile_arch`)."""
+    """The tile tables' arch for launches on the current device, which is the inputs' (the ops
+    launch under their device guard): :func:`_table_arch`; 90 without a GPU (the static report
+    names its archs with :func:`tile_arch`)."""
     if _tile_arch_override:
         return _tile_arch_override[-1]
     if not torch.cuda.is_available():
