@@ -220,23 +220,24 @@ _FWD_TILES = {
 }
 _FWD_EVAL = Tuned(_igemm_fwd_kernel, _FWD_TILES,
                   key=["M", "C_in_g", "C_out_g", "TAPS", "SAVE", "PRE"], interpret=gm.INTERPRET_GEMM)
-# Training tiles are STATS_BLOCK_M rows (the partial-statistics buffers depend on it).
+# Training tiles are STATS_BLOCK_M rows (the partial-statistics buffers depend on it): the eval
+# tables' first two tiles, resized, except where those spilled.
 _FWD_STATS = Tuned(
     _igemm_fwd_kernel,
-    {variant: [_tile(gm.STATS_BLOCK_M, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 8, c.num_stages)
-               for c in configs[:2]]
-     for variant, configs in _FWD_TILES.items() if "-res" not in variant},
+    {**{variant: [_tile(gm.STATS_BLOCK_M, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], 8,
+                        c.num_stages) for c in configs[:2]]
+        for variant, configs in _FWD_TILES.items() if "-res" not in variant},
+     # IEEE fp32 with the BN1 + ReLU prologue (the training unit's temporal conv): 128x64x16
+     # with two stages spilled 8-16 B on sm_90 with Triton 3.6 and 3.9; one stage does not
+     "ieee": [_tile(gm.STATS_BLOCK_M, 64, 16, 8, 1)],
+     "ieee-flat": [_tile(gm.STATS_BLOCK_M, 32, 16, 8, 2)],
+     # (128x128x32 spilled 16 B on sm_90 with Triton 3.9, unaligned 16-bit rows)
+     "16bit-unaligned": [_tile(gm.STATS_BLOCK_M, 64, 32, 8, 2)]},
     key=["M", "C_in_g", "C_out_g", "TAPS", "PRE"], interpret=gm.INTERPRET_GEMM,
+    # sm_80: that tile's two stages spilled 8 B with the prologue (the strided unit, 3.8 and 3.9)
+    arch_configs={80: {"16bit-unaligned": [_tile(gm.STATS_BLOCK_M, 64, 32, 8, 1),
+                                           _tile(gm.STATS_BLOCK_M, 32, 32, 8, 2)]}},
 )
-# IEEE fp32 with the BN1 + ReLU prologue (the training unit's temporal conv): 128x64x16 with two
-# stages spilled 8-16 B on sm_90 with Triton 3.6 and 3.9; one stage does not
-_FWD_STATS.configs["ieee"] = [_tile(gm.STATS_BLOCK_M, 64, 16, 8, 1)]
-_FWD_STATS.configs["ieee-flat"] = [_tile(gm.STATS_BLOCK_M, 32, 16, 8, 2)]
-# (128x128x32 spilled 16 B on sm_90 with Triton 3.9, unaligned 16-bit rows)
-_FWD_STATS.configs["16bit-unaligned"] = [_tile(gm.STATS_BLOCK_M, 64, 32, 8, 2)]
-# sm_80: that tile's two stages spilled 8 B with the prologue (the strided unit, 3.8 and 3.9)
-_FWD_STATS.arch_configs = {80: {"16bit-unaligned": [_tile(gm.STATS_BLOCK_M, 64, 32, 8, 1),
-                                                    _tile(gm.STATS_BLOCK_M, 32, 32, 8, 2)]}}
 
 
 class _Geometry:
