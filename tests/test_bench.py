@@ -214,3 +214,25 @@ def test_ceiling_measurement_runs(monkeypatch):
                                          bf16_size=64, fp32_size=64)
     assert ceilings.copy_bytes_per_s > 0 and ceilings.bf16_flops_per_s > 0 and ceilings.fp32_flops_per_s > 0
     assert ceilings.source.startswith("measured in this run on test device")
+
+
+def test_host_view_runs_without_a_gpu(tmp_path):
+    """``r21d-bench --host --smoke``: every case measured (launches stubbed, nothing runs on a
+    GPU), a JSON record written; a process of its own, since it needs TRITON_INTERPRET unset."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-m", "r21d.bench", "--host", "--smoke", "--out", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "host-time.json").read_text())
+    rows = {r["case"]: r for r in record["rows"]}
+    assert set(rows) == {"site-1x3x3-eval-forward", "site-1x3x3-train-step", "r2plus1d_18-eval-forward",
+                         "r3d_18-eval-forward", "r2plus1d_18-train-step"}
+    assert all(r["plain_us"] > 0 and r["fused_us"] > 0 for r in rows.values())
+    # every site of the eval models launches exactly once (channels_last_3d in and out)
+    assert rows["r2plus1d_18-eval-forward"]["launches"] == rows["r2plus1d_18-eval-forward"]["fused_sites"] == 20
+    assert rows["r3d_18-eval-forward"]["conv_bn_pairs"] == 20
+    assert "r2plus1d_18-eval-forward" in done.stdout

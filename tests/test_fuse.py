@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 import r21d
+from r21d.bench.narrow import narrow_r2plus1d_18
 from r21d.fused_sequential import FusedSequential
 from r21d.triton_kernels import _launch
-from tests.utils import assert_module_matches_float64, assert_oracle_close, narrow_r2plus1d_18
+from tests.utils import assert_module_matches_float64, assert_oracle_close
 
 
 class Net(nn.Module):

@@ -265,32 +265,6 @@ def assert_module_matches_float64(fused: torch.nn.Module, plain: torch.nn.Module
     return counter
 
 
-def narrow_r2plus1d_18(divisor: int = 16, num_classes: int = 4) -> torch.nn.Module:
-    """torchvision's r2plus1d_18 (VideoResNet: R2Plus1dStem, BasicBlock, Conv2Plus1D, [2, 2, 2, 2])
-    with every width divided by ``divisor``: the same sites, units, strides, shortcuts and
-    residual tails, small enough for a whole forward and backward in the Triton interpreter."""
-    from torchvision.models.video.resnet import BasicBlock, Conv2Plus1D, VideoResNet
-
-    mid, width = 45 // divisor, 64 // divisor
-
-    def stem():  # R2Plus1dStem's layers, narrowed
-        return torch.nn.Sequential(
-            torch.nn.Conv3d(3, mid, (1, 7, 7), (1, 2, 2), (0, 3, 3), bias=False),
-            torch.nn.BatchNorm3d(mid), torch.nn.ReLU(inplace=True),
-            torch.nn.Conv3d(mid, width, (3, 1, 1), 1, (1, 0, 0), bias=False),
-            torch.nn.BatchNorm3d(width), torch.nn.ReLU(inplace=True))
-
-    class Narrow(VideoResNet):
-        def _make_layer(self, block, conv_builder, planes, blocks, stride=1):
-            if planes == 64:  # the first layer: VideoResNet starts from 64 stem channels
-                self.inplanes = width
-            return super()._make_layer(block, conv_builder, planes // divisor, blocks, stride)
-
-    model = Narrow(BasicBlock, [Conv2Plus1D] * 4, [2, 2, 2, 2], stem, num_classes)
-    model.fc = torch.nn.Linear(512 // divisor, num_classes)
-    return model
-
-
 def small_video_net() -> torch.nn.Module:
     """Every kind of fused site on a clip of (N, 3, 4, 8, 8): a conv site, (2+1)D units, residual
     tails, a strided pointwise shortcut and a depthwise site; BN away from its defaults."""

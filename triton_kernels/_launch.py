@@ -35,6 +35,7 @@ class Counter:
 _active: list[Counter] = []
 _captures: list[list] = []
 _poison = False
+_stubbed = False
 
 
 @contextlib.contextmanager
@@ -77,9 +78,21 @@ def relayout(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tenso
     for c in _active:
         c.launches += 1
         c.kernels.append("relayout")
-    if not _captures:
+    if not (_captures or _stubbed):
         out.copy_(t)
     return out
+
+
+@contextlib.contextmanager
+def stubbed() -> Iterator[None]:
+    """Do everything up to the kernel launch itself, then skip it: how ``r21d-bench --host``
+    measures the host time a call costs before the GPU sees it (on the CPU too)."""
+    global _stubbed
+    previous, _stubbed = _stubbed, True
+    try:
+        yield
+    finally:
+        _stubbed = previous
 
 
 @dataclasses.dataclass
@@ -133,6 +146,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         c.kernels.append(kernel_name(kernel))
     if _captures:
         _captures[-1].append(CapturedLaunch(kernel, grid, args, kwargs))
+        return
+    if _stubbed:
         return
     kernel[grid](*args, **kwargs)
 

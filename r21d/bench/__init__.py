@@ -5,10 +5,12 @@ GEMM, with roofline floors (DESIGN.md §7).
     r21d-bench                    without a GPU: roofline predictions + fused-model equivalence
     r21d-bench --smoke            tiny shapes, few reps, any device: checks the bench end to end
     r21d-bench --cases pointwise  only cases whose id matches a regular expression (--list)
+    r21d-bench --host             host time per call, fused vs plain, launches stubbed (any machine)
 
 Modules: ``cases`` (the case table), ``providers`` (what is timed), ``timing`` (CUDA events),
 ``roofline`` (floors and ceilings), ``correctness``, ``runner`` (one case), ``session`` (one
-measured run), ``cpu_mode`` (no GPU), ``report`` (table, JSON, PNG), ``environment``.
+measured run), ``cpu_mode`` (no GPU), ``report`` (table, JSON, PNG), ``environment``, ``host``
+(host time per call, ``--host``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="untimed calls before timing, after the checked first call (default 10; smoke 0)")
     p.add_argument("--max-autotune", action="store_true",
                    help="also time torch.compile(mode='max-autotune') of whole models (minutes)")
+    p.add_argument("--host", action="store_true",
+                   help="measure the host time of fused vs plain calls (r2plus1d_18, r3d_18, a "
+                        "training step, one site) with the kernel launches stubbed; no GPU needed")
     p.add_argument("--no-compile", action="store_true",
                    help="do not time torch.compile: neither its default mode nor a case's own (the "
                         "latency cases' reduce-overhead); --max-autotune still adds its own")
@@ -48,6 +53,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.reps is not None and args.reps < 1:
         print("r21d-bench: --reps must be at least 1", file=sys.stderr)
         return 2
+
+    if args.host:
+        from . import host
+
+        return host.main(args.out and f"{args.out}/host-time.json", smoke=args.smoke)
 
     import torch
 

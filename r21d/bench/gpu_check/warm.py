@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ..cpu_launch import triton_on_cpu
 from .plan import Check, Context, FusedCall
 
 SM90 = 90
@@ -195,23 +196,6 @@ def _kernel_counts(jobs: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------- without a GPU
-
-
-@contextlib.contextmanager
-def triton_on_cpu():
-    """Let the dispatcher send CPU tensors to the Triton launchers, which under ``capture()``
-    only record their launches: how a CPU counts what a GPU run compiles. Never runs a kernel."""
-    from ... import dispatch
-    from ...triton_kernels import _launch
-
-    if _launch.interpreted():
-        raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    previous = dispatch._DEVICE_CHECKS["triton"]
-    dispatch._DEVICE_CHECKS["triton"] = lambda cfg: None
-    try:
-        yield
-    finally:
-        dispatch._DEVICE_CHECKS["triton"] = previous
 
 
 def _plumb(ctx: Context) -> dict:
