@@ -28,6 +28,7 @@ from .modules import (
     DepthwiseSeparableConv3d,
     SpatioTemporalConv,
 )
+from .warmup import WarmupReport, warmup
 
 __version__ = "0.1.0"
 
@@ -35,5 +36,5 @@ __all__ = [
     "Conv2Plus1d", "ConvBNReLU2d", "ConvBNReLU3d", "DepthwiseSeparableConv2d",
     "DepthwiseSeparableConv3d", "FallbackWarning", "FusedKernelUnavailable", "SpatioTemporalConv",
     "available_backends", "functional", "fuse", "fusion_report", "fusion_sites", "get_backend", "ops",
-    "set_backend", "unfuse", "use_backend",
+    "set_backend", "unfuse", "use_backend", "warmup", "WarmupReport",
 ]

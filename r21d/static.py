@@ -8,10 +8,9 @@ read the same way.
 
 What is compiled is what a real launch compiles: each case below calls the real launchers on
 small CPU tensors under ``_launch.capture()`` (nothing runs), and each captured launch is
-specialised by Triton's own binder (``create_function_from_signature`` +
-``JITFunction._pack_args``, the same code in triton 3.6 and 3.8), so it gets the same pointer
+specialised by Triton's own binder (``triton_kernels/_compile.py``), so it gets the same pointer
 dtypes, integer == 1 -> constexpr, 16-divisibility attributes and options as
-``kernel[grid](...)``; for every autotuning configuration of the kernel.
+``kernel[grid](...)``; for every tile configuration of the kernel's variant.
 
     python -m r21d.static                      # table of every kernel x config x arch
     python -m r21d.static --check --json r.json --archs 90
@@ -51,6 +50,8 @@ import sys
 import tempfile
 import time
 from typing import Callable
+
+from .triton_kernels import _compile
 
 # Opt-in shared memory per block (what Triton compares metadata.shared against at launch).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -366,67 +367,10 @@ CASES: list[Case] = [
 # ----------------------------------------------------------------------------- specialisation
 
 
-def _jit_function(kernel):
-    """The JITFunction behind a captured kernel (an Autotuner wraps it in ``.fn``)."""
-    from triton.runtime.jit import JITFunction
-
-    fn = kernel
-    while not isinstance(fn, JITFunction) and hasattr(fn, "fn"):
-        fn = fn.fn
-    if not isinstance(fn, JITFunction) or type(fn).__name__ == "InterpretedFunction":
-        raise RuntimeError(
-            f"{kernel!r} is not a compilable JITFunction: run the static report with "
-            "TRITON_INTERPRET unset (kernels decorated under the interpreter cannot be compiled)")
-    return fn
-
-
-def _configs(kernel, kwargs: dict) -> list[dict]:
-    """Keyword arguments of each configuration a launch may run with: the Autotuner's configs
-    (all of them, pruning aside: another shape may pick any), or the launch's own kwargs."""
-    configs = getattr(kernel, "configs", None)
-    if not configs:
-        return [dict(kwargs)]
-    return [{**kwargs, **c.all_kwargs()} for c in configs]
-
-
-_binders: dict = {}
-
-
-def _specialize(fn, backend, args, kwargs):
-    """(options, signature, constexprs, attrs) exactly as ``JITFunction.run`` computes them."""
-    try:
-        from triton import knobs
-        from triton.runtime.jit import create_function_from_signature
-    except ImportError as e:  # pragma: no cover - older Triton
-        raise RuntimeError("the static report needs triton's JIT binder API (tested with triton "
-                           "3.6 and 3.8)") from e
-    if not hasattr(fn, "_pack_args"):  # pragma: no cover - older Triton
-        raise RuntimeError("the static report needs JITFunction._pack_args (triton 3.6 / 3.8)")
-    kwargs = dict(kwargs)
-    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    if hasattr(knobs.compilation, "instrumentation_mode"):
-        kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    key = (id(fn), id(backend))
-    if key not in _binders:
-        _binders[key] = create_function_from_signature(fn.signature, fn.params, backend)
-    bound_args, specialization, options = _binders[key](*args, **kwargs)
-    return fn._pack_args(backend, kwargs, bound_args, specialization, options)
-
-
-def _arg_names(fn) -> list[str]:
-    return [p.name for p in fn.params]
-
-
-def _plain(value):
-    """A JSON-friendly constexpr value."""
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    return str(value)
-
-
-def _jobs(cases: list[Case], archs) -> list[dict]:
-    """Captured launches of every case x autotuning config x arch, deduplicated into compile
-    jobs (plain data a worker process can compile)."""
+def _jobs(cases: list[Case], archs, all_configs: bool = True) -> list[dict]:
+    """Captured launches of every case x configuration x arch, deduplicated into compile jobs
+    (plain data a worker process can compile); ``all_configs=False``: only the configuration each
+    launch would run (what a first call compiles)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
 
@@ -442,28 +386,13 @@ def _jobs(cases: list[Case], archs) -> list[dict]:
             prec = launch.kwargs.get("PREC")
             if case.dtype.startswith("fp32-") and prec is not None and prec != case.dtype[5:]:
                 raise RuntimeError(f"{case.label}: the launcher chose PREC={prec!r}")
-            fn = _jit_function(launch.kernel)
-            names = _arg_names(fn)
-            for kw in _configs(launch.kernel, launch.kwargs):
-                options, signature, constexprs, attrs = _specialize(fn, backend, launch.args, kw)
-                opts = options.__dict__
-                key = (fn.__module__, fn.__name__, arch,
-                       repr(sorted(signature.items())), repr(sorted(constexprs.items())),
-                       repr(sorted(attrs.items())), repr(sorted(opts.items())))
-                job = jobs.get(key)
-                if job is None:
-                    cx = {names[p[0]]: _plain(v) for p, v in constexprs.items() if len(p) == 1}
-                    job = jobs[key] = dict(
-                        module=fn.__module__, kernel=fn.__name__, arch=arch,
-                        signature=signature, constexprs=constexprs, attrs=attrs, options=opts,
-                        constexpr_values=cx, num_warps=opts["num_warps"],
-                        num_stages=opts["num_stages"], gemm="PREC" in names,
-                        families=[], cases=[], dtypes=[], layouts=[],
-                    )
-                for field, value in (("families", case.family), ("cases", case.name),
-                                     ("dtypes", case.dtype), ("layouts", case.layout)):
-                    if value not in job[field]:
-                        job[field].append(value)
+        for found in _compile.launch_jobs(launches, arch, backend, all_configs):
+            job = jobs.setdefault(_compile.job_key(found),
+                                  {**found, "families": [], "cases": [], "dtypes": [], "layouts": []})
+            for field, value in (("families", case.family), ("cases", case.name),
+                                 ("dtypes", case.dtype), ("layouts", case.layout)):
+                if value not in job[field]:
+                    job[field].append(value)
     return list(jobs.values())
 
 
@@ -571,15 +500,7 @@ def _compile_job(job: dict) -> dict:
     start = time.perf_counter()
     result = dict(error=None)
     try:
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        mod = importlib.import_module(job["module"])
-        fn = _jit_function(getattr(mod, job["kernel"]))
-        src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"],
-                        attrs=job["attrs"])
-        k = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+        k = _compile.compile_job(job)
         with tempfile.TemporaryDirectory(prefix="r21d-static-") as tmp:
             path = os.path.join(tmp, "kernel.cubin")
             with open(path, "wb") as f:

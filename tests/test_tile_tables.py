@@ -31,28 +31,28 @@ def test_training_forward_tiles_keep_the_statistics_row_block_on_every_arch():
 
 def test_tile_arch_picks_the_table_a_launch_runs(monkeypatch):
     monkeypatch.setattr(_launch, "interpreted", lambda: False)
-    monkeypatch.setenv("R21D_AUTOTUNE", "0")  # select() returns the first config's kwargs
     tuned = conv2plus1d._UNIT
     assert _launch.current_tile_arch() == 90  # no GPU: sm_90, the report names others
     sm80 = tuned.arch_configs[80]
     for arch, table in ((90, tuned.configs), (100, tuned.configs), (120, sm80), (89, sm80),
                         (86, sm80), (80, sm80)):
         with _launch.tile_arch(arch):
-            _, meta = tuned.select("16bit")
-        assert meta == table["16bit"][0].all_kwargs(), arch
+            choice, meta = tuned.select("16bit")
+        assert meta == {} and list(choice.configs) == table["16bit"], arch
     # variants without an override keep sm_90's table on sm_80
     with _launch.tile_arch(80):
-        _, meta = tuned.select("ieee")
-    assert meta == tuned.configs["ieee"][0].all_kwargs()
+        choice, _ = tuned.select("ieee")
+    assert list(choice.configs) == tuned.configs["ieee"]
 
 
-def test_autotuners_are_kept_per_arch(monkeypatch):
+def test_choices_are_kept_per_arch(monkeypatch):
     monkeypatch.setattr(_launch, "interpreted", lambda: False)
-    monkeypatch.delenv("R21D_AUTOTUNE", raising=False)
     tuned = _launch.Tuned(conv2plus1d._UNIT.fn, conv2plus1d._UNIT.configs, key=["HW"], interpret={},
                           arch_configs=conv2plus1d._UNIT.arch_configs)
     for arch in (80, 90):
         with _launch.tile_arch(arch):
-            autotuner, meta = tuned.select("16bit")
-        assert meta == {} and autotuner.configs == tuned.configs_for("16bit", arch)
-    assert len(tuned._autotuners) == 2
+            choice, meta = tuned.select("16bit")
+            assert tuned.select("16bit")[0] is choice  # built once
+        assert meta == {} and list(choice.configs) == tuned.configs_for("16bit", arch)
+        assert choice.arch == arch and choice.fn is tuned.fn
+    assert len(tuned._choices) == 2

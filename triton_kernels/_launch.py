@@ -10,7 +10,8 @@ exactly one kernel launch that allocates only its output::
 
 :func:`poisoned` fills every allocation with NaN (tests catch unwritten elements);
 :func:`capture` records launches instead of running them (the static report compiles them);
-:class:`Tuned` holds a kernel's autotuning configurations and the interpreter's one.
+:class:`Tuned` holds a kernel's tile configurations and the interpreter's one; :func:`launch`
+picks one per launch (``_tiles``: by rule; ``_autotune``: by timing, with R21D_AUTOTUNE=1).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from typing import Iterator
 
 import torch
 
+from . import _autotune
 from ._limits import check_grid
+from ._tiles import Choice, by_rule
 
 
 @dataclasses.dataclass
@@ -97,10 +100,11 @@ def stubbed() -> Iterator[None]:
 
 @dataclasses.dataclass
 class CapturedLaunch:
-    kernel: object  # a JITFunction or an Autotuner wrapping one
+    kernel: object  # a JITFunction, or a _tiles.Choice of configurations of one
     grid: object  # a tuple, or a function of the meta-parameters
     args: tuple
     kwargs: dict
+    config: dict | None = None  # a Choice's: the configuration a real launch would run now
 
 
 @contextlib.contextmanager
@@ -115,16 +119,30 @@ def capture() -> Iterator[list[CapturedLaunch]]:
 
 
 def kernel_name(kernel) -> str:
-    fn = getattr(kernel, "fn", kernel)  # Autotuner / JITFunction -> the Python function
+    fn = getattr(kernel, "fn", kernel)  # Choice / JITFunction -> the Python function
     return getattr(fn, "__name__", repr(fn))
 
 
 def _grids(kernel, grid, kwargs: dict) -> list:
-    """The grid of every configuration the launch may run with (an autotuner picks one later)."""
+    """The grid of every configuration a :class:`_tiles.Choice` may run with (another shape may
+    pick any), or the launch's own."""
     if not callable(grid):
         return [grid]
     configs = getattr(kernel, "configs", None) or [None]
     return [grid({**kwargs, **(c.all_kwargs() if c is not None else {})}) for c in configs]
+
+
+def choose(choice: Choice, grid, args: tuple, kwargs: dict):
+    """The configuration a launch of ``choice`` runs: by rule (:mod:`_tiles`), or with
+    R21D_AUTOTUNE=1 the one timed for this shape bucket (timing it now if none was, except
+    under deterministic algorithms or where nothing really launches)."""
+    if _autotune.enabled() and not torch.are_deterministic_algorithms_enabled():
+        config = _autotune.remembered(choice, args, kwargs)
+        if config is not None:
+            return config
+        if not (_captures or _stubbed):
+            return _autotune.tune(choice, grid, args, kwargs)
+    return by_rule(choice, grid, kwargs)
 
 
 # FP fusion (a * b + c contracted to one FMA by LLVM and ptxas), passed to every launch as Triton's
@@ -139,16 +157,23 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), counted; launches on the current stream (Triton's default).
     The grid is checked against CUDA's limits first (also when captured)."""
     kwargs.setdefault("enable_fp_fusion", FP_FUSION)
-    for g in _grids(kernel, grid, kwargs):
+    config = None
+    if isinstance(kernel, Choice):
+        config = choose(kernel, grid, args, kwargs).all_kwargs()
+    # captured (the static report): every configuration's grid; else the one that runs
+    for g in _grids(kernel, grid, kwargs) if _captures or config is None else [
+            grid({**kwargs, **config}) if callable(grid) else grid]:
         check_grid(kernel_name(kernel), g)
     for c in _active:
         c.launches += 1
         c.kernels.append(kernel_name(kernel))
     if _captures:
-        _captures[-1].append(CapturedLaunch(kernel, grid, args, kwargs))
+        _captures[-1].append(CapturedLaunch(kernel, grid, args, kwargs, config))
         return
     if _stubbed:
         return
+    if config is not None:
+        kernel, kwargs = kernel.fn, {**kwargs, **config}
     kernel[grid](*args, **kwargs)
 
 
@@ -198,30 +223,22 @@ def current_tile_arch() -> int:
     return _device_arch[device]
 
 
-def autotuning() -> bool:
-    """False under R21D_AUTOTUNE=0: every kernel variant launches its first configuration (a
-    deterministic choice with one compile per specialisation, as ``make gpu-check`` needs);
-    otherwise Triton's autotuner times every configuration on first use."""
-    import os
-
-    return os.environ.get("R21D_AUTOTUNE", "").strip() != "0"
-
-
 class Tuned:
-    """A kernel with GPU autotuning configurations per variant (operand precision, epilogue, ...:
-    what makes a tile size spill or not) and the one configuration the interpreter runs
-    (DESIGN.md §6: tiny shapes, one config; ``interpret`` may instead map each variant to its own,
-    where variants differ in more than tile sizes). ``arch_configs`` replaces variants' tables on
-    an arch (``{80: {variant: [...]}}``: see :func:`current_tile_arch`). ``select(variant)`` gives
-    what to launch and the meta arguments to pass; each autotuner is built on first GPU use."""
+    """A kernel with tile configurations per variant (operand precision, epilogue, ...: what
+    makes a tile size spill or not) and the one configuration the interpreter runs (tiny shapes,
+    one config; ``interpret`` may instead map each variant to its own, where variants differ in
+    more than tile sizes). ``arch_configs`` replaces variants' tables on an arch (``{80:
+    {variant: [...]}}``: see :func:`current_tile_arch`). ``select(variant)`` gives what to
+    launch and the meta arguments to pass: on a GPU a :class:`_tiles.Choice` that :func:`launch`
+    resolves by rule (or, with R21D_AUTOTUNE=1, by timing) once it knows the grid."""
 
     def __init__(self, fn, configs: dict, key, interpret: dict, arch_configs: dict | None = None):
         self.fn = fn
         self.configs = configs
         self.arch_configs = arch_configs or {}
-        self.key = key
+        self.key = tuple(key)
         self.interpret = interpret
-        self._autotuners: dict = {}
+        self._choices: dict = {}
 
     def configs_for(self, variant: str, arch: int) -> list:
         return self.arch_configs.get(arch, {}).get(variant, self.configs[variant])
@@ -230,11 +247,8 @@ class Tuned:
         if interpreted():
             return self.fn, dict(self.interpret.get(variant, self.interpret))
         arch = current_tile_arch()
-        configs = self.configs_for(variant, arch)
-        if not autotuning():  # the variant's first configuration: no timing, one compile
-            return self.fn, configs[0].all_kwargs()
-        if (variant, arch) not in self._autotuners:
-            import triton
-
-            self._autotuners[variant, arch] = triton.autotune(configs, key=self.key)(self.fn)
-        return self._autotuners[variant, arch], {}
+        choice = self._choices.get((variant, arch))
+        if choice is None:
+            choice = self._choices[variant, arch] = Choice(
+                self.fn, tuple(self.configs_for(variant, arch)), variant, arch, self.key)
+        return choice, {}

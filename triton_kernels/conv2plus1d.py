@@ -252,10 +252,10 @@ def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
         x.dtype, x_align, o_align, *([r_align] if residual is not None else []))
     kernel, meta = _UNIT.select(variant)
     HW = H_out * W_out
-    if meta:  # a fixed tile (the interpreter's, or the first under R21D_AUTOTUNE=0)
+    if meta:  # a fixed tile (the interpreter's)
         frames = _frames_per_program(T_out, N * triton.cdiv(HW, meta["BLOCK_M"])
                                      * triton.cdiv(C_out, meta["BLOCK_N"]))
-    else:  # the tile is autotuned; split the frames for the smallest one
+    else:  # the launch picks the tile from the grid; split the frames for the smallest one
         frames = _frames_per_program(T_out, N * triton.cdiv(HW, 128) * triton.cdiv(C_out, 128))
 
     def grid(meta):

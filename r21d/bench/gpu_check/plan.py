@@ -78,8 +78,8 @@ def stages(with_compile: bool = False) -> list[Stage]:
         Stage("environment", 10, "GPU, driver, torch / Triton / cuDNN / CUDA versions, r21d._C "
               "build_info() and the build step's record", machine.checks),
         Stage("warm", 60, "capture every r21d call of the later stages without running it and "
-              "compile each Triton kernel specialisation once, in parallel (R21D_AUTOTUNE=0: "
-              "one configuration per kernel variant)", warm.checks),
+              "compile each Triton kernel specialisation once, in parallel (configurations by "
+              "rule: one per launch)", warm.checks),
         Stage("accuracy-bf16", 60, "every kernel family in eval and training, the (2+1)D unit, "
               "the residual tail and r2plus1d_18 (forward, training step) in bf16 against "
               "float64: error <= 2x cuDNN's", accuracy.stage_checks(("bf16",))),

@@ -4,8 +4,8 @@ of running them), each captured launch is specialised exactly as Triton's JIT wo
 (``r21d.static``'s binder: same signature, constexprs, 16-divisibility attributes and options),
 the duplicates are dropped, and the rest compiled for this GPU's arch in a process pool, one job
 per kernel specialisation. ``triton.compile`` writes Triton's file cache, which the JIT reads on
-the first real launch, so the checks load cubins instead of compiling them one by one. With
-R21D_AUTOTUNE=0 each kernel variant launches its first configuration: one compile each, no
+the first real launch, so the checks load cubins instead of compiling them one by one. Each
+launch runs the configuration its rule picks (triton_kernels/_tiles.py): one compile each, no
 timing runs.
 
 On a GPU the workers also build each kernel's launcher (older Tritons compile a C stub per
@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import importlib
 import os
 import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from ...triton_kernels import _compile
+from ...triton_kernels._compile import job_key
 from ..cpu_launch import triton_on_cpu
 from .plan import Check, Context, FusedCall
 
@@ -58,11 +59,6 @@ def later_calls(ctx: Context, after: str = "warm") -> list[FusedCall]:
 # ----------------------------------------------------------------------------- capture
 
 
-def _job_key(job: dict) -> tuple:
-    return (job["module"], job["kernel"], job["arch"], *(repr(sorted(job[k].items())) for k in
-                                                        ("signature", "constexprs", "attrs", "options")))
-
-
 def captured_jobs(calls: list[FusedCall], arch: int, errors: list[str]) -> Iterator[list[dict]]:
     """For each call in turn, the compile jobs of the kernel specialisations it launches that no
     earlier call launched (a call that raises is noted in ``errors``: its check fails too)."""
@@ -73,14 +69,15 @@ def captured_jobs(calls: list[FusedCall], arch: int, errors: list[str]) -> Itera
         case = static.Case(family="gpu-check", name=call.label, dtype=call.precision,
                            layout="gpu-check", run=lambda _case, call=call: call.run())
         try:
-            found = static._jobs([case], (arch,))  # captures under the call's precision
+            # captures under the call's precision; the configuration each launch runs
+            found = static._jobs([case], (arch,), all_configs=False)
         except Exception as e:
             errors.append(f"{call.label}: {type(e).__name__}: {str(e).strip()[:200]}")
             continue
         new = []
         for job in found:
-            if _job_key(job) not in seen:
-                seen.add(_job_key(job))
+            if job_key(job) not in seen:
+                seen.add(job_key(job))
                 new.append(job)
         yield new
 
@@ -93,22 +90,15 @@ def compile_job(job: dict) -> dict:
     start = time.perf_counter()
     try:
         import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
 
-        from r21d.static import _jit_function
-
-        fn = _jit_function(getattr(importlib.import_module(job["module"]), job["kernel"]))
-        src = ASTSource(fn=fn, signature=job["signature"], constexprs=job["constexprs"],
-                        attrs=job["attrs"])
-        kernel = triton.compile(src, target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+        kernel = _compile.compile_job(job)
     except Exception as e:
         return {"seconds": time.perf_counter() - start,
                 "error": f"{job['kernel']}: {type(e).__name__}: {str(e).strip()[:300]}"}
     launcher_error = None
     if job.get("launcher"):  # an optimisation: a failure here costs time on first use, no more
         try:
-            triton.runtime.driver.active.launcher_cls(src, kernel.metadata)
+            triton.runtime.driver.active.launcher_cls(kernel.src, kernel.metadata)
         except Exception as e:
             launcher_error = f"{type(e).__name__}: {str(e).strip()[:200]}"
     return {"seconds": time.perf_counter() - start, "error": None, "launcher_error": launcher_error}
