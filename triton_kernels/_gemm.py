@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _common as cm
 from . import batchnorm as bn
 from ._launch import alloc, interpreted
-from ._layout import alloc_channels_last, channels_contiguous, in_format_of
+from ._layout import cdiv, alloc_channels_last, channels_contiguous, in_format_of
 
 # Training (STATS) tiles are always STATS_BLOCK_M rows: the partial-statistics buffers and their
 # merge depend on it, so autotuning may change every other block size but not this one.
@@ -99,7 +99,7 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
     if training:
         kernel, meta = select(x, out, residual, True, False)
         block_m = meta.get("BLOCK_M", STATS_BLOCK_M)
-        num_tiles = triton.cdiv(M, block_m)
+        num_tiles = cdiv(M, block_m)
         # normalised in place if not kept; the output itself if not normalised
         z = alloc_channels_last(out.shape, x) if save and normalize else out
         part_mean = alloc((num_tiles, C_out), dtype=torch.float32, device=dev)

@@ -142,7 +142,17 @@ def choose(choice: Choice, grid, args: tuple, kwargs: dict):
             return config
         if not (_captures or _stubbed):
             return _autotune.tune(choice, grid, args, kwargs)
-    return by_rule(choice, grid, kwargs)
+    # The rule's choice, remembered per launch signature: the grid is a function of the sizes
+    # the kernel takes (its scalar arguments) and its meta-parameters, so they key it.
+    key = (choice, *(a for a in args if not isinstance(a, torch.Tensor)),
+           *kwargs.items())
+    config = _ruled.get(key)
+    if config is None:
+        config = _ruled[key] = by_rule(choice, grid, kwargs)
+    return config
+
+
+_ruled: dict = {}
 
 
 # FP fusion (a * b + c contracted to one FMA by LLVM and ptxas), passed to every launch as Triton's

@@ -14,6 +14,11 @@ import torch
 from ._launch import alloc, relayout
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of host ints (triton.cdiv is a constexpr function: a JIT call from Python)."""
+    return -(-a // b)
+
+
 def out_size(size: int, k: int, stride: int, pad: int, dil: int = 1) -> int:
     """A conv's output size along one axis."""
     return (size + 2 * pad - dil * (k - 1) - 1) // stride + 1

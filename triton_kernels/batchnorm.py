@@ -26,7 +26,7 @@ import triton.language as tl
 from . import _common as cm
 from . import sync_stats
 from ._launch import alloc, interpreted, launch
-from ._layout import alloc_like, channel_vector, channels_last, pc_strides, rows_alignment, rows_strides
+from ._layout import cdiv, alloc_like, channel_vector, channels_last, pc_strides, rows_alignment, rows_strides
 
 # Row of the coefficient table (COEF[i * C + c]).
 COEF_MEAN, COEF_A, COEF_BETA, COEF_KG, COEF_KZ, COEF_K0 = range(6)
@@ -128,7 +128,7 @@ def finalize_stats(part_mean, part_m2, rows_per_tile: int | None, M: int, runnin
     block_c = min(triton.next_power_of_2(C), 16 if interpreted() else 64)
     block_t = 16 if interpreted() else 64
     launch(
-        _bn_stats_finalize_kernel, (triton.cdiv(C, block_c),),
+        _bn_stats_finalize_kernel, (cdiv(C, block_c),),
         part_mean, part_m2, part_count if part_count is not None else mean, mean, invstd,
         running_mean if update else mean, running_var if update else invstd,
         new_rm if update else mean, new_rv if update else invstd, m2 if m2 is not None else mean,
@@ -182,7 +182,7 @@ def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torc
     M = N * T * H * W
     block_m, block_c = _elementwise_blocks(C)
     launch(
-        _bn_act_normalize_kernel, (triton.cdiv(M, block_m), triton.cdiv(C, block_c)),
+        _bn_act_normalize_kernel, (cdiv(M, block_m), cdiv(C, block_c)),
         z, residual if residual is not None else z, out, mean, invstd,
         gamma if gamma is not None else mean, beta if beta is not None else mean,
         M, C, T, H, W,
@@ -309,14 +309,14 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
     dev = z.device
     cl = channels_last(z)
     block_m, block_c = _elementwise_blocks(C, cl)
-    num_tiles = triton.cdiv(M, block_m)
+    num_tiles = cdiv(M, block_m)
     part_g = alloc((num_tiles, C), dtype=torch.float32, device=dev)
     part_gx = alloc((num_tiles, C), dtype=torch.float32, device=dev)
     dres = None
     if need_dres:
         dres = alloc_like(residual.shape, residual)
     launch(
-        _bn_act_bwd_reduce_kernel, (num_tiles, triton.cdiv(C, block_c)),
+        _bn_act_bwd_reduce_kernel, (num_tiles, cdiv(C, block_c)),
         grad_out, z, residual if residual is not None else z, dres if dres is not None else z,
         mean, invstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
         part_g, part_gx,
@@ -343,7 +343,7 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
     dbias = alloc((C,), dtype=bias_dtype, device=dev) if need_dbias else None
     fin_c = min(triton.next_power_of_2(C), 16 if interpreted() else 64)
     launch(
-        _bn_bwd_finalize_kernel, (triton.cdiv(C, fin_c),),
+        _bn_bwd_finalize_kernel, (cdiv(C, fin_c),),
         part_g, part_gx, mean, invstd,
         gamma if gamma is not None else mean, beta if beta is not None else mean,
         coef, dgamma if dgamma is not None else coef, dbeta if dbeta is not None else coef,

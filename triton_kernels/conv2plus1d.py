@@ -27,7 +27,7 @@ from . import _gemm as gm
 from . import batchnorm as bn
 from . import implicit_gemm as ig
 from ._launch import Tuned, launch, relayout
-from ._layout import (alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
+from ._layout import (cdiv, alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
                       out_size, rows_alignment, rows_strides)
 
 # At most this many output frames open at once (ceil(kt / st)): one fp32 accumulator each
@@ -253,14 +253,14 @@ def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
     kernel, meta = _UNIT.select(variant)
     HW = H_out * W_out
     if meta:  # a fixed tile (the interpreter's)
-        frames = _frames_per_program(T_out, N * triton.cdiv(HW, meta["BLOCK_M"])
-                                     * triton.cdiv(C_out, meta["BLOCK_N"]))
+        frames = _frames_per_program(T_out, N * cdiv(HW, meta["BLOCK_M"])
+                                     * cdiv(C_out, meta["BLOCK_N"]))
     else:  # the launch picks the tile from the grid; split the frames for the smallest one
-        frames = _frames_per_program(T_out, N * triton.cdiv(HW, 128) * triton.cdiv(C_out, 128))
+        frames = _frames_per_program(T_out, N * cdiv(HW, 128) * cdiv(C_out, 128))
 
     def grid(meta):
-        return (N * triton.cdiv(HW, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),
-                triton.cdiv(T_out, frames))
+        return (N * cdiv(HW, meta["BLOCK_M"]) * cdiv(C_out, meta["BLOCK_N"]),
+                cdiv(T_out, frames))
 
     absent = x  # stands in for the optional vectors that are not given
     launch(

@@ -33,7 +33,7 @@ from . import _common as cm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, interpreted, launch
-from ._layout import alloc_like, channel_vector, channels_last, out_size, pc_strides, rows_alignment
+from ._layout import cdiv, alloc_like, channel_vector, channels_last, out_size, pc_strides, rows_alignment
 
 MODE_EVAL, MODE_STATS, MODE_APPLY = 0, 1, 2
 
@@ -245,9 +245,9 @@ def _t_chunk(N: int, T_out: int, H_out: int, W_out: int, C: int, cl: bool) -> in
     if interpreted():
         return 2
     bh, bw, bc = (4, 8, 32) if cl else (2, 32, 8)  # a typical tile
-    per_frame = N * triton.cdiv(H_out, bh) * triton.cdiv(W_out, bw) * triton.cdiv(C, bc)
-    chunks = min(T_out, max(1, triton.cdiv(_FWD_PROGRAMS, per_frame)))
-    return triton.cdiv(T_out, chunks)
+    per_frame = N * cdiv(H_out, bh) * cdiv(W_out, bw) * cdiv(C, bc)
+    chunks = min(T_out, max(1, cdiv(_FWD_PROGRAMS, per_frame)))
+    return cdiv(T_out, chunks)
 
 
 def _select(tuned: Tuned, cl: bool, dtype: torch.dtype | None = None):
@@ -291,13 +291,13 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
     t_chunk = _t_chunk(N, T_out, H_out, W_out, C, cl)
 
     def programs(bh, bw):  # tiles of positions: (sample, frame chunk, H tile, W tile)
-        return N * triton.cdiv(T_out, t_chunk) * triton.cdiv(H_out, bh) * triton.cdiv(W_out, bw)
+        return N * cdiv(T_out, t_chunk) * cdiv(H_out, bh) * cdiv(W_out, bw)
 
     def run(selected, mode, mean_arg, var_arg, parts, save_here):
         kernel, meta = selected
 
         def grid(meta):
-            return (programs(meta["BH"], meta["BW"]), triton.cdiv(C, meta["BLOCK_C"]))
+            return (programs(meta["BH"], meta["BW"]), cdiv(C, meta["BLOCK_C"]))
 
         launch(
             kernel, grid,
@@ -461,9 +461,9 @@ _BWD_ROWS_QUANTUM = 256
 def _rows_per_split(M_in: int, C: int) -> int:
     if interpreted():
         return 32
-    c_blocks = triton.cdiv(C, 64)
-    per_program = triton.cdiv(M_in, max(1, _BWD_PROGRAMS // c_blocks))
-    return triton.cdiv(per_program, _BWD_ROWS_QUANTUM) * _BWD_ROWS_QUANTUM
+    c_blocks = cdiv(C, 64)
+    per_program = cdiv(M_in, max(1, _BWD_PROGRAMS // c_blocks))
+    return cdiv(per_program, _BWD_ROWS_QUANTUM) * _BWD_ROWS_QUANTUM
 
 
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
@@ -490,11 +490,11 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
             dx = alloc_like(x.shape, x)
         K = KT * KH * KW
         rows_per_split = _rows_per_split(M_in, C) if need_dw else _BWD_ROWS_QUANTUM
-        splits = triton.cdiv(M_in, rows_per_split)
+        splits = cdiv(M_in, rows_per_split)
         partial = alloc((splits, C, K), dtype=torch.float32, device=x.device) if need_dw else None
 
         def grid(meta):
-            return (splits, triton.cdiv(C, meta["BLOCK_C"]))
+            return (splits, cdiv(C, meta["BLOCK_C"]))
 
         some = z
         launch(

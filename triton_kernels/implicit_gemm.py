@@ -40,7 +40,7 @@ from . import _gemm as gm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, launch, relayout
-from ._layout import (alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
+from ._layout import (cdiv, alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
                       out_size, rows_alignment, rows_strides)
 
 # Input channels per group below which the K loop runs flat over (tap, channel).
@@ -331,7 +331,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         w = _weight_cl(weight, geom)
 
         def grid(meta):
-            return (triton.cdiv(geom.M, meta["BLOCK_M"]) * triton.cdiv(geom.C_out_g, meta["BLOCK_N"]),
+            return (cdiv(geom.M, meta["BLOCK_M"]) * cdiv(geom.C_out_g, meta["BLOCK_N"]),
                     geom.groups)
 
         launch(
@@ -616,7 +616,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     dx = dw = None
     if need_dx:
         st, sh, sw = stride
-        q = (triton.cdiv(geom.T_in, st), triton.cdiv(geom.H_in, sh), triton.cdiv(geom.W_in, sw))
+        q = (cdiv(geom.T_in, st), cdiv(geom.H_in, sh), cdiv(geom.W_in, sw))
         R = geom.N * q[0] * q[1] * q[2]
         steps = [s // math.gcd(s, d) for s, d in zip(stride, dilation)]
         dx = alloc_channels_last(x.shape, x)
@@ -626,7 +626,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         kernel, meta = _DGRAD.select(variant)
 
         def grid(meta):
-            return (triton.cdiv(R, meta["BLOCK_M"]) * triton.cdiv(geom.C_in_g, meta["BLOCK_N"]),
+            return (cdiv(R, meta["BLOCK_M"]) * cdiv(geom.C_in_g, meta["BLOCK_N"]),
                     st * sh * sw, geom.groups)
 
         launch(
@@ -643,8 +643,8 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     if need_dw:
         x = channels_contiguous(x)
         K = geom.taps * geom.C_in_g
-        splits = splitk.row_splits(geom.M, triton.cdiv(geom.C_out, 128) * triton.cdiv(K, 128), x.device)
-        rows_per_split = triton.cdiv(geom.M, splits)
+        splits = splitk.row_splits(geom.M, cdiv(geom.C_out, 128) * cdiv(K, 128), x.device)
+        rows_per_split = cdiv(geom.M, splits)
         partial = alloc((splits, geom.C_out, K), dtype=torch.float32, device=x.device)
         x_align = _alignment(x, geom, geom.C_in_g)
         variant = cls + ("-flat" if geom.flat else _unaligned(x.dtype, *dz_aligns, x_align))
@@ -652,10 +652,10 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
 
         def grid(meta):
             if geom.flat:
-                num_n = triton.cdiv(K, meta["BLOCK_N"])
+                num_n = cdiv(K, meta["BLOCK_N"])
             else:
-                num_n = geom.taps * triton.cdiv(geom.C_in_g, meta["BLOCK_N"])
-            return (geom.groups * triton.cdiv(geom.C_out_g, meta["BLOCK_M"]) * num_n, splits)
+                num_n = geom.taps * cdiv(geom.C_in_g, meta["BLOCK_N"])
+            return (geom.groups * cdiv(geom.C_out_g, meta["BLOCK_M"]) * num_n, splits)
 
         launch(
             kernel, grid,

@@ -26,7 +26,7 @@ from . import _gemm as gm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, launch
-from ._layout import (alloc_channels_last, channels_contiguous, in_format_of, out_size,
+from ._layout import (cdiv, alloc_channels_last, channels_contiguous, in_format_of, out_size,
                       rows_alignment, rows_strides)
 
 
@@ -165,7 +165,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
 
     def launch_gemm(kernel, meta, x, residual, out, pointers):
         def grid(meta):
-            return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+            return (cdiv(M, meta["BLOCK_M"]) * cdiv(C_out, meta["BLOCK_N"]),)
 
         launch(
             kernel, grid, x, weight, *pointers,
@@ -344,7 +344,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         kernel, meta = _DGRAD.select(gm.operand_class(x.dtype, prec) + aligned)
 
         def grid(meta):
-            return (triton.cdiv(M_in, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]),)
+            return (cdiv(M_in, meta["BLOCK_M"]) * cdiv(C_in, meta["BLOCK_N"]),)
 
         launch(
             kernel, grid,
@@ -357,14 +357,14 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         dx = in_format_of(dx, x_in)
     if need_dw:
         x = channels_contiguous(x)
-        splits = splitk.row_splits(M, triton.cdiv(C_out, 128) * triton.cdiv(C_in, 128), x.device)
-        rows_per_split = triton.cdiv(M, splits)
+        splits = splitk.row_splits(M, cdiv(C_out, 128) * cdiv(C_in, 128), x.device)
+        rows_per_split = cdiv(M, splits)
         partial = alloc((splits, C_out, C_in), dtype=torch.float32, device=x.device)
         aligned = unaligned or ("" if _fully_aligned(x) else "-unaligned")
         kernel, meta = _WGRAD.select(gm.operand_class(x.dtype, prec) + aligned)
 
         def grid(meta):
-            return (triton.cdiv(C_out, meta["BLOCK_M"]) * triton.cdiv(C_in, meta["BLOCK_N"]), splits)
+            return (cdiv(C_out, meta["BLOCK_M"]) * cdiv(C_in, meta["BLOCK_N"]), splits)
 
         launch(
             kernel, grid,

@@ -8,6 +8,7 @@ import triton.language as tl
 
 from . import _common as cm
 from ._launch import alloc, interpreted, launch
+from ._layout import cdiv
 
 
 @triton.jit
@@ -26,7 +27,7 @@ def row_splits(M: int, tiles: int, device: torch.device) -> int:
     if interpreted():
         return 2 if M >= 64 else 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
-    return max(1, min(triton.cdiv(4 * sms, tiles), triton.cdiv(M, 1024), 256))
+    return max(1, min(cdiv(4 * sms, tiles), cdiv(M, 1024), 256))
 
 
 def sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,5 +36,5 @@ def sum_splits(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = alloc(partial.shape[1:], dtype=dtype, device=partial.device)
     numel = out.numel()
     block = 256 if interpreted() else 1024
-    launch(_sum_splits_kernel, (triton.cdiv(numel, block),), partial, out, splits, numel, BLOCK=block)
+    launch(_sum_splits_kernel, (cdiv(numel, block),), partial, out, splits, numel, BLOCK=block)
     return out
