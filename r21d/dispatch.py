@@ -3,11 +3,15 @@
 A call is described by :class:`FusedConfig` (geometry, dtype, device, mode); :func:`choose` turns
 the requested backend (r21d.backends) into the one that runs, falling back to ``torch`` (one
 warning per configuration, or an error under R21D_STRICT=1) where a fused backend has no kernel.
+
+The table of what each backend runs, :data:`FUSED_CALLS`, lives here and r21d.ops fills it when it
+registers the ops: r21d.ops imports this module, never the other way round.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -17,6 +21,25 @@ from .triton_kernels._limits import GRID_YZ_MAX
 
 FAMILIES = ("pointwise", "depthwise", "spatial", "temporal", "dense", "grouped")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# (backend, conv family) -> the call that runs it (an r21d.ops.FusedCall): what the fused backends
+# offer. Filled by r21d.ops when it registers the ops (importing r21d imports r21d.ops); r21d.ops
+# re-exports the same dict as ``r21d.ops.FUSED_CALLS``.
+FUSED_CALLS: dict[tuple[str, str], Callable] = {}
+
+# conv family -> the qualified names (forward, backward) of the csrc ops behind the cuda
+# backend's call for it (r21d._C defines their schemas; _cuda_reason checks that it has them).
+CSRC_OPS: dict[str, tuple[str, str]] = {
+    "depthwise": ("r21d::depthwise3d_conv_bn_act", "r21d::depthwise3d_conv_bn_act_backward"),
+}
+
+
+def csrc_ops_available(names) -> bool:
+    """Whether r21d._C is loaded and defines the ops of qualified ``names``."""
+    if not _extension.loaded():
+        return False
+    namespace = torch.ops.r21d
+    return all(hasattr(namespace, name.split("::")[1]) for name in names)
 
 
 def conv_family(kernel_size, groups: int, in_channels: int, out_channels: int) -> str:
@@ -71,11 +94,9 @@ def _triton_reason(cfg: FusedConfig) -> str | None:
 
 
 def _cuda_reason(cfg: FusedConfig) -> str | None:
-    from .ops import CSRC_FAMILIES, csrc_op_available
-
     if not _extension.loaded():
         return _extension.unavailable_reason()
-    if not csrc_op_available(CSRC_FAMILIES[cfg.family]):
+    if not csrc_ops_available(CSRC_OPS[cfg.family]):
         return f"r21d._C was built without the {cfg.family} ops; rebuild it (pip install --no-build-isolation -e .)"
     if cfg.device_type != "cuda":
         return "the csrc kernels need CUDA tensors"
@@ -160,8 +181,6 @@ _DEVICE_CHECKS = {"triton": _triton_reason, "cuda": _cuda_reason}
 
 def unsupported_reason(backend: str, cfg: FusedConfig) -> str | None:
     """Why ``backend`` cannot run ``cfg``, or None when it can."""
-    from .ops import FUSED_CALLS
-
     if (backend, cfg.family) not in FUSED_CALLS:
         return f"the {backend} backend has no {cfg.family} kernel yet"
     if cfg.dtype not in FUSED_DTYPES:
@@ -175,8 +194,6 @@ def resolve(cfg: FusedConfig, blocker: str | None = None) -> tuple[str, str | No
     ``blocker`` is a caller's reason why no fused kernel may run ``cfg`` (e.g. a residual of
     another dtype); it counts like an unsupported configuration.
     """
-    from .ops import FUSED_CALLS
-
     requested = backends.get_backend()
     if requested == "torch":
         return "torch", None

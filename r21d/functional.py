@@ -15,7 +15,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import dispatch
+from . import backends, dispatch, ops
+from ._op_common import out_size
 from .reference import ACTIVATIONS, conv_bn_act3d_reference
 from .triton_kernels import _limits as limits
 
@@ -94,10 +95,6 @@ def autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
     return None
 
 
-def _output_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
 @dataclasses.dataclass
 class Plan:
     """A validated call and the backend that runs it (see :func:`plan`)."""
@@ -107,6 +104,9 @@ class Plan:
     output_shape: tuple[int, ...]
     cast_dtype: Optional[torch.dtype]  # autocast's conv dtype, or None outside autocast
     sync_group: str = ""  # the process group batch statistics span (SyncBatchNorm), "" for none
+    # why the requested fused backend cannot run it (it then runs on ``torch``, after the one-time
+    # warning), or None: a plan without one may be reused for the same call (r21d.fused_site)
+    fallback: Optional[str] = None
 
 
 def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, running_var=None, *,
@@ -173,7 +173,7 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
     kernel_size = tuple(weight.shape[2:])
     spatial = []
     for size, k, s, p, d, axis in zip(x.shape[2:], kernel_size, stride, padding, dilation, "THW"):
-        out = _output_size(size, k, s, p, d)
+        out = out_size(size, k, s, p, d)
         if out < 1:
             raise ValueError(
                 f"conv_bn_act3d: input size {axis}={size} with padding {p} is smaller than the "
@@ -210,8 +210,16 @@ def plan(x, weight, bias=None, bn_weight=None, bn_bias=None, running_mean=None, 
         activation=activation, residual=residual is not None,
         sync_stats=bool(sync_group and training),
     )
-    return Plan(dispatch.choose(config, blocker), config, output_shape, cast_dtype,
-                sync_group if training else "")
+    backend, reason = dispatch.resolve(config, blocker)
+    if reason is not None:  # as dispatch.choose: the one-time warning, or the strict-mode error
+        backends.fallback(f"{config.describe()} on {backends.get_backend()}", reason)
+    return Plan(backend, config, output_shape, cast_dtype, sync_group if training else "", reason)
+
+
+def save_for_backward(*tensors) -> bool:
+    """Whether autograd will want a backward through a call on ``tensors`` (the op then keeps
+    what its backward needs)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, *, momentum, eps,
@@ -219,21 +227,36 @@ def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
     """Execute a :class:`Plan` on a fused backend (``p.backend`` must not be ``torch``).
     ``momentum``: the exponential-average factor, a float or a 0-dim tensor on the device (see
     r21d.ops.update_running_stats)."""
-    from .ops import FUSED_CALLS
-
     cfg = p.config
     if p.cast_dtype is not None:  # autocast casts the conv's inputs like F.conv3d does
         x, weight = x.to(p.cast_dtype), weight.to(p.cast_dtype)
         bias = bias.to(p.cast_dtype) if bias is not None else None
-    save = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias, bn_weight, bn_bias, residual))
-    with torch.autocast(x.device.type, enabled=False):
-        return FUSED_CALLS[p.backend, cfg.family](
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-            stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=cfg.groups,
-            training=cfg.training, momentum=momentum if isinstance(momentum, Tensor) else float(momentum),
-            eps=float(eps),
-            activation=cfg.activation, save=save, sync_group=p.sync_group)
+    call = fused_call(p)
+    static = call.static_args(
+        stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, training=cfg.training,
+        activation=cfg.activation,
+        save=save_for_backward(x, weight, bias, bn_weight, bn_bias, residual),
+        sync_group=p.sync_group)
+    momentum = momentum if isinstance(momentum, Tensor) else float(momentum)
+    return run_call(call, static, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                    residual, momentum, float(eps))
+
+
+def fused_call(p: Plan) -> ops.FusedCall:
+    """The call that runs a :class:`Plan` on its fused backend."""
+    return dispatch.FUSED_CALLS[p.backend, p.config.family]
+
+
+def run_call(call: ops.FusedCall, static, x, weight, bias, bn_weight, bn_bias, running_mean,
+             running_var, residual, momentum, eps: float) -> Tensor:
+    """One call of ``call`` with its static arguments, autocast off inside the op (its inputs
+    are cast already), the running statistics copied back."""
+    if torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):
+            return call.run(static, x, weight, bias, bn_weight, bn_bias, running_mean,
+                            running_var, residual, momentum, eps)
+    return call.run(static, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                    residual, momentum, eps)
 
 
 def conv_bn_act3d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

@@ -17,9 +17,9 @@ import sys
 import torch
 from torch import nn
 
-from . import dispatch
+from . import dispatch, plan_cache
 from .backends import get_backend
-from .fused_sequential import FusedSequential, find_runs
+from .fused_sequential import PROGRAM, FusedSequential, find_runs
 from .fused_site import conv_base, site_config
 from .fused_unit import UNIT_KERNELS, choose_unit
 from .modules import SpatioTemporalConv
@@ -76,6 +76,9 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     fused_blocks = {fused: plain for plain, fused in _fused_blocks().items()}
     for module in model.modules():
+        # what the fused forward kept between calls (r21d.plan_cache), no part of a plain module
+        plan_cache.forget(module)
+        module.__dict__.pop(PROGRAM, None)
         if isinstance(module, FusedSequential):
             module.__class__ = module.__dict__.pop(_ORIGINAL_CLASS, nn.Sequential)
         elif type(module) in fused_blocks:

@@ -7,15 +7,20 @@ only replace ``forward``: the children, their names and every state-dict key sta
 swaps the class in and ``r21d.unfuse`` back. Where the tail cannot run fused (hooks on the tail's
 modules, a tail that is not conv -> BN, or a fused backend that cannot run it), the block runs
 torchvision's own arithmetic on its modules.
+
+A block keeps its tail's parts (and the tail's plan, see r21d.plan_cache) between calls, until the
+tail's modules change (identities, types, children) or get hooks.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 from torchvision.models.video.resnet import BasicBlock, Bottleneck
 
+from . import plan_cache
 from .functional import autocast_dtype
 from .fused_site import conv_base, hooked, is_activation, is_batchnorm_for, run_site
 from .fused_unit import run_unit, unit_children
@@ -46,10 +51,40 @@ def tail_parts(seq: nn.Module, act: nn.Module) -> Optional[tuple]:
     return tail_fusion(seq, act)[0]
 
 
-def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor) -> Tensor:
-    """``act(seq(x) + residual)``, fused where it may (see :func:`tail_parts`)."""
-    parts = tail_parts(seq, act)
-    if parts is None or residual.dtype != (autocast_dtype(x) or x.dtype):
+def _tail_layout(seq: nn.Module, act: nn.Module) -> tuple:
+    """What decides a tail's parts: the modules' identities and types, and the children of the
+    tail sequential and of its first child (a (2+1)D unit or a conv), with their types."""
+    children = tuple(seq._modules.values())
+    first = children[0] if children else None
+    grandchildren = tuple(first._modules.values()) if first is not None else ()
+    return (seq, type(seq), act, type(act), children, tuple(map(type, children)), grandchildren,
+            tuple(map(type, grandchildren)))
+
+
+def _cached_tail_parts(seq: nn.Module, act: nn.Module, slot: plan_cache.PlanSlot) -> Optional[tuple]:
+    """:func:`tail_parts`, kept in ``slot`` while the tail's layout stays and nothing is hooked."""
+    layout = _tail_layout(seq, act)
+    if hooked(seq, act, *layout[4], *layout[6]):
+        slot.plan = None
+        return tail_parts(seq, act)
+    cached = slot.plan
+    if cached is None or cached[0] != layout:
+        cached = slot.plan = (layout, tail_parts(seq, act))
+    return cached[1]
+
+
+def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor,
+             slot: Optional[plan_cache.PlanSlot] = None) -> Tensor:
+    """``act(seq(x) + residual)``, fused where it may (see :func:`tail_parts`). With a ``slot``
+    (the block's), the parts and the tail's plan are kept there between calls."""
+    if slot is not None and not torch.compiler.is_compiling():
+        parts = _cached_tail_parts(seq, act, slot)
+        run_slot = slot.child(len(parts)) if parts is not None else None
+        # autocast_dtype(x), cheaper where autocast is off
+        cast = plan_cache.autocast_state(x.device) if x.dtype != torch.float64 else None
+    else:
+        parts, run_slot, cast = tail_parts(seq, act), None, autocast_dtype(x)
+    if parts is None or residual.dtype != (cast or x.dtype):
         # torchvision's ``out += residual`` keeps out's dtype (an fp32 residual under autocast,
         # e.g. a block fed fp32 input): the kernels' residual has the output's dtype, so add as
         # torchvision does, after the fused seq
@@ -57,26 +92,36 @@ def run_tail(seq: nn.Module, act: nn.Module, x: Tensor, residual: Tensor) -> Ten
         out += residual
         return act(out)
     if len(parts) == 6:
-        return run_unit(*parts, x, residual)
-    return run_site(*parts, x, residual)
+        return run_unit(*parts, x, residual, slot=run_slot)
+    return run_site(*parts, x, residual, slot=run_slot)
+
+
+def _child(block: nn.Module, name: str):
+    """``getattr(block, name)``, for a registered child without nn.Module.__getattr__."""
+    modules = block._modules
+    return modules[name] if name in modules else getattr(block, name)
 
 
 class FusedBasicBlock(BasicBlock):
     """torchvision's BasicBlock with conv2's BN + residual add + ReLU in conv2's epilogue."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv1(x)
-        residual = x if self.downsample is None else self.downsample(x)
-        return run_tail(self.conv2, self.relu, out, residual)
+        out = _child(self, "conv1")(x)
+        downsample = _child(self, "downsample")
+        residual = x if downsample is None else downsample(x)
+        return run_tail(_child(self, "conv2"), _child(self, "relu"), out, residual,
+                        slot=plan_cache.slot(self))
 
 
 class FusedBottleneck(Bottleneck):
     """torchvision's Bottleneck with conv3's BN + residual add + ReLU in conv3's epilogue."""
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.conv2(self.conv1(x))
-        residual = x if self.downsample is None else self.downsample(x)
-        return run_tail(self.conv3, self.relu, out, residual)
+        out = _child(self, "conv2")(_child(self, "conv1")(x))
+        downsample = _child(self, "downsample")
+        residual = x if downsample is None else downsample(x)
+        return run_tail(_child(self, "conv3"), _child(self, "relu"), out, residual,
+                        slot=plan_cache.slot(self))
 
 
 # torchvision's block class -> its drop-in fused class (fuse swaps only exact classes: a subclass

@@ -5,16 +5,23 @@ fused unit (r21d.fused_unit), and every other child as usual.
 
 Children, their names and so every state-dict key stay exactly as they were; only ``forward``
 changes. ``r21d.fuse`` turns plain sequentials into this class and ``r21d.unfuse`` back.
+
+The layout of runs is worked out on the first call and kept (:class:`Program`, with a plan slot
+per run, see r21d.plan_cache) until the children change: their identities and types, those of
+the children of a child sequential (a (2+1)D unit's), or hooks on such a child or global module
+hooks (which decide whether a unit runs fused).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from .fused_site import hooked, conv_base, is_activation, is_batchnorm_for, run_site
 from .fused_unit import inline_unit, run_unit, unit_children
+from .plan_cache import PlanSlot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,10 +82,88 @@ def find_runs(seq: nn.Sequential, dims: tuple[int, ...] = (2, 3)) -> list[Run]:
     return runs
 
 
+def _layout(modules: tuple) -> tuple:
+    """What decides the runs of a sequential of ``modules``: their types, and the children (and
+    their types) of each one that is a sequential itself (a (2+1)D unit or not); with the
+    modules' identities (the tuple itself), compared by ``==``."""
+    return tuple(
+        (type(m), tuple(m._modules.values()), tuple(type(c) for c in m._modules.values()))
+        if isinstance(m, nn.Sequential) else type(m)
+        for m in modules)
+
+
+_PLAIN, _SITE, _UNIT = 0, 1, 2
+
+
+class Program:
+    """The runs of a FusedSequential's children as steps (plain child, fused site, fused unit),
+    each fused one with its plan slot; valid for ``modules`` (its children, None ones included,
+    by identity) with ``layout`` (see :func:`_layout`) while no child sequential (a (2+1)D unit
+    or not) and no module globally is hooked (``cacheable``: none was when it was made)."""
+
+    __slots__ = ("modules", "layout", "sequentials", "steps", "cacheable")
+
+    def __init__(self, modules: tuple):
+        self.modules = modules
+        self.layout = _layout(modules)
+        self.sequentials = tuple(m for m in modules if isinstance(m, nn.Sequential))
+        self.cacheable = not hooked(*self.sequentials)
+        children = [m for m in modules if m is not None]
+        steps, i = [], 0
+        while i < len(children):
+            run = run_at(children, i)
+            if run is None:
+                steps.append((_PLAIN, children[i], None))
+                i += 1
+                continue
+            kind = _UNIT if run.unit or run.inline_unit else _SITE
+            steps.append((kind, run.parts(children), PlanSlot() if self.cacheable else None))
+            i += run.length
+        self.steps = tuple(steps)
+
+    def valid(self, modules: tuple) -> bool:
+        return (modules == self.modules and _layout(modules) == self.layout
+                and not hooked(*self.sequentials))
+
+    def __call__(self, x):
+        for kind, what, slot in self.steps:
+            if kind == _PLAIN:
+                x = what(x)
+            elif kind == _SITE:
+                x = run_site(*what, x, slot=slot)
+            else:
+                x = run_unit(*what, x, slot=slot)
+        return x
+
+    # a copied or unpickled sequential works its runs out anew
+    def __deepcopy__(self, memo):
+        return None
+
+    def __copy__(self):
+        return None
+
+    def __reduce__(self):
+        return (_no_program, ())
+
+
+def _no_program():
+    return None
+
+
+PROGRAM = "_r21d_program"
+
+
 class FusedSequential(nn.Sequential):
     """An nn.Sequential whose conv -> BN (-> ReLU/SiLU) runs execute fused."""
 
     def forward(self, x):
+        if not torch.compiler.is_compiling():
+            modules = tuple(self._modules.values())
+            program = self.__dict__.get(PROGRAM)
+            if program is None or not program.valid(modules):
+                program = Program(modules)
+                self.__dict__[PROGRAM] = program if program.cacheable else None
+            return program(x)
         children = list(self.children())
         i = 0
         while i < len(children):

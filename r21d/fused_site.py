@@ -4,6 +4,10 @@ Every r21d module and every site ``fuse()`` creates runs through :func:`run_site
 ``nn.BatchNorm`` semantics exactly (num_batches_tracked, momentum=None, track_running_stats,
 affine) and, where no fused kernel may run the site, calls the modules themselves, so the torch
 path is plain PyTorch, hooks and all.
+
+Given a :class:`r21d.plan_cache.PlanSlot`, :func:`run_site` keeps the site's plan (:class:`SitePlan`)
+there: the next call with the same signature (:func:`site_signature`) calls the op with the
+plan's static arguments, without validating, configuring or choosing the backend again.
 """
 
 from __future__ import annotations
@@ -15,8 +19,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from . import functional
+from . import backends, dispatch, functional
 from .dispatch import FusedConfig, conv_family
+from .plan_cache import (PlanSlot, autocast_state, byte_span, conv_kind, hooked, overlaps,
+                         plain_bn)
 from .triton_kernels import sync_stats
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)
@@ -75,20 +81,6 @@ def _padding3d(conv: nn.Module, ndim: int) -> tuple[tuple[int, ...], str | None]
     return ((0,) if ndim == 2 else ()) + tuple(padding), reason
 
 
-def hooked(*modules: Optional[nn.Module]) -> bool:
-    """Hooks would be skipped by a fused call: on these modules, or global module hooks."""
-    from torch.nn.modules import module as M
-
-    if M._global_forward_hooks or M._global_forward_pre_hooks or M._global_backward_hooks \
-            or M._global_backward_pre_hooks:
-        return True
-    return any(
-        m is not None and (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                           or m._backward_pre_hooks)
-        for m in modules
-    )
-
-
 def _blocker(conv, bn, act, ndim) -> str | None:
     """Why this site must run as separate modules, or None."""
     _, reason = _padding3d(conv, ndim)
@@ -115,11 +107,17 @@ def bn_momentum(bn: _BatchNorm) -> float | Tensor:
     cumulative average (momentum=None) that is 1 / num_batches_tracked, kept on the BN's device
     as a 0-dim tensor: reading the count on the host would wait for the GPU and break CUDA-graph
     capture (r21d.ops.update_running_stats applies it)."""
-    if not (bn.training and bn.track_running_stats and bn.num_batches_tracked is not None):
+    if not (bn.training and bn.track_running_stats):
         return 0.0 if bn.momentum is None else bn.momentum
-    bn.num_batches_tracked.add_(1)
+    # (a plain BatchNorm's buffers, read without nn.Module.__getattr__)
+    buffers = bn._buffers if plain_bn(type(bn)) else None
+    count = buffers.get("num_batches_tracked") if buffers is not None else bn.num_batches_tracked
+    if count is None:
+        return 0.0 if bn.momentum is None else bn.momentum
+    count.add_(1)
     if bn.momentum is None:
-        return torch.reciprocal(bn.num_batches_tracked.to(bn.running_mean.dtype))
+        running_mean = buffers["running_mean"] if buffers is not None else bn.running_mean
+        return torch.reciprocal(count.to(running_mean.dtype))
     return bn.momentum
 
 
@@ -152,30 +150,204 @@ def site_config(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], *,
     return cfg, _blocker(conv, bn, act, ndim)
 
 
-def run_site(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], x: Tensor,
-             residual: Optional[Tensor] = None) -> Tensor:
-    """``act(bn(conv(x)) + residual)``, fused where the selected backend can."""
-    cfg, blocker = site_config(conv, bn, act)
-    track = not bn.training or bn.track_running_stats
-    running_mean = bn.running_mean if track else None
-    running_var = bn.running_var if track else None
+def site_geometry(conv: nn.Module) -> tuple[tuple, tuple, tuple, str | None]:
+    """(stride, padding, dilation) of the conv as 3D triples (a Conv2d's with a leading 1), and
+    why fused kernels cannot express its padding (or None)."""
+    ndim = 2 if isinstance(conv, nn.Conv2d) else 3
+    lift = (1,) if ndim == 2 else ()
+    padding, reason = _padding3d(conv, ndim)
+    return lift + tuple(conv.stride), padding, lift + tuple(conv.dilation), reason
+
+
+def _site_tensors(conv: nn.Module, bn: _BatchNorm) -> tuple:
+    """(weight, bias, bn weight, bn bias, running mean, running var) as the modules give them."""
+    return conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
+def site_signature(conv, bn, act, x, residual) -> tuple[tuple, tuple] | None:
+    """(signature, tensors) of a call of the site, or None where its plan may not be cached
+    (conv or BN classes that keep their tensors elsewhere than nn.Module does, see
+    r21d.plan_cache.conv_kind, tensor subclasses, hooks).
+
+    The signature holds what :func:`_plan_site` reads: the modules' types, geometry and modes,
+    the shape, strides, dtype, device and requires_grad of ``x`` and ``residual``, the shape,
+    dtype, device (and requires_grad) of every parameter and buffer, grad mode, the requested
+    backend, autocast's state, the SyncBatchNorm's process group, and in training (where the
+    running statistics are written in place) the addresses and strides the in-place check saw.
+    ``tensors``: the site's (weight, bias, bn weight, bn bias, running mean, running var), read
+    once for the call."""
+    if (conv_kind(type(conv)) is None or not plain_bn(type(bn))
+            or type(x) is not Tensor or (residual is not None and type(residual) is not Tensor)
+            or hooked(conv, bn, act)):
+        return None
+    params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
+    try:
+        w, b = params["weight"], params["bias"]
+        g, beta = bn_params["weight"], bn_params["bias"]
+        rm, rv = buffers["running_mean"], buffers["running_var"]
+    except KeyError:  # a removed parameter (weight_norm's, say): not a plain module any more
+        return None
+    if w is None:
+        return None
+    device = x.device
+    training, track = bn.training, bn.track_running_stats
+    grad = torch.is_grad_enabled()
+    key = (
+        type(conv), type(bn), type(act), conv.kernel_size, conv.stride, conv.padding,
+        conv.dilation, conv.groups, conv.padding_mode, training, track, grad,
+        x.shape, x.stride(), x.dtype, device,
+        w.shape, w.dtype, w.device,
+        None if b is None else (b.shape, b.dtype, b.device),
+        None if g is None else (g.shape, g.dtype, g.device),
+        None if beta is None else (beta.shape, beta.dtype, beta.device),
+        None if rm is None else (rm.shape, rm.dtype, rm.device),
+        None if rv is None else (rv.shape, rv.dtype, rv.device),
+        None if residual is None else (residual.shape, residual.stride(), residual.dtype,
+                                       residual.device),
+        backends.get_backend(), autocast_state(device), sync_group(bn),
+        tuple(dispatch._DEVICE_CHECKS.values()),
+    )
+    if grad:  # requires_grad decides whether the op keeps what backward needs
+        key += (x.requires_grad, w.requires_grad, b is not None and b.requires_grad,
+                g is not None and g.requires_grad, beta is not None and beta.requires_grad,
+                residual is not None and residual.requires_grad)
+    if training and track and rm is not None:
+        key += tuple((t.data_ptr(), t.stride()) if t is not None else None
+                     for t in (w, b, g, beta, rm, rv))
+    return key, (w, b, g, beta, rm, rv)
+
+
+class SitePlan:
+    """A site call planned by the checked path: ``torch`` (the modules run themselves) or the
+    fused op's call with its static arguments. ``key``: the signature it was planned for (None:
+    not to be reused); ``spans``: in training, the running statistics' byte ranges, which the
+    input and residual must not overlap (checked each call, like functional.plan does)."""
+
+    __slots__ = ("key", "torch", "two_d", "call", "static", "cast_dtype", "autocast", "track",
+                 "spans", "x_extent", "residual_extent")
+
+    def __init__(self, key, *, torch_path: bool, two_d: bool = False, call=None, static=None,
+                 cast_dtype=None, autocast: bool = False, track: bool = True, spans=None,
+                 x_extent: int = 0, residual_extent: int = 0):
+        self.key = key
+        self.torch = torch_path
+        self.two_d = two_d
+        self.call = call
+        self.static = static
+        self.cast_dtype = cast_dtype
+        self.autocast = autocast
+        self.track = track
+        self.spans = spans
+        self.x_extent = x_extent
+        self.residual_extent = residual_extent
+
+    def overlaps(self, x: Tensor, residual: Optional[Tensor]) -> bool:
+        """Whether this call's input or residual shares memory with the running statistics."""
+        if self.spans is None:
+            return False
+        start = x.data_ptr()
+        if overlaps(start, start + self.x_extent, self.spans):
+            return True
+        if residual is not None:
+            start = residual.data_ptr()
+            return overlaps(start, start + self.residual_extent, self.spans)
+        return False
+
+    def run(self, conv, bn, act, x, residual, tensors) -> Tensor:
+        if self.torch:
+            y = bn(conv(x))
+            if residual is not None:
+                y = y + residual
+            return act(y) if act is not None else y
+        w, b, g, beta, rm, rv = tensors
+        if self.two_d:
+            x, w = x.unsqueeze(2), w.unsqueeze(2)
+            residual = residual.unsqueeze(2) if residual is not None else None
+        if not self.track:
+            rm = rv = None
+        momentum = bn_momentum(bn)  # counts the batch, every call
+        if not isinstance(momentum, Tensor):
+            momentum = float(momentum)
+        cast = self.cast_dtype
+        if cast is not None:  # autocast casts the conv's inputs like F.conv3d does
+            x, w = x.to(cast), w.to(cast)
+            b = b.to(cast) if b is not None else None
+        if self.autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                y = self.call.run(self.static, x, w, b, g, beta, rm, rv, residual, momentum,
+                                  float(bn.eps))
+        else:
+            y = self.call.run(self.static, x, w, b, g, beta, rm, rv, residual, momentum,
+                              float(bn.eps))
+        return y.squeeze(2) if self.two_d else y
+
+
+def _plan_site(conv, bn, act, x, residual, tensors, key) -> SitePlan:
+    """The checked path: validate the call (errors name the argument), choose the backend (the
+    one-time fallback warning, or the strict-mode error), and plan it. The plan keeps ``key``
+    where it may be reused (no fallback)."""
     two_d = isinstance(conv, nn.Conv2d)
     if two_d and x.dim() != 4:
         raise ValueError(f"{type(conv).__name__} site expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
     lift = _as_3d if two_d else (lambda t: t)
-
+    w, b, g, beta, rm, rv = tensors
+    stride, padding, dilation, blocker = site_geometry(conv)
+    if blocker is None and hooked(conv, bn, act):
+        blocker = "hooks are registered on its modules"
+    training = bn.training or (rm is None and rv is None)  # uses_batch_stats
+    track = not bn.training or bn.track_running_stats
+    running_mean, running_var = (rm, rv) if track else (None, None)
+    x3, residual3 = lift(x), lift(residual)
     p = functional.plan(
-        lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
-        stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, groups=conv.groups,
-        training=cfg.training, activation=cfg.activation, residual=lift(residual), blocker=blocker,
+        x3, lift(w), b, g, beta, running_mean, running_var,
+        stride=stride, padding=padding, dilation=dilation, groups=conv.groups,
+        training=training, activation=activation_name(act), residual=residual3, blocker=blocker,
         sync_group=sync_group(bn),
     )
+    if p.fallback is not None:
+        key = None
     if p.backend == "torch":
-        y = bn(conv(x))
-        if residual is not None:
-            y = y + residual
-        return act(y) if act is not None else y
-    y = functional.run(
-        p, lift(x), lift(conv.weight), conv.bias, bn.weight, bn.bias, running_mean, running_var,
-        momentum=bn_momentum(bn), eps=bn.eps, residual=lift(residual))
-    return y.squeeze(2) if two_d else y
+        return SitePlan(key, torch_path=True)
+    call = functional.fused_call(p)
+    cfg = p.config
+    static = call.static_args(
+        stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, training=cfg.training,
+        activation=cfg.activation,
+        save=functional.save_for_backward(x, w, b, g, beta, residual), sync_group=p.sync_group)
+    spans = x_extent = residual_extent = None
+    if key is not None and cfg.training and running_mean is not None:
+        # the addresses functional.plan checked (for the cached plan to check each call; none
+        # under torch.compile, where nothing is cached and fake tensors have no addresses)
+        spans = (byte_span(running_mean), byte_span(running_var))
+        x_extent = _extent(x3)
+        residual_extent = _extent(residual3) if residual3 is not None else 0
+    return SitePlan(key, torch_path=False, two_d=two_d, call=call, static=static,
+                    cast_dtype=p.cast_dtype, autocast=torch.is_autocast_enabled(x.device.type),
+                    track=track, spans=spans, x_extent=x_extent or 0,
+                    residual_extent=residual_extent or 0)
+
+
+def _extent(t: Tensor) -> int:
+    start, stop = byte_span(t)
+    return stop - start
+
+
+def run_site(conv: nn.Module, bn: _BatchNorm, act: Optional[nn.Module], x: Tensor,
+             residual: Optional[Tensor] = None, slot: Optional[PlanSlot] = None) -> Tensor:
+    """``act(bn(conv(x)) + residual)``, fused where the selected backend can. With a ``slot``
+    (the caller's, one per site), the plan is kept there and reused while the call's signature
+    stays the same."""
+    if slot is not None and not torch.compiler.is_compiling():
+        found = site_signature(conv, bn, act, x, residual)
+        if found is not None:
+            key, tensors = found
+            plan = slot.plan
+            if plan is None or plan.key != key or plan.overlaps(x, residual):
+                slot.plan = None
+                plan = _plan_site(conv, bn, act, x, residual, tensors, key)
+                if plan.key is not None:
+                    slot.plan = plan
+            return plan.run(conv, bn, act, x, residual, tensors)
+    tensors = _site_tensors(conv, bn)
+    return _plan_site(conv, bn, act, x, residual, tensors, None).run(conv, bn, act, x, residual,
+                                                                      tensors)

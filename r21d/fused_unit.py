@@ -11,6 +11,10 @@ UNIT_BLOCK_N) it runs as its two fused sites (r21d.fused_site), each with its ke
 A unit the kernels do not cover (see ``dispatch.unit_geometry_reason`` and
 ``dispatch.unit_train_reason``) also runs as two sites, with the one-time fallback warning (an
 error under R21D_STRICT=1).
+
+Given a :class:`r21d.plan_cache.PlanSlot`, :func:`run_unit` keeps the unit's plan
+(:class:`UnitPlan`: which way it runs, and the op's static arguments) there and reuses it while
+the call's signature (:func:`unit_signature`) stays the same.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, dispatch, functional
+from ._op_common import out_size
 from .fused_site import (activation_name, bn_momentum, conv_base, is_batchnorm_for, run_site,
-                         site_config, sync_group, uses_batch_stats)
+                         site_config, site_geometry, sync_group, uses_batch_stats)
 from .ops import op_momentum, update_running_stats
-from .triton_kernels._layout import out_size
+from .plan_cache import (PlanSlot, autocast_state, byte_span, conv_kind, hooked, overlaps,
+                         plain_bn)
 
 UNIT_KERNEL = "conv2plus1d"
 UNIT_TRAIN_KERNEL = "conv2plus1d-train"
@@ -130,10 +136,17 @@ def _unit_reason(spatial, bn1, relu, temporal, bn2, act, dtype, device_type, res
     cfg1, blocker1 = site_config(spatial, bn1, relu, dtype=dtype, device=device_type)
     cfg2, blocker2 = site_config(temporal, bn2, act, dtype=dtype, device=device_type)
     cfg2 = dataclasses.replace(cfg2, residual=residual)
-    for cfg, blocker in ((cfg1, blocker1), (cfg2, blocker2)):
+    return _pair_reason(((cfg1, blocker1), (cfg2, blocker2)))
+
+
+def _pair_reason(sites) -> str | None:
+    """Why the unit's kernel for its mode cannot run the (spatial, temporal) pair of
+    ``(config, blocker)``, or None (no warnings)."""
+    for cfg, blocker in sites:
         backend, reason = dispatch.resolve(cfg, blocker)
         if backend != "triton":
             return reason or f"the {backend} backend runs its {cfg.family} conv"
+    (cfg1, _), (cfg2, _) = sites
     if cfg1.training:
         return dispatch.unit_train_reason(cfg1, cfg2)
     return dispatch.unit_geometry_reason(cfg1, cfg2)
@@ -166,76 +179,205 @@ def _takes_residual(residual, shape, dtype, device) -> bool:
                                 and residual.device == device and tuple(residual.shape) == shape)
 
 
-def run_unit(spatial: nn.Conv3d, bn1: nn.Module, relu: nn.Module, temporal: nn.Conv3d,
-             bn2: nn.Module, act: Optional[nn.Module], x: Tensor,
-             residual: Optional[Tensor] = None) -> Tensor:
-    """``act(bn2(temporal(relu(bn1(spatial(x))))) [+ residual])``, with the unit's kernels where
-    they may run."""
+def _geometry(conv: nn.Module) -> tuple:
+    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups,
+            conv.padding_mode, conv.in_channels, conv.out_channels)
 
-    def two_sites() -> Tensor:
-        y = run_site(spatial, bn1, relu, x)
-        return run_site(temporal, bn2, act, y, residual)
 
+def unit_signature(spatial, bn1, relu, temporal, bn2, act, x, residual) -> tuple[tuple, tuple] | None:
+    """(signature, tensors) of a call of the unit, or None where its plan may not be cached; as
+    r21d.fused_site.site_signature for the unit's six modules. ``tensors``: each conv's (weight,
+    bias) and each BN's (weight, bias, running mean, running var), read once for the call."""
+    if (conv_kind(type(spatial)) is not False or conv_kind(type(temporal)) is not False
+            or not plain_bn(type(bn1)) or not plain_bn(type(bn2))
+            or type(x) is not Tensor or (residual is not None and type(residual) is not Tensor)
+            or hooked(spatial, bn1, relu, temporal, bn2, act)):
+        return None
+    p1, q1, r1 = spatial._parameters, bn1._parameters, bn1._buffers
+    p2, q2, r2 = temporal._parameters, bn2._parameters, bn2._buffers
+    try:
+        tensors = (p1["weight"], p1["bias"], q1["weight"], q1["bias"], r1["running_mean"],
+                   r1["running_var"], p2["weight"], p2["bias"], q2["weight"], q2["bias"],
+                   r2["running_mean"], r2["running_var"])
+    except KeyError:
+        return None
+    w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2 = tensors
+    if w1 is None or w2 is None:
+        return None
+    device = x.device
+    grad = torch.is_grad_enabled()
+    key = (
+        type(spatial), type(temporal), type(bn1), type(bn2), type(relu), type(act),
+        _geometry(spatial), _geometry(temporal),
+        bn1.training, bn1.track_running_stats, bn2.training, bn2.track_running_stats, grad,
+        x.shape, x.stride(), x.dtype, device,
+        None if residual is None else (residual.shape, residual.stride(), residual.dtype,
+                                       residual.device),
+        *((t.shape, t.dtype, t.device) if t is not None else None for t in tensors),
+        backends.get_backend(), autocast_state(device), sync_group(bn1), sync_group(bn2),
+        tuple(dispatch._DEVICE_CHECKS.values()),
+    )
+    if grad:  # requires_grad decides whether the unit runs fused and what it keeps
+        key += (x.requires_grad, residual is not None and residual.requires_grad,
+                *(t is not None and t.requires_grad for t in tensors))
+    if bn1.training and bn1.track_running_stats and rm1 is not None:
+        key += tuple((t.data_ptr(), t.stride()) if t is not None else None
+                     for t in (w1, b1, g1, be1, rm1, rv1))
+    return key, tensors
+
+
+SITES, EVAL, TRAIN = "sites", UNIT_KERNEL, UNIT_TRAIN_KERNEL
+
+
+class UnitPlan:
+    """How a unit call runs: ``kind`` SITES (its two fused sites, each with its own plan), EVAL
+    (``r21d::conv2plus1d_bn_act``) or TRAIN (``r21d::conv2plus1d_bn_act_train``), with the op's
+    static arguments. ``key``: the signature it was planned for (None: not to be reused);
+    ``spans``: in training, the first BN's running statistics' byte ranges, which the input must
+    not overlap (checked each call, like functional.plan does)."""
+
+    __slots__ = ("key", "kind", "cast_dtype", "autocast", "static", "spans", "x_extent")
+
+    def __init__(self, key, kind: str, *, cast_dtype=None, autocast: bool = False, static=(),
+                 spans=None, x_extent: int = 0):
+        self.key = key
+        self.kind = kind
+        self.cast_dtype = cast_dtype
+        self.autocast = autocast
+        self.static = static
+        self.spans = spans
+        self.x_extent = x_extent
+
+    def overlaps(self, x: Tensor) -> bool:
+        if self.spans is None:
+            return False
+        start = x.data_ptr()
+        return overlaps(start, start + self.x_extent, self.spans)
+
+    def run(self, spatial, bn1, relu, temporal, bn2, act, x, residual, tensors,
+            slot: Optional[PlanSlot]) -> Tensor:
+        if self.kind == SITES:
+            y = run_site(spatial, bn1, relu, x, slot=slot.child(0) if slot is not None else None)
+            return run_site(temporal, bn2, act, y, residual,
+                            slot=slot.child(1) if slot is not None else None)
+        w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2 = tensors
+        cast = self.cast_dtype
+        if cast is not None:  # autocast casts the convs' inputs like F.conv3d does
+            x, w1, w2 = x.to(cast), w1.to(cast), w2.to(cast)
+            b1 = b1.to(cast) if b1 is not None else None
+            b2 = b2.to(cast) if b2 is not None else None
+        if self.autocast:
+            with torch.autocast(x.device.type, enabled=False):
+                return self._call(bn1, bn2, x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2,
+                                  rv2, residual)
+        return self._call(bn1, bn2, x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2,
+                          residual)
+
+    def _call(self, bn1, bn2, x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, residual):
+        if self.kind == EVAL:
+            return torch.ops.r21d.conv2plus1d_bn_act(
+                x, w1, b1, g1, be1, rm1, rv1, float(bn1.eps), w2, b2, g2, be2, rm2, rv2,
+                float(bn2.eps), residual, *self.static)
+        # training: nn.BatchNorm's counting and momentum, as r21d.fused_site.run_site
+        track1 = not bn1.training or bn1.track_running_stats  # as _running_stats
+        track2 = not bn2.training or bn2.track_running_stats
+        rm1, rv1 = (rm1, rv1) if track1 else (None, None)
+        rm2, rv2 = (rm2, rv2) if track2 else (None, None)
+        momentum1, momentum2 = bn_momentum(bn1), bn_momentum(bn2)
+        geometry, tail = self.static
+        out, *_saved, new_rm1, new_rv1, new_rm2, new_rv2 = torch.ops.r21d.conv2plus1d_bn_act_train(
+            x, w1, b1, g1, be1, rm1, rv1, op_momentum(momentum1), float(bn1.eps),
+            w2, b2, g2, be2, rm2, rv2, op_momentum(momentum2), float(bn2.eps), residual,
+            *geometry, *tail)
+        for running, new, momentum in ((rm1, new_rm1, momentum1), (rv1, new_rv1, momentum1),
+                                       (rm2, new_rm2, momentum2), (rv2, new_rv2, momentum2)):
+            if new.numel():
+                update_running_stats(running, new, momentum)
+        return out
+
+
+def _unit_tensors(spatial, bn1, temporal, bn2) -> tuple:
+    return (spatial.weight, spatial.bias, bn1.weight, bn1.bias, bn1.running_mean,
+            bn1.running_var, temporal.weight, temporal.bias, bn2.weight, bn2.bias,
+            bn2.running_mean, bn2.running_var)
+
+
+def _plan_unit(spatial, bn1, relu, temporal, bn2, act, x, residual, tensors, key) -> UnitPlan:
+    """The checked path: how the unit runs (validating ``x`` against the spatial conv and
+    choosing its backend: a warning or the strict-mode error where it falls back), planned. The
+    plan keeps ``key`` where it may be reused (no fallback)."""
     params = [p for m in (spatial, bn1, temporal, bn2) for p in m.parameters(recurse=False)]
     wants_grad = _wants_grad([x, residual, *params])
     training = _training(bn1, bn2)
     if _eligible_reason(spatial, bn1, relu, temporal, bn2) or (wants_grad and not training):
-        return two_sites()
-    cfg1, blocker1 = site_config(spatial, bn1, relu)
-    cfg2, _ = site_config(temporal, bn2, act)
+        return UnitPlan(key, SITES)
+    w1, b1, g1, be1, _rm1, _rv1, *_ = tensors
+    stride1, padding1, dilation1, blocker1 = site_geometry(spatial)
+    if blocker1 is None and hooked(spatial, bn1, relu):
+        blocker1 = "hooks are registered on its modules"
     rm1, rv1 = _running_stats(bn1)
     # x validated against the spatial conv, and its backend chosen (a warning or strict error)
-    p = functional.plan(x, spatial.weight, spatial.bias, bn1.weight, bn1.bias, rm1, rv1,
-                        stride=cfg1.stride, padding=cfg1.padding, dilation=cfg1.dilation,
-                        groups=cfg1.groups, training=training, activation="relu",
-                        blocker=blocker1, sync_group=sync_group(bn1))
+    p = functional.plan(x, w1, b1, g1, be1, rm1, rv1, stride=stride1, padding=padding1,
+                        dilation=dilation1, groups=spatial.groups, training=training,
+                        activation="relu", blocker=blocker1, sync_group=sync_group(bn1))
+    if p.fallback is not None:
+        key = None
     if p.backend != "triton":
-        return two_sites()
+        return UnitPlan(key, SITES)
     dtype = p.cast_dtype or x.dtype
+    cfg1 = p.config
+    cfg2, blocker2 = site_config(temporal, bn2, act, dtype=dtype, device=x.device.type)
+    cfg2 = dataclasses.replace(cfg2, residual=residual is not None)
     N, _, *sizes = p.output_shape
     out_shape = (N, temporal.out_channels, *(
         out_size(n, k, s, pad, d) for n, k, s, pad, d in
         zip(sizes, cfg2.kernel_size, cfg2.stride, cfg2.padding, cfg2.dilation)))
     if not _takes_residual(residual, out_shape, dtype, x.device) or min(out_shape[2:]) < 1 \
             or (training and math.prod(out_shape) // out_shape[1] <= 1):
-        return two_sites()  # the temporal site raises or runs what the kernels do not take
-    reason = _unit_reason(spatial, bn1, relu, temporal, bn2, act, dtype, x.device.type,
-                          residual is not None)
+        return UnitPlan(key, SITES)  # the temporal site raises or runs what the kernels do not take
+    reason = _pair_reason(((cfg1, blocker1), (cfg2, blocker2)))
     if reason:
-        backends.fallback(f"(2+1)D unit {p.config.describe()} -> {cfg2.describe()}", reason,
+        backends.fallback(f"(2+1)D unit {cfg1.describe()} -> {cfg2.describe()}", reason,
                           instead="its two fused sites")
-        return two_sites()
+        return UnitPlan(None, SITES)
 
-    w1, b1, w2, b2 = spatial.weight, spatial.bias, temporal.weight, temporal.bias
-    if p.cast_dtype is not None:  # autocast casts the convs' inputs like F.conv3d does
-        x, w1, w2 = x.to(dtype), w1.to(dtype), w2.to(dtype)
-        b1 = b1.to(dtype) if b1 is not None else None
-        b2 = b2.to(dtype) if b2 is not None else None
-    with torch.autocast(x.device.type, enabled=False):
-        if training:
-            return _run_train(x, w1, b1, bn1, rm1, rv1, cfg1, w2, b2, bn2, cfg2, residual,
-                              activation_name(act), wants_grad)
+    autocast = torch.is_autocast_enabled(x.device.type)
+    activation = activation_name(act) or "none"
+    if not training:
         (st, _, _), (pt, _, _) = cfg2.stride, cfg2.padding
-        return torch.ops.r21d.conv2plus1d_bn_act(
-            x, w1, b1, bn1.weight, bn1.bias, bn1.running_mean, bn1.running_var, float(bn1.eps),
-            w2, b2, bn2.weight, bn2.bias, bn2.running_mean, bn2.running_var, float(bn2.eps),
-            residual, list(cfg1.stride[1:]), list(cfg1.padding[1:]), st, pt,
-            activation_name(act) or "none")
+        return UnitPlan(key, EVAL, cast_dtype=p.cast_dtype, autocast=autocast,
+                        static=(list(cfg1.stride[1:]), list(cfg1.padding[1:]), st, pt, activation))
+    geometry = (list(cfg1.stride), list(cfg1.padding), list(cfg1.dilation),
+                list(cfg2.stride), list(cfg2.padding), list(cfg2.dilation))
+    spans = x_extent = None
+    if key is not None and rm1 is not None:  # the addresses functional.plan checked (none
+        # under torch.compile, where nothing is cached and fake tensors have no addresses)
+        spans = (byte_span(rm1), byte_span(rv1))
+        start, stop = byte_span(x)
+        x_extent = stop - start
+    return UnitPlan(key, TRAIN, cast_dtype=p.cast_dtype, autocast=autocast,
+                    static=(geometry, (activation, wants_grad, sync_group(bn1))),
+                    spans=spans, x_extent=x_extent or 0)
 
 
-def _run_train(x, w1, b1, bn1, rm1, rv1, cfg1, w2, b2, bn2, cfg2, residual, activation, save):
-    """The training unit op, with the running statistics copied back (nn.BatchNorm's counting
-    and momentum, as r21d.fused_site.run_site)."""
-    rm2, rv2 = _running_stats(bn2)
-    momentum1, momentum2 = bn_momentum(bn1), bn_momentum(bn2)
-    out, *_saved, new_rm1, new_rv1, new_rm2, new_rv2 = torch.ops.r21d.conv2plus1d_bn_act_train(
-        x, w1, b1, bn1.weight, bn1.bias, rm1, rv1, op_momentum(momentum1), float(bn1.eps),
-        w2, b2, bn2.weight, bn2.bias, rm2, rv2, op_momentum(momentum2), float(bn2.eps), residual,
-        list(cfg1.stride), list(cfg1.padding), list(cfg1.dilation),
-        list(cfg2.stride), list(cfg2.padding), list(cfg2.dilation), activation or "none", save,
-        sync_group(bn1))
-    for running, new, momentum in ((rm1, new_rm1, momentum1), (rv1, new_rv1, momentum1),
-                                   (rm2, new_rm2, momentum2), (rv2, new_rv2, momentum2)):
-        if new.numel():
-            update_running_stats(running, new, momentum)
-    return out
+def run_unit(spatial: nn.Conv3d, bn1: nn.Module, relu: nn.Module, temporal: nn.Conv3d,
+             bn2: nn.Module, act: Optional[nn.Module], x: Tensor,
+             residual: Optional[Tensor] = None, slot: Optional[PlanSlot] = None) -> Tensor:
+    """``act(bn2(temporal(relu(bn1(spatial(x))))) [+ residual])``, with the unit's kernels where
+    they may run. With a ``slot`` (the caller's, one per unit), the plan is kept there and
+    reused while the call's signature stays the same."""
+    modules = (spatial, bn1, relu, temporal, bn2, act)
+    if slot is not None and not torch.compiler.is_compiling():
+        found = unit_signature(*modules, x, residual)
+        if found is not None:
+            key, tensors = found
+            plan = slot.plan
+            if plan is None or plan.key != key or plan.overlaps(x):
+                slot.plan = None
+                plan = _plan_unit(*modules, x, residual, tensors, key)
+                if plan.key is not None:
+                    slot.plan = plan
+            return plan.run(*modules, x, residual, tensors, slot)
+    tensors = _unit_tensors(spatial, bn1, temporal, bn2)
+    return _plan_unit(*modules, x, residual, tensors, None).run(*modules, x, residual, tensors,
+                                                                None)

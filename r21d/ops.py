@@ -31,19 +31,22 @@ Ops:
 
 They are opaque to torch.compile (fake implementations give shapes and strides) and take
 already-validated arguments: r21d.functional checks inputs and chooses the backend first.
+
+Importing this module fills r21d.dispatch's table of what each backend runs
+(``dispatch.FUSED_CALLS``, re-exported here): this module imports r21d.dispatch, never the other
+way round, and r21d.unit_ops shares its helpers through r21d._op_common.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _extension
-from .dispatch import IMPLICIT_GEMM_FAMILIES
+from ._op_common import activation_arg, grad_shaped, on_device, out_shape
+from .dispatch import CSRC_OPS, FUSED_CALLS, IMPLICIT_GEMM_FAMILIES, csrc_ops_available
 from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
 
@@ -56,27 +59,11 @@ class _OpFamily:
     sync_group: bool = True  # the schemas end with ``str sync_group`` (the Triton families)
 
 
-def _out_shape(x: Tensor, weight: Tensor, stride, padding, dilation) -> tuple[int, ...]:
-    N, _, *sizes = x.shape
-    dims = [(size + 2 * p - d * (k - 1) - 1) // s + 1
-            for size, k, s, p, d in zip(sizes, weight.shape[2:], stride, padding, dilation)]
-    return (N, weight.shape[0], *dims)
-
-
-def _on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
-
-
-def _activation(name: str) -> str | None:
-    return None if name == "none" else name
-
-
 def _fake_forward(family: _OpFamily):
     def fake(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, stride,
              padding, dilation, training, momentum, eps, activation, save_for_backward,
              sync_group=""):
-        shape = _out_shape(x, weight, stride, padding, dilation)
+        shape = out_shape(x.shape, weight.shape, stride, padding, dilation)
         out_format = output_memory_format(x)
         out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=out_format)
         saved = save_for_backward and out.numel() > 0
@@ -93,26 +80,16 @@ def _fake_forward(family: _OpFamily):
     return fake
 
 
-def _grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Tensor:
-    """A gradient buffer laid out like ``t`` (zeroed if ``zero``), or an empty placeholder where
-    no gradient is wanted."""
-    if not wanted or t is None:
-        return x.new_empty(0)
-    fmt = output_memory_format(t) if t.dim() == 5 else torch.contiguous_format
-    g = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
-    return g.zero_() if zero else g
-
-
 def _fake_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride,
                    padding, dilation, training, activation, output_mask, deterministic,
                    sync_group=""):
     inputs = (x, weight, bias, bn_weight, bn_bias, residual)
-    return tuple(_grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
+    return tuple(grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
 
 
 def _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask):
     inputs = (x, weight, bias, bn_weight, bn_bias, residual)
-    return tuple(_grad_shaped(t, m, x, zero=True) for t, m in zip(inputs, mask))
+    return tuple(grad_shaped(t, m, x, zero=True) for t, m in zip(inputs, mask))
 
 
 # Positions of the differentiable inputs of a forward op.
@@ -167,11 +144,11 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
         dilation: Sequence[int], training: bool, momentum: float, eps: float, activation: str,
         save_for_backward: bool, sync_group: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        with _on_device(x), sync_stats.over(sync_group):
+        with on_device(x), sync_stats.over(sync_group):
             return forward_launcher(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                 tuple(stride), tuple(padding), tuple(dilation), training, momentum, eps,
-                _activation(activation), save_for_backward)
+                activation_arg(activation), save_for_backward)
 
     def backward(
         grad_out: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor], z: Tensor,
@@ -181,10 +158,10 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
         deterministic: bool, sync_group: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         # The Triton kernels are deterministic either way (fixed-order partial sums).
-        with _on_device(x), sync_stats.over(sync_group):
+        with on_device(x), sync_stats.over(sync_group):
             grads = backward_launcher(
                 grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual,
-                tuple(stride), tuple(padding), tuple(dilation), training, _activation(activation),
+                tuple(stride), tuple(padding), tuple(dilation), training, activation_arg(activation),
                 tuple(output_mask))
         return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
@@ -243,16 +220,12 @@ IMPLICIT_GEMM = _define_triton_family("implicit_gemm_conv_bn_act", True, _implic
 
 
 # csrc: the schemas come from r21d._C's TORCH_LIBRARY block.
-DEPTHWISE_CUDA = _OpFamily("r21d::depthwise3d_conv_bn_act", "r21d::depthwise3d_conv_bn_act_backward",
-                           False, sync_group=False)
+DEPTHWISE_CUDA = _OpFamily(*CSRC_OPS["depthwise"], False, sync_group=False)
 
 
 def csrc_op_available(family: _OpFamily) -> bool:
     """Whether r21d._C is loaded and defines ``family``'s ops."""
-    if not _extension.loaded():
-        return False
-    namespace = torch.ops.r21d
-    return all(hasattr(namespace, name.split("::")[1]) for name in (family.forward, family.backward))
+    return csrc_ops_available((family.forward, family.backward))
 
 
 def _register_csrc(family: _OpFamily) -> None:
@@ -275,45 +248,96 @@ def op_momentum(momentum: float | Tensor) -> float:
 def update_running_stats(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:
     """Copy an op's updated running statistic back, or, for a factor that lives on the device
     (the cumulative average's 1 / num_batches_tracked), blend the op's batch statistic in on the
-    device: running + factor * (batch - running), no host sync."""
-    with torch.no_grad():
-        if isinstance(momentum, Tensor):
-            running.lerp_(new, momentum.to(running.dtype))
-        else:
-            running.copy_(new)
+    device: running + factor * (batch - running), no host sync. Not recorded by autograd (``new``
+    never requires grad; a ``running`` that does is updated under no_grad)."""
+    if running.requires_grad:
+        with torch.no_grad():
+            _update(running, new, momentum)
+    else:
+        _update(running, new, momentum)
 
 
-def _fused_call(family: _OpFamily, bn_float32: bool = False):
+def _update(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:
+    if isinstance(momentum, Tensor):
+        running.lerp_(new, momentum.to(running.dtype))
+    else:
+        running.copy_(new)
+
+
+class FusedCall:
     """The call r21d.functional.run makes: the op, then the running statistics copied back.
-    ``bn_float32``: the kernels take float32 BN vectors (others are cast, differentiably)."""
-    op_name = family.forward.split("::")[1]
+    ``bn_float32``: the kernels take float32 BN vectors (others are cast, differentiably).
 
-    def call(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *, stride,
-             padding, dilation, groups, training, momentum, eps, activation, save, sync_group=""):
-        if sync_group and not family.sync_group:
-            raise RuntimeError(f"r21d::{op_name} cannot reduce statistics across processes")
-        bn = (bn_weight, bn_bias, running_mean, running_var)
-        if bn_float32:
-            bn = tuple(t.float() if t is not None and t.dtype != torch.float32 else t for t in bn)
-        out, _z, _mean, _invstd, new_rm, new_rv = getattr(torch.ops.r21d, op_name)(
-            x, weight, bias, bn[0], bn[1], bn[2], bn[3], residual, list(stride), list(padding),
-            list(dilation), training, op_momentum(momentum), eps, activation or "none", save,
-            *([sync_group] if family.sync_group else []))
+    :meth:`static_args` turns the arguments that stay the same from call to call of a site (its
+    geometry and mode) into the op's; :meth:`run` makes one call with them (what a site's cached
+    plan calls, see r21d.fused_site); calling the object does both."""
+
+    __slots__ = ("family", "bn_float32", "op_name", "_op")
+
+    def __init__(self, family: _OpFamily, bn_float32: bool = False):
+        self.family = family
+        self.bn_float32 = bn_float32
+        self.op_name = family.forward.split("::")[1]
+        self._op = None
+
+    @property
+    def op(self):
+        """The op's overload packet, ``torch.ops.r21d.<name>`` (looked up on first use: the csrc
+        ops exist only where r21d._C is built)."""
+        if self._op is None:
+            self._op = getattr(torch.ops.r21d, self.op_name)
+        return self._op
+
+    def static_args(self, *, stride, padding, dilation, training, activation, save,
+                    sync_group="") -> tuple[tuple, tuple]:
+        """The op's arguments before the momentum (geometry, training) and after the eps
+        (activation, save_for_backward, sync_group where the schema has it)."""
+        if sync_group and not self.family.sync_group:
+            raise RuntimeError(f"r21d::{self.op_name} cannot reduce statistics across processes")
+        head = (list(stride), list(padding), list(dilation), bool(training))
+        tail = (activation or "none", bool(save), *([sync_group] if self.family.sync_group else []))
+        return head, tail
+
+    def run(self, static: tuple[tuple, tuple], x, weight, bias, bn_weight, bn_bias, running_mean,
+            running_var, residual, momentum, eps: float) -> Tensor:
+        head, tail = static
+        if self.bn_float32:
+            bn_weight, bn_bias, rm, rv = (
+                t.float() if t is not None and t.dtype != torch.float32 else t
+                for t in (bn_weight, bn_bias, running_mean, running_var))
+        else:
+            rm, rv = running_mean, running_var
+        out, _z, _mean, _invstd, new_rm, new_rv = self.op(
+            x, weight, bias, bn_weight, bn_bias, rm, rv, residual, *head, op_momentum(momentum),
+            eps, *tail)
         if new_rm.numel():
             update_running_stats(running_mean, new_rm, momentum)
             update_running_stats(running_var, new_rv, momentum)
         return out
 
-    return call
+    def __call__(self, x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *,
+                 stride, padding, dilation, groups, training, momentum, eps, activation, save,
+                 sync_group=""):
+        static = self.static_args(stride=stride, padding=padding, dilation=dilation,
+                                  training=training, activation=activation, save=save,
+                                  sync_group=sync_group)
+        return self.run(static, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+                        residual, momentum, float(eps))
 
 
-# (backend, conv family) -> the call that runs it; r21d.dispatch offers exactly these.
-FUSED_CALLS = {
+def _fused_call(family: _OpFamily, bn_float32: bool = False) -> FusedCall:
+    return FusedCall(family, bn_float32)
+
+
+# (backend, conv family) -> the call that runs it: r21d.dispatch's table (dispatch offers exactly
+# these), filled here.
+FUSED_CALLS.update({
     ("triton", "pointwise"): _fused_call(POINTWISE),
     ("triton", "depthwise"): _fused_call(DEPTHWISE),
     **{("triton", family): _fused_call(IMPLICIT_GEMM) for family in IMPLICIT_GEMM_FAMILIES},
     ("cuda", "depthwise"): _fused_call(DEPTHWISE_CUDA, bn_float32=True),
-}
+})
+
 # The csrc op families behind the cuda backend's calls (dispatch checks that r21d._C has them).
 CSRC_FAMILIES = {"depthwise": DEPTHWISE_CUDA}
 

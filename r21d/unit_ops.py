@@ -17,9 +17,10 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .ops import _activation, _grad_shaped, _on_device, _out_shape
+from ._op_common import activation_arg, grad_shaped, on_device, out_shape, out_size
 from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
+
 
 @torch.library.custom_op("r21d::conv2plus1d_bn_act", mutates_args=())
 def conv2plus1d_bn_act(
@@ -34,12 +35,12 @@ def conv2plus1d_bn_act(
     statistics, as one kernel (r21d.triton_kernels.conv2plus1d). Inference only."""
     from .triton_kernels import conv2plus1d
 
-    with _on_device(x):
+    with on_device(x):
         return conv2plus1d.unit_eval(
             x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean,
             bn1_running_var, bn1_eps, temporal_weight, temporal_bias, bn2_weight, bn2_bias,
             bn2_running_mean, bn2_running_var, bn2_eps, residual, tuple(spatial_stride),
-            tuple(spatial_padding), temporal_stride, temporal_padding, _activation(activation))
+            tuple(spatial_padding), temporal_stride, temporal_padding, activation_arg(activation))
 
 
 @conv2plus1d_bn_act.register_fake
@@ -47,9 +48,9 @@ def _(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean, b
       bn1_eps, temporal_weight, temporal_bias, bn2_weight, bn2_bias, bn2_running_mean,
       bn2_running_var, bn2_eps, residual, spatial_stride, spatial_padding, temporal_stride,
       temporal_padding, activation):
-    N, _, T, H, W = _out_shape(x, spatial_weight, (1, *spatial_stride), (0, *spatial_padding),
-                               (1, 1, 1))
-    T = (T + 2 * temporal_padding - temporal_weight.shape[2]) // temporal_stride + 1
+    N, _, T, H, W = out_shape(x.shape, spatial_weight.shape, (1, *spatial_stride),
+                              (0, *spatial_padding), (1, 1, 1))
+    T = out_size(T, temporal_weight.shape[2], temporal_stride, temporal_padding)
     shape = (N, temporal_weight.shape[0], T, H, W)
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
@@ -73,14 +74,14 @@ def conv2plus1d_bn_act_train(
     ``sync_group``: both BNs' statistics span that process group's ranks ("" for none)."""
     from .triton_kernels import conv2plus1d_train
 
-    with _on_device(x), sync_stats.over(sync_group):
+    with on_device(x), sync_stats.over(sync_group):
         return conv2plus1d_train.unit_train_fwd(
             x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean,
             bn1_running_var, bn1_momentum, bn1_eps, temporal_weight, temporal_bias, bn2_weight,
             bn2_bias, bn2_running_mean, bn2_running_var, bn2_momentum, bn2_eps, residual,
             tuple(spatial_stride), tuple(spatial_padding), tuple(spatial_dilation),
             tuple(temporal_stride), tuple(temporal_padding), tuple(temporal_dilation),
-            _activation(activation), save_for_backward)
+            activation_arg(activation), save_for_backward)
 
 
 def _updated(running: Optional[Tensor], like: Tensor) -> Tensor:
@@ -99,9 +100,11 @@ def _(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean, b
         return torch.empty(shape, dtype=x.dtype, device=x.device,
                            memory_format=torch.channels_last_3d)
 
-    mid_shape = _out_shape(x, spatial_weight, spatial_stride, spatial_padding, spatial_dilation)
+    mid_shape = out_shape(x.shape, spatial_weight.shape, spatial_stride, spatial_padding,
+                          spatial_dilation)
     z1 = channels_last(mid_shape)
-    shape = _out_shape(z1, temporal_weight, temporal_stride, temporal_padding, temporal_dilation)
+    shape = out_shape(z1.shape, temporal_weight.shape, temporal_stride, temporal_padding,
+                      temporal_dilation)
     out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
     def stats(channels):  # (mean, invstd): two distinct tensors
         return tuple(x.new_empty(channels, dtype=torch.float32) for _ in range(2))
@@ -133,13 +136,13 @@ def conv2plus1d_bn_act_train_backward(
     asked for in ``output_mask`` come back empty. Deterministic (fixed-order partial sums)."""
     from .triton_kernels import conv2plus1d_train
 
-    with _on_device(x), sync_stats.over(sync_group):
+    with on_device(x), sync_stats.over(sync_group):
         grads = conv2plus1d_train.unit_train_bwd(
             grad_out, x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, z1, mean1, invstd1,
             temporal_weight, temporal_bias, bn2_weight, bn2_bias, z2, mean2, invstd2, residual,
             tuple(spatial_stride), tuple(spatial_padding), tuple(spatial_dilation),
             tuple(temporal_stride), tuple(temporal_padding), tuple(temporal_dilation),
-            _activation(activation), tuple(output_mask))
+            activation_arg(activation), tuple(output_mask))
     return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
 
@@ -154,7 +157,7 @@ def _(grad_out, x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, z1, mean1
       temporal_dilation, activation, output_mask, sync_group):
     inputs = (x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, temporal_weight,
               temporal_bias, bn2_weight, bn2_bias, residual)
-    return tuple(_grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
+    return tuple(grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
 
 
 def _train_setup_context(ctx, inputs, output):

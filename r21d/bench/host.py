@@ -112,9 +112,16 @@ def measure_site(training: bool, calls: int = 50) -> dict:
 
 def run_all(smoke: bool = False) -> list[dict]:
     calls = 2 if smoke else 10
-    rows = [measure_site(False, 5 if smoke else 50), measure_site(True, 5 if smoke else 50)]
-    for name, training in (("r2plus1d_18", False), ("r3d_18", False), ("r2plus1d_18", True)):
-        rows.append(measure_model(name, training, calls))
+    # one intra-op thread: the plain model's small convolutions then cost their dispatch and a
+    # little arithmetic, not a thread pool's wake-ups (which a busy machine makes erratic)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rows = [measure_site(False, 5 if smoke else 50), measure_site(True, 5 if smoke else 50)]
+        for name, training in (("r2plus1d_18", False), ("r3d_18", False), ("r2plus1d_18", True)):
+            rows.append(measure_model(name, training, calls))
+    finally:
+        torch.set_num_threads(threads)
     return rows
 
 

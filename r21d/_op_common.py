@@ -1,0 +1,48 @@
+"""Helpers the op modules share (r21d.ops for the per-conv families, r21d.unit_ops for the (2+1)D
+unit): output shapes, the device guard, the activation argument and gradient buffers.
+
+A leaf module (it imports nothing of r21d but r21d.triton_kernels), so the op modules depend on it
+one way. A conv's output size along one axis has one definition,
+``r21d.triton_kernels._layout.out_size(size, k, stride, pad, dil=1)``, re-exported here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .triton_kernels._layout import out_size, output_memory_format
+
+__all__ = ["activation_arg", "grad_shaped", "on_device", "out_shape", "out_size"]
+
+
+def out_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
+    """(N, C_out, T, H, W) of a conv of an input of shape ``x_shape`` with a weight of shape
+    ``weight_shape`` (C_out, C_in / groups, kT, kH, kW)."""
+    N, _, *sizes = x_shape
+    return (N, weight_shape[0], *(
+        out_size(size, k, s, p, d)
+        for size, k, s, p, d in zip(sizes, weight_shape[2:], stride, padding, dilation)))
+
+
+def on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def activation_arg(name: str) -> str | None:
+    """The launchers' activation (None for the ops' "none")."""
+    return None if name == "none" else name
+
+
+def grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Tensor:
+    """A gradient buffer laid out like ``t`` (zeroed if ``zero``), or an empty placeholder where
+    no gradient is wanted."""
+    if not wanted or t is None:
+        return x.new_empty(0)
+    fmt = output_memory_format(t) if t.dim() == 5 else torch.contiguous_format
+    g = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+    return g.zero_() if zero else g
