@@ -17,7 +17,8 @@ import torch
 
 from . import _extension, auto_choices, backends
 from .triton_kernels._launch import interpreted
-from .triton_kernels._limits import GRID_YZ_MAX
+from .triton_kernels._limits import (DEPTHWISE_MAX_DILATION, DEPTHWISE_MAX_KERNEL,
+                                     DEPTHWISE_STRIDES, GRID_YZ_MAX, UNIT_MAX_OPEN_FRAMES)
 
 FAMILIES = ("pointwise", "depthwise", "spatial", "temporal", "dense", "grouped")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -105,11 +106,6 @@ def _cuda_reason(cfg: FusedConfig) -> str | None:
     return None
 
 
-# The geometry the depthwise kernels of both backends are built and tested for (the csrc ops
-# also TORCH_CHECK it).
-DEPTHWISE_MAX_KERNEL = 7
-DEPTHWISE_STRIDES = (1, 2)
-DEPTHWISE_MAX_DILATION = 3
 
 
 # The conv families the implicit-GEMM kernels run; they put groups and stride residue classes on
@@ -118,8 +114,6 @@ IMPLICIT_GEMM_FAMILIES = ("spatial", "temporal", "dense", "grouped")
 IMPLICIT_GEMM_MAX_GRID = GRID_YZ_MAX
 
 
-# The eval-mode (2+1)D unit kernel keeps one accumulator per open output frame, ceil(kt / st).
-UNIT_MAX_OPEN_FRAMES = 3
 
 
 def unit_geometry_reason(spatial: FusedConfig, temporal: FusedConfig) -> str | None:

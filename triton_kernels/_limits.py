@@ -53,3 +53,14 @@ def channels_reason(channels: int) -> str | None:
         return (f"{channels} channels exceed the kernels' launch grid (at most {MAX_CHANNELS}: "
                 f"{GRID_YZ_MAX} programs of {MIN_CHANNEL_BLOCK} channels along grid y)")
     return None
+
+
+# Family limits (r21d.dispatch sends calls beyond them to another path, with the reason).
+# The eval-mode (2+1)D unit kernel keeps one fp32 accumulator per open output frame,
+# ceil(kt / st): at most this many (other units run as their two sites).
+UNIT_MAX_OPEN_FRAMES = 3
+# The geometry the depthwise kernels of both backends are built and tested for (the csrc ops
+# TORCH_CHECK the kernel size too: csrc/cuda/depthwise3d_common.cuh).
+DEPTHWISE_MAX_KERNEL = 7
+DEPTHWISE_STRIDES = (1, 2)
+DEPTHWISE_MAX_DILATION = 3

@@ -29,10 +29,8 @@ from . import implicit_gemm as ig
 from ._launch import Tuned, launch, relayout
 from ._layout import (cdiv, alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
                       out_size, rows_alignment, rows_strides)
+from ._limits import UNIT_MAX_OPEN_FRAMES
 
-# At most this many output frames open at once (ceil(kt / st)): one fp32 accumulator each
-# (r21d.dispatch sends other units to the two-site path).
-MAX_SLOTS = 3
 # Split the frames across programs until there are this many (about two per H100 SM).
 _TARGET_PROGRAMS = 264
 
@@ -237,8 +235,8 @@ def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
     H_out, W_out = out_size(H_in, KH, sh, ph), out_size(W_in, KW, sw, pw)
     T_out = out_size(T_in, KT, temporal_stride, temporal_padding)
     slots = -(-KT // temporal_stride)
-    if slots > MAX_SLOTS:
-        raise ValueError(f"unit_eval keeps at most {MAX_SLOTS} output frames open, got "
+    if slots > UNIT_MAX_OPEN_FRAMES:
+        raise ValueError(f"unit_eval keeps at most {UNIT_MAX_OPEN_FRAMES} output frames open, got "
                          f"ceil(kt / st) = {slots}")
     x_in, x, residual = x, channels_contiguous(x), channels_contiguous(residual)
     out = alloc_channels_last((N, C_out, T_out, H_out, W_out), x)
