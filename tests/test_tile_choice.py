@@ -143,3 +143,18 @@ def test_tuning_during_cuda_graph_capture_names_warmup(monkeypatch, tmp_path):
 def test_buckets_round_up_to_powers_of_two():
     assert [_autotune.bucket(v) for v in (1, 2, 3, 100, 128, 129)] == [1, 2, 4, 128, 128, 256]
     assert _autotune.bucket(True) is True and _autotune.bucket(0) == 0
+
+
+def test_remembered_choice_follows_every_size_the_grid_reads(monkeypatch):
+    """Two launches with equal scalar arguments whose grids differ (a size only a tensor's shape
+    carries, like the batch) each get the rule's own choice, whatever ran first."""
+    monkeypatch.delenv("R21D_AUTOTUNE", raising=False)
+    choice = _choice()
+
+    def grid_of(x):  # the batch comes from x's shape, as in the (2+1)D unit's launcher
+        return lambda meta: (x.shape[0] * triton.cdiv(512, meta["BLOCK_M"]) * triton.cdiv(512, meta["BLOCK_N"]),)
+
+    small, large = torch.empty(1, 0), torch.empty(64, 0)
+    for x in (small, large, small):
+        _launch.launch(choice, grid_of(x), x, 512, 512)
+    assert choice.fn.ran == [64032, 128128, 64032]

@@ -142,10 +142,10 @@ def choose(choice: Choice, grid, args: tuple, kwargs: dict):
             return config
         if not (_captures or _stubbed):
             return _autotune.tune(choice, grid, args, kwargs)
-    # The rule's choice, remembered per launch signature: the grid is a function of the sizes
-    # the kernel takes (its scalar arguments) and its meta-parameters, so they key it.
-    key = (choice, *(a for a in args if not isinstance(a, torch.Tensor)),
-           *kwargs.items())
+    # The rule's choice, remembered per launch signature: the grids are functions of the block
+    # sizes and of the sizes the launcher derived from its tensors' shapes and scalars, so the
+    # arguments' shapes and scalar values key it.
+    key = (choice, *(a.shape if isinstance(a, torch.Tensor) else a for a in args))
     config = _ruled.get(key)
     if config is None:
         config = _ruled[key] = by_rule(choice, grid, kwargs)
