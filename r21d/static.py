@@ -52,6 +52,7 @@ import time
 from typing import Callable
 
 from .triton_kernels import _compile
+from .triton_kernels._layout import out_size
 
 # Opt-in shared memory per block (what Triton compares metadata.shared against at launch).
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
@@ -141,7 +142,7 @@ def _pointwise(case: Case, stride=(1, 1, 1), padding=(0, 0, 0)) -> None:
     bias, gamma, beta = vec(dtype=dt), vec(), vec()
     rmean, rvar = vec(), vec().abs() + 1
     out_shape = (s["N"], s["C_out"]) + tuple(
-        (n + 2 * p - 1) // st + 1 for n, st, p in zip((s["T"], s["H"], s["W"]), stride, padding))
+        out_size(n, 1, st, p) for n, st, p in zip((s["T"], s["H"], s["W"]), stride, padding))
     op = case.name.split("-s2")[0]
     # SiLU everywhere: its epilogue and backward need more registers than ReLU's, so a tile
     # that does not spill with SiLU does not spill with ReLU.
@@ -308,8 +309,8 @@ def _conv2plus1d(case: Case) -> None:
     x = act(2, s["C_in"], 8, s["H"], s["H"])
     w1 = act(s["C_mid"], s["C_in"], 1, k, k)
     w2 = act(s["C_out"], s["C_mid"], 3, 1, 1)
-    h_out = (s["H"] + 2 * (k // 2) - k) // sp + 1
-    residual = act(2, s["C_out"], (8 + 2 - 3) // st + 1, h_out, h_out) if case.name == "eval-res" else None
+    h_out = out_size(s["H"], k, sp, k // 2)
+    residual = act(2, s["C_out"], out_size(8, 3, st, 1), h_out, h_out) if case.name == "eval-res" else None
     if case.name == "train":  # the two chained implicit GEMMs (BN1 + ReLU prologue) and backward
         from r21d.triton_kernels import conv2plus1d_train
 

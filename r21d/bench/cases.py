@@ -25,6 +25,7 @@ from typing import ClassVar, Optional, Sequence, Union
 
 import torch
 
+from ..triton_kernels._layout import out_size
 from . import roofline
 
 Triple = tuple[int, int, int]
@@ -48,10 +49,6 @@ class Target:
 
 def _smoke_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +89,7 @@ class ConvBNActCase:
 
     @property
     def output_thw(self) -> Triple:
-        return tuple(_out_size(n, k, s, p, d) for n, k, s, p, d in zip(
+        return tuple(out_size(n, k, s, p, d) for n, k, s, p, d in zip(
             (self.frames, self.height, self.width), self.kernel_size, self.stride, self.padding,
             self.dilation))
 
@@ -218,13 +215,13 @@ class UnitCase:
     @property
     def mid_thw(self) -> Triple:
         k = self.spatial_kernel
-        hw = _out_size(self.size, k, self.spatial_stride, k // 2, 1)
+        hw = out_size(self.size, k, self.spatial_stride, k // 2, 1)
         return (self.frames, hw, hw)
 
     @property
     def output_thw(self) -> Triple:
         t, h, w = self.mid_thw
-        return (_out_size(t, 3, self.temporal_stride, 1, 1), h, w)
+        return (out_size(t, 3, self.temporal_stride, 1, 1), h, w)
 
     @property
     def memory_format(self) -> torch.memory_format:
