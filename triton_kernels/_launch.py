@@ -132,23 +132,24 @@ def _grids(kernel, grid, kwargs: dict) -> list:
     return [grid({**kwargs, **(c.all_kwargs() if c is not None else {})}) for c in configs]
 
 
-def choose(choice: Choice, grid, args: tuple, kwargs: dict):
-    """The configuration a launch of ``choice`` runs: by rule (:mod:`_tiles`), or with
-    R21D_AUTOTUNE=1 the one timed for this shape bucket (timing it now if none was, except
-    under deterministic algorithms or where nothing really launches)."""
+def choose(choice: Choice, grid, args: tuple, kwargs: dict) -> dict:
+    """The meta arguments (``Config.all_kwargs()``, shared: not to be modified) of the
+    configuration a launch of ``choice`` runs: by rule (:mod:`_tiles`), or with R21D_AUTOTUNE=1
+    the one timed for this shape bucket (timing it now if none was, except under deterministic
+    algorithms or where nothing really launches)."""
     if _autotune.enabled() and not torch.are_deterministic_algorithms_enabled():
         config = _autotune.remembered(choice, args, kwargs)
+        if config is None and not (_captures or _stubbed):
+            config = _autotune.tune(choice, grid, args, kwargs)
         if config is not None:
-            return config
-        if not (_captures or _stubbed):
-            return _autotune.tune(choice, grid, args, kwargs)
+            return config.all_kwargs()
     # The rule's choice, remembered per launch signature: the grids are functions of the block
     # sizes and of the sizes the launcher derived from its tensors' shapes and scalars, so the
     # arguments' shapes and scalar values key it.
     key = (choice, *(a.shape if isinstance(a, torch.Tensor) else a for a in args))
     config = _ruled.get(key)
     if config is None:
-        config = _ruled[key] = by_rule(choice, grid, kwargs)
+        config = _ruled[key] = by_rule(choice, grid, kwargs).all_kwargs()
     return config
 
 
@@ -167,12 +168,13 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     """kernel[grid](*args, **kwargs), counted; launches on the current stream (Triton's default).
     The grid is checked against CUDA's limits first (also when captured)."""
     kwargs.setdefault("enable_fp_fusion", FP_FUSION)
-    config = None
+    config = meta = None
     if isinstance(kernel, Choice):
-        config = choose(kernel, grid, args, kwargs).all_kwargs()
+        config = choose(kernel, grid, args, kwargs)
+        meta = {**kwargs, **config}
     # captured (the static report): every configuration's grid; else the one that runs
-    for g in _grids(kernel, grid, kwargs) if _captures or config is None else [
-            grid({**kwargs, **config}) if callable(grid) else grid]:
+    for g in _grids(kernel, grid, kwargs) if _captures or meta is None else [
+            grid(meta) if callable(grid) else grid]:
         check_grid(kernel_name(kernel), g)
     for c in _active:
         c.launches += 1
@@ -182,8 +184,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     if _stubbed:
         return
-    if config is not None:
-        kernel, kwargs = kernel.fn, {**kwargs, **config}
+    if meta is not None:
+        kernel, kwargs = kernel.fn, meta
     kernel[grid](*args, **kwargs)
 
 
