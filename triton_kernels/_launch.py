@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from typing import Iterator
 
 import torch
@@ -39,6 +40,26 @@ _active: list[Counter] = []
 _captures: list[list] = []
 _poison = False
 _stubbed = False
+_thread = threading.local()  # .recorders: the _replay recorders of this thread's calls
+
+
+def recorder():
+    """The :mod:`_replay` recorder of the launcher call this thread is running, or None."""
+    recorders = getattr(_thread, "recorders", None)
+    return recorders[-1] if recorders else None
+
+
+@contextlib.contextmanager
+def recording(rec) -> Iterator[None]:
+    """Report this thread's allocations, layout copies and launches to ``rec`` while the block
+    runs (see :mod:`_replay`)."""
+    if not hasattr(_thread, "recorders"):
+        _thread.recorders = []
+    _thread.recorders.append(rec)
+    try:
+        yield
+    finally:
+        _thread.recorders.pop()
 
 
 @contextlib.contextmanager
@@ -65,24 +86,32 @@ def poisoned() -> Iterator[None]:
 
 def alloc(shape, *, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """torch.empty that is counted when it allocates (an empty placeholder is not)."""
-    t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
-    if t.numel() > 0:
-        for c in _active:
-            c.allocations += 1
-            c.shapes.append(tuple(t.shape))
-        if _poison and t.is_floating_point():
-            t.fill_(float("nan"))
+    rec = recorder()
+    with rec.quiet() if rec else contextlib.nullcontext():
+        t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
+        if t.numel() > 0:
+            for c in _active:
+                c.allocations += 1
+                c.shapes.append(tuple(t.shape))
+            if _poison and t.is_floating_point():
+                t.fill_(float("nan"))
+    if rec:
+        rec.allocated(t, shape, dtype, device, memory_format)
     return t
 
 
 def relayout(t: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
     """``t`` copied into ``memory_format``: a torch copy kernel, counted like a launch."""
-    out = alloc(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
-    for c in _active:
-        c.launches += 1
-        c.kernels.append("relayout")
-    if not (_captures or _stubbed):
-        out.copy_(t)
+    rec = recorder()
+    with rec.quiet() if rec else contextlib.nullcontext():
+        out = alloc(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format)
+        for c in _active:
+            c.launches += 1
+            c.kernels.append("relayout")
+        if not (_captures or _stubbed):
+            out.copy_(t)
+    if rec:
+        rec.relaid(out, t, memory_format)
     return out
 
 
@@ -182,11 +211,15 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if _captures:
         _captures[-1].append(CapturedLaunch(kernel, grid, args, kwargs, config))
         return
-    if _stubbed:
-        return
     if meta is not None:
         kernel, kwargs = kernel.fn, meta
-    kernel[grid](*args, **kwargs)
+    rec = recorder()
+    if rec:  # what to launch, resolved: the JIT function, its meta arguments and its grid
+        rec.launched(kernel, grid(kwargs) if callable(grid) else grid, args, kwargs)
+    if _stubbed:
+        return
+    with rec.quiet() if rec else contextlib.nullcontext():  # the interpreter's own copies
+        kernel[grid](*args, **kwargs)
 
 
 def interpreted() -> bool:

@@ -30,6 +30,7 @@ from ._launch import Tuned, launch, relayout
 from ._layout import (cdiv, alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
                       out_size, rows_alignment, rows_strides)
 from ._limits import UNIT_MAX_OPEN_FRAMES
+from ._replay import planned
 
 # Split the frames across programs until there are this many (about two per H100 SM).
 _TARGET_PROGRAMS = 264
@@ -217,6 +218,7 @@ def _alignment_class(dtype: torch.dtype, *aligns: int) -> str:
     return "" if all(a == vec for a in aligns) else "-unaligned"
 
 
+@planned
 def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
               w2, bias2, gamma2, beta2, rmean2, rvar2, eps2, residual,
               spatial_stride, spatial_padding, temporal_stride, temporal_padding,

@@ -22,6 +22,7 @@ import torch
 
 from . import implicit_gemm as ig
 from ._layout import in_format_of
+from ._replay import planned
 
 _NO_DILATION = (1, 1, 1)
 
@@ -37,6 +38,7 @@ def bn_relu_prologue(mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tens
     return torch.cat([scale, shift]).contiguous()
 
 
+@planned
 def unit_train_fwd(x, w1, bias1, gamma1, beta1, rmean1, rvar1, momentum1, eps1,
                    w2, bias2, gamma2, beta2, rmean2, rvar2, momentum2, eps2, residual,
                    stride1, padding1, dilation1, stride2, padding2, dilation2,
@@ -56,6 +58,7 @@ def unit_train_fwd(x, w1, bias1, gamma1, beta1, rmean1, rvar1, momentum1, eps1,
     return in_format_of(out, x), z1, mean1, invstd1, z2, mean2, invstd2, new_rm1, new_rv1, new_rm2, new_rv2
 
 
+@planned
 def unit_train_bwd(grad_out, x, w1, bias1, gamma1, beta1, z1, mean1, invstd1,
                    w2, bias2, gamma2, beta2, z2, mean2, invstd2, residual,
                    stride1, padding1, dilation1, stride2, padding2, dilation2,

@@ -34,6 +34,7 @@ from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, interpreted, launch
 from ._layout import cdiv, alloc_like, channel_vector, channels_last, out_size, pc_strides, rows_alignment
+from ._replay import planned
 
 MODE_EVAL, MODE_STATS, MODE_APPLY = 0, 1, 2
 
@@ -259,6 +260,7 @@ def _select(tuned: Tuned, cl: bool, dtype: torch.dtype | None = None):
     return tuned.select(variant)
 
 
+@planned
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool):
@@ -466,6 +468,7 @@ def _rows_per_split(M_in: int, C: int) -> int:
     return cdiv(per_program, _BWD_ROWS_QUANTUM) * _BWD_ROWS_QUANTUM
 
 
+@planned
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
                     padding, dilation, training: bool, activation: str | None, needs):
     """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, given the

@@ -42,6 +42,7 @@ from . import splitk
 from ._launch import Tuned, alloc, launch, relayout
 from ._layout import (cdiv, alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
                       out_size, rows_alignment, rows_strides)
+from ._replay import planned
 
 # Input channels per group below which the K loop runs flat over (tap, channel).
 FLAT_BELOW = 16
@@ -301,6 +302,7 @@ def _check_pre(pre: torch.Tensor | None, geom: _Geometry) -> None:
                          f"ungrouped conv, got {tuple(pre.shape)} {pre.dtype}, groups={geom.groups}")
 
 
+@planned
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool, *, pre: torch.Tensor | None = None,
@@ -584,6 +586,7 @@ _WGRAD = Tuned(
     arch_configs={80: {"tf32-flat": [_tile(64, 64, 32, 8, 1)]}})
 
 
+@planned
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
                     padding, dilation, training: bool, activation: str | None, needs, *,
                     pre: torch.Tensor | None = None):

@@ -28,6 +28,7 @@ from . import splitk
 from ._launch import Tuned, alloc, launch
 from ._layout import (cdiv, alloc_channels_last, channels_contiguous, in_format_of, out_size,
                       rows_alignment, rows_strides)
+from ._replay import planned
 
 
 STATS_BLOCK_M = gm.STATS_BLOCK_M
@@ -146,6 +147,7 @@ _FWD_STATS = Tuned(
 )
 
 
+@planned
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool):
@@ -310,6 +312,7 @@ _WGRAD = Tuned(_pointwise_wgrad_kernel, _BWD_TILES, key=["M", "C_in", "C_out", "
                interpret=gm.INTERPRET_GEMM)
 
 
+@planned
 def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
                     padding, training: bool, activation: str | None, needs):
     """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, with ``z``,

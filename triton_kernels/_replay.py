@@ -1,0 +1,368 @@
+"""Launcher calls recorded once per call signature and replayed: each op's launch plan.
+
+A launcher's host work (geometry, kernel variant, tile configuration, the alignment of every
+tensor, the grid, a launch of some 50 arguments) depends only on its arguments' metadata, yet
+costs several times a cuDNN call's whole dispatch. :func:`planned` wraps a launcher: the first call
+with a signature (every tensor's shape, strides, dtype, device and pointer alignment, every other
+argument's value, which arguments are the same tensor, and TF32's setting) runs the launcher while
+recording what it does to the device, as a tape over *slots* (the call's tensor arguments, then
+each tensor the call creates):
+
+- its allocations and layout copies (:func:`_launch.alloc`, :func:`_launch.relayout`);
+- its launches, resolved: the JIT function, its meta arguments and grid, its arguments with each
+  tensor replaced by its slot;
+- every other torch op (views, placeholders, small torch computations), seen by a
+  ``TorchDispatchMode``.
+
+A later call with the same signature replays the tape with the new tensors: the same allocations
+(counted and poisoned as ever), the same launches through :func:`_launch.launch`, the same ops;
+the steps nothing returned or launched depends on are dropped. The launcher's Python does not
+run again.
+
+A recording that a replay could not repeat faithfully marks its signature unplanned, and the
+launcher then runs on every call: an op that hands the launcher a Python value (``.item()``, a
+comparison), a tensor from outside the arguments (a cache). A planned launcher called inside
+another's recording, or with keyword arguments, runs in full. Nothing is planned while launches are captured (the static report and warm-up want the candidates), with
+``R21D_AUTOTUNE=1`` (the timed choice may change), or while statistics are reduced over a process
+group (collectives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import Counter
+from typing import Callable, Iterator
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from . import _autotune, _launch, sync_stats
+from ._gemm import cudnn_conv_allows_tf32
+
+# Signatures kept per launcher before its plans are dropped and recorded afresh (shapes a user
+# varies without bound, such as clip lengths, must not grow memory without bound).
+MAX_PLANS = 256
+
+stats: Counter = Counter()  # "recorded", "replayed", "unplanned": what the calls did (tests)
+_enabled = [True]
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run every launcher call in full (tests compare the two paths)."""
+    _enabled.append(False)
+    try:
+        yield
+    finally:
+        _enabled.pop()
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def _signature(args: tuple):
+    """What a launcher's host work may depend on, or None where no plan applies (a tensor
+    subclass: fake or functional tensors)."""
+    sig = []
+    ids = []
+    fp32 = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN_TENSORS:
+                return None
+            sig.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16))
+            ids.append(id(a))
+            fp32 = fp32 or a.dtype == torch.float32
+        else:
+            sig.append(a)  # None, numbers, strings, tuples of numbers: hashable values
+    if len(set(ids)) != len(ids):  # the same tensor in two places: slots follow the pattern
+        sig.append(tuple(ids.index(i) for i in ids))
+    if fp32:
+        sig.append(cudnn_conv_allows_tf32())
+    return tuple(sig)
+
+
+def planned(launcher: Callable) -> Callable:
+    """``launcher`` with its calls recorded per signature and replayed (module docstring)."""
+    plans: dict = {}
+
+    @functools.wraps(launcher)
+    def call(*args, **kwargs):
+        if kwargs or not _enabled[-1] or _launch._captures or _launch.recorder() is not None \
+                or sync_stats.current() is not None or _autotune.enabled():
+            return launcher(*args, **kwargs)
+        key = _signature(args)
+        if key is None:
+            return launcher(*args)
+        plan = plans.get(key, False)
+        if plan is None:
+            stats["unplanned"] += 1
+            return launcher(*args)
+        if plan is not False:
+            stats["replayed"] += 1
+            return plan.replay(args)
+        if len(plans) >= MAX_PLANS:
+            plans.clear()
+        rec = _Recorder(args)
+        with _launch.recording(rec), rec:
+            result = launcher(*args)
+        plans[key] = rec.plan(result)
+        stats["recorded" if plans[key] is not None else "unplanned"] += 1
+        return result
+
+    call.plans = plans
+    return call
+
+
+class _Slot(int):
+    """A tensor's place in a tape's values."""
+
+
+class _Recorder(TorchDispatchMode):
+    """Builds a :class:`_Plan` from one launcher call (see the module docstring)."""
+
+    def __init__(self, args: tuple):
+        super().__init__()
+        self.n_args = len(args)
+        self.slots: dict[int, int] = {}  # id(tensor) -> slot
+        self.keep: list = []  # the slotted tensors, alive so that their ids stay theirs
+        self.steps: list = []
+        self.broken: str | None = None
+        self._quiet = 0
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                self.slots.setdefault(id(a), i)
+                self.keep.append(a)
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """The torch ops of an allocation, a copy or a launch run unrecorded: the step that
+        reports the whole is recorded instead."""
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def _new_slot(self, t: torch.Tensor) -> int:
+        slot = self.slots.get(id(t))
+        if slot is None:
+            slot = self.slots[id(t)] = self.n_args + len(self.keep)
+            self.keep.append(t)
+        return slot
+
+    def _template(self, tree):
+        """(flat values with tensors as slots, their tree spec), or None for a foreign tensor."""
+        flat, spec = tree_flatten(tree)
+        out = []
+        for v in flat:
+            if isinstance(v, torch.Tensor):
+                slot = self.slots.get(id(v))
+                if slot is None:
+                    return None
+                v = _Slot(slot)
+            out.append(v)
+        return out, spec
+
+    def _fail(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = reason
+
+    def allocated(self, t, shape, dtype, device, memory_format) -> None:
+        if not self._quiet:
+            self.steps.append(_Alloc(self._new_slot(t), tuple(shape), dtype, device, memory_format))
+
+    def relaid(self, out, t, memory_format) -> None:
+        if self._quiet:
+            return
+        src = self.slots.get(id(t))
+        if src is None:
+            return self._fail("a layout copy of a tensor from outside the call")
+        self.steps.append(_Relayout(self._new_slot(out), src, memory_format))
+
+    def _positions(self, values) -> list | None:
+        """[(index, slot)] of the tensors in ``values`` (a flat sequence), or None if one is not
+        the call's."""
+        positions = []
+        for i, v in enumerate(values):
+            if isinstance(v, torch.Tensor):
+                slot = self.slots.get(id(v))
+                if slot is None:
+                    return None
+                positions.append((i, slot))
+        return positions
+
+    def launched(self, kernel, grid, args, kwargs) -> None:
+        if self._quiet:
+            return
+        positions = self._positions(args)
+        if positions is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
+            return self._fail(f"{_launch.kernel_name(kernel)} launched with a tensor from outside "
+                              "the call")
+        self.steps.append(_Launch(kernel, tuple(grid), list(args), positions, dict(kwargs)))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self._quiet or self.broken:
+            return out
+        flat_out, _ = tree_flatten(out)
+        if any(not isinstance(v, torch.Tensor) and v is not None for v in flat_out):
+            self._fail(f"{func} gave the launcher a Python value")
+            return out
+        nested = any(isinstance(v, (list, tuple)) and any(isinstance(e, torch.Tensor) for e in v)
+                     for v in args) or any(isinstance(v, torch.Tensor) for v in kwargs.values())
+        template = self._template((args, kwargs)) if nested else self._positions(args)
+        if template is None:
+            self._fail(f"{func} on a tensor from outside the call")
+            return out
+        out_slots = [self._new_slot(v) if isinstance(v, torch.Tensor) else None for v in flat_out]
+        if func is torch.ops.aten.new_empty.default:  # the placeholders of absent outputs
+            self.steps.append(_NewEmpty(out_slots[0], self.slots[id(args[0])], args[1], kwargs))
+        elif nested:
+            self.steps.append(_NestedOp(func, template, out_slots))
+        else:
+            self.steps.append(_Op(func, list(args), template, kwargs, out_slots))
+        return out
+
+    def plan(self, result) -> _Plan | None:
+        if self.broken is not None:
+            return None
+        returned = self._template(result)
+        if returned is None:
+            return None
+        return _Plan(self.n_args, len(self.keep), _live(self.steps, returned[0]), returned,
+                     isinstance(result, tuple) and all(isinstance(v, torch.Tensor) or v is None
+                                                       for v in result))
+
+
+def _live(steps: list, returned: list) -> list:
+    """The steps a launch or the result depends on, in order (launches and in-place ops always)."""
+    live = {v for v in returned if isinstance(v, _Slot)}
+    kept = []
+    for step in reversed(steps):
+        if step.always or any(s in live for s in step.outputs):
+            live.update(step.inputs)
+            kept.append(step)
+    return kept[::-1]
+
+
+class _Plan:
+    def __init__(self, n_args: int, n_created: int, steps: list, returned, flat_tuple: bool):
+        self.padding = [None] * n_created
+        self.steps = steps
+        self.returned = returned
+        # a tuple of tensors (and Nones), every launcher's result: rebuilt without pytree
+        self.flat_returned = tuple(returned[0]) if flat_tuple else None
+
+    def replay(self, args: tuple):
+        values = [*args, *self.padding]
+        for step in self.steps:
+            step.run(values)
+        if self.flat_returned is not None:
+            return tuple(v if v is None else values[v] for v in self.flat_returned)
+        return _fill(self.returned, values)
+
+
+def _fill(template, values):
+    flat, spec = template
+    return tree_unflatten([values[v] if isinstance(v, _Slot) else v for v in flat], spec)
+
+
+def _slots(template) -> list[int]:
+    return [v for v in template[0] if isinstance(v, _Slot)]
+
+
+class _Alloc:
+    always = False
+
+    def __init__(self, out, shape, dtype, device, memory_format):
+        self.outputs, self.inputs = (out,), ()
+        self.spec = (shape, dtype, device, memory_format)
+
+    def run(self, values):
+        shape, dtype, device, memory_format = self.spec
+        values[self.outputs[0]] = _launch.alloc(shape, dtype=dtype, device=device,
+                                                memory_format=memory_format)
+
+
+class _Relayout:
+    always = False
+
+    def __init__(self, out, src, memory_format):
+        self.outputs, self.inputs = (out,), (src,)
+        self.memory_format = memory_format
+
+    def run(self, values):
+        values[self.outputs[0]] = _launch.relayout(values[self.inputs[0]], self.memory_format)
+
+
+class _Launch:
+    always = True
+    outputs = ()
+
+    def __init__(self, kernel, grid, args: list, positions: list, kwargs: dict):
+        self.kernel, self.grid, self.kwargs = kernel, grid, kwargs
+        self.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # no tensor kept
+        self.positions = positions
+        self.inputs = tuple(slot for _, slot in positions)
+
+    def run(self, values):
+        args = self.args.copy()
+        for i, slot in self.positions:
+            args[i] = values[slot]
+        _launch.launch(self.kernel, self.grid, *args, **self.kwargs)
+
+
+class _NewEmpty:
+    always = False
+
+    def __init__(self, out, src, size, kwargs):
+        self.outputs, self.inputs = (out,), (src,)
+        self.size, self.kwargs = size, kwargs
+
+    def run(self, values):
+        values[self.outputs[0]] = values[self.inputs[0]].new_empty(self.size, **self.kwargs)
+
+
+class _Op:
+    """A torch op whose tensors are among its positional arguments."""
+
+    def __init__(self, func, args: list, positions: list, kwargs: dict, out_slots: list):
+        self.func, self.kwargs = func, kwargs
+        self.args = [None if isinstance(a, torch.Tensor) else a for a in args]
+        self.positions = positions
+        self.inputs = tuple(slot for _, slot in positions)
+        self.outputs = tuple(s for s in out_slots if s is not None)
+        self.out_slots = out_slots
+        self.always = func._schema.is_mutable  # writes one of its inputs
+
+    def run(self, values):
+        args = self.args.copy()
+        for i, slot in self.positions:
+            args[i] = values[slot]
+        _store(self.out_slots, self.func(*args, **self.kwargs), values)
+
+
+class _NestedOp(_Op):
+    """A torch op with tensors inside a list argument (``cat``) or among its keywords."""
+
+    def __init__(self, func, template, out_slots: list):
+        super().__init__(func, [], [], {}, out_slots)
+        self.template = template
+        self.inputs = tuple(_slots(template))
+
+    def run(self, values):
+        args, kwargs = _fill(self.template, values)
+        _store(self.out_slots, self.func(*args, **kwargs), values)
+
+
+def _store(out_slots: list, out, values: list) -> None:
+    if isinstance(out, torch.Tensor):
+        values[out_slots[0]] = out
+        return
+    for slot, v in zip(out_slots, tree_flatten(out)[0]):
+        if slot is not None:
+            values[slot] = v
