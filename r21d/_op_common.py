@@ -16,7 +16,8 @@ from torch import Tensor
 
 from .triton_kernels._layout import out_size, output_memory_format
 
-__all__ = ["activation_arg", "grad_shaped", "on_device", "out_shape", "out_size"]
+__all__ = ["activation_arg", "differentiable", "grad_shaped", "needs_grad", "on_device",
+           "out_shape", "out_size"]
 
 
 def out_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
@@ -46,3 +47,26 @@ def grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Ten
     fmt = output_memory_format(t) if t.dim() == 5 else torch.contiguous_format
     g = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
     return g.zero_() if zero else g
+
+
+def differentiable(op_name: str, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function that runs ``torch.ops.r21d.<op_name>`` with the formula registered
+    as the op's autograd (``setup_context``, ``backward``): what r21d's modules call when a
+    gradient is wanted. The op's own autograd wrapper rebuilds the schema's default arguments on
+    every call (``torch._library.utils.fill_defaults``, quadratic in the argument count: several
+    times a launch's host cost for the 27-argument training unit); called under this Function
+    the op needs no gradient and the wrapper steps aside. torch.compile traces it as it traces
+    the op."""
+
+    def forward(ctx, *inputs):
+        output = getattr(torch.ops.r21d, op_name)(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    return type(f"{op_name}_function", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
+def needs_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd would record a call on ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

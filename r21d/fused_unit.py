@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import backends, dispatch, functional
-from ._op_common import out_size
+from . import backends, dispatch, functional, unit_ops
+from ._op_common import needs_grad, out_size
 from .fused_site import (activation_name, bn_momentum, conv_base, is_batchnorm_for, run_site,
                          site_config, site_geometry, sync_group, uses_batch_stats)
 from .ops import op_momentum, update_running_stats
@@ -285,7 +285,10 @@ class UnitPlan:
         rm2, rv2 = (rm2, rv2) if track2 else (None, None)
         momentum1, momentum2 = bn_momentum(bn1), bn_momentum(bn2)
         geometry, tail = self.static
-        out, *_saved, new_rm1, new_rv1, new_rm2, new_rv2 = torch.ops.r21d.conv2plus1d_bn_act_train(
+        op = torch.ops.r21d.conv2plus1d_bn_act_train
+        if needs_grad(x, w1, b1, g1, be1, w2, b2, g2, be2, residual):
+            op = unit_ops.TRAIN_DIFFERENTIABLE.apply
+        out, *_saved, new_rm1, new_rv1, new_rm2, new_rv2 = op(
             x, w1, b1, g1, be1, rm1, rv1, op_momentum(momentum1), float(bn1.eps),
             w2, b2, g2, be2, rm2, rv2, op_momentum(momentum2), float(bn2.eps), residual,
             *geometry, *tail)

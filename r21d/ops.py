@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._op_common import activation_arg, grad_shaped, on_device, out_shape
+from ._op_common import activation_arg, differentiable, grad_shaped, needs_grad, on_device, out_shape
 from .dispatch import CSRC_OPS, FUSED_CALLS, IMPLICIT_GEMM_FAMILIES, csrc_ops_available
 from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
@@ -96,7 +96,12 @@ def _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask):
 _GRAD_INPUTS = (0, 1, 2, 3, 4, 7)
 
 
+# The forward ops' autograd formulas as Functions (r21d's own calls: _op_common.differentiable).
+_DIFFERENTIABLE: dict[str, type[torch.autograd.Function]] = {}
+
+
 def _register_autograd(family: _OpFamily) -> None:
+    """Register the forward op's autograd, and keep the same formula as a Function."""
     op_name = family.forward.split("::")[1]
 
     def setup_context(ctx, inputs, output):
@@ -128,6 +133,7 @@ def _register_autograd(family: _OpFamily) -> None:
         return dx, dw, db, dg, dbeta, None, None, dres, *([None] * (ctx.num_inputs - 8))
 
     torch.library.register_autograd(family.forward, backward, setup_context=setup_context)
+    _DIFFERENTIABLE[family.forward] = differentiable(op_name, setup_context, backward)
 
 
 def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Callable,
@@ -307,7 +313,10 @@ class FusedCall:
                 for t in (bn_weight, bn_bias, running_mean, running_var))
         else:
             rm, rv = running_mean, running_var
-        out, _z, _mean, _invstd, new_rm, new_rv = self.op(
+        op = self.op
+        if needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
+            op = _DIFFERENTIABLE[self.family.forward].apply
+        out, _z, _mean, _invstd, new_rm, new_rv = op(
             x, weight, bias, bn_weight, bn_bias, rm, rv, residual, *head, op_momentum(momentum),
             eps, *tail)
         if new_rm.numel():

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._op_common import activation_arg, grad_shaped, on_device, out_shape, out_size
+from ._op_common import activation_arg, differentiable, grad_shaped, on_device, out_shape, out_size
 from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
 
@@ -188,3 +188,6 @@ def _train_backward(ctx, grad_out, *_non_differentiable):
 
 torch.library.register_autograd("r21d::conv2plus1d_bn_act_train", _train_backward,
                                 setup_context=_train_setup_context)
+# the same formula as a Function, for r21d's own calls (_op_common.differentiable)
+TRAIN_DIFFERENTIABLE = differentiable("conv2plus1d_bn_act_train", _train_setup_context,
+                                      _train_backward)

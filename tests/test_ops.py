@@ -173,3 +173,24 @@ def test_every_op_is_opchecked():
     registered = {name.split("::", 1)[1] for name in torch._C._dispatch_get_all_op_names()
                   if name.startswith("r21d::")}
     assert registered - {"build_info"} <= OPCHECKED, registered - OPCHECKED
+
+
+def test_modules_call_the_ops_through_their_autograd_function(monkeypatch):
+    """A training step of fused sites and a (2+1)D unit calls each forward op under its
+    autograd.Function (r21d._op_common.differentiable), never through the op's own autograd
+    wrapper, whose per-call default filling is quadratic in the schema's length."""
+    import torch._library.utils as library_utils
+    from torch import nn
+
+    calls = []
+    fill = library_utils.fill_defaults
+    monkeypatch.setattr(library_utils, "fill_defaults", lambda *a: calls.append(1) or fill(*a))
+    torch.manual_seed(0)
+    model = r21d.fuse(nn.Sequential(
+        nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(4), nn.ReLU(),
+        r21d.SpatioTemporalConv(4, 4, 3, padding=1)))
+    x = torch.randn(1, 3, 2, 3, 3, requires_grad=True)
+    with r21d.use_backend("triton"):
+        model(x).sum().backward()
+    assert x.grad is not None and model[0].weight.grad is not None
+    assert not calls
