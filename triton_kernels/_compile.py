@@ -29,7 +29,8 @@ def jit_function(kernel):
 
 
 def specialize(fn, backend, args, kwargs):
-    """(options, signature, constexprs, attrs) exactly as ``JITFunction.run`` computes them."""
+    """((options, signature, constexprs, attrs), bound arguments) exactly as ``JITFunction.run``
+    computes them: what it compiles, and every parameter's value as it launches."""
     try:
         from triton import knobs
         from triton.runtime.jit import create_function_from_signature
@@ -45,7 +46,7 @@ def specialize(fn, backend, args, kwargs):
     if key not in _binders:
         _binders[key] = create_function_from_signature(fn.signature, fn.params, backend)
     bound_args, specialization, options = _binders[key](*args, **kwargs)
-    return fn._pack_args(backend, kwargs, bound_args, specialization, options)
+    return fn._pack_args(backend, kwargs, bound_args, specialization, options), bound_args
 
 
 def _plain(value):
@@ -84,7 +85,7 @@ def launch_jobs(launches, arch: int, backend=None, all_configs: bool = False) ->
         fn = jit_function(launch.kernel)
         names = [p.name for p in fn.params]
         for kw in launch_configs(launch, all_configs):
-            options, signature, constexprs, attrs = specialize(fn, backend, launch.args, kw)
+            (options, signature, constexprs, attrs), _ = specialize(fn, backend, launch.args, kw)
             opts = options.__dict__
             job = dict(module=fn.__module__, kernel=fn.__name__, arch=arch, signature=signature,
                        constexprs=constexprs, attrs=attrs, options=opts)

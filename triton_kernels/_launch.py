@@ -219,7 +219,21 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if _stubbed:
         return
     with rec.quiet() if rec else contextlib.nullcontext():  # the interpreter's own copies
-        kernel[grid](*args, **kwargs)
+        compiled = kernel[grid](*args, **kwargs)
+    if rec:
+        rec.ran(compiled)
+
+
+def launch_compiled(name: str, runner, values: list) -> None:
+    """A launch a launch plan replays (:mod:`_replay`) through the kernel Triton compiled for it,
+    without Triton's binder: ``runner`` is ``CompiledKernel[grid]``, ``values`` every kernel
+    parameter in order (what ``JITFunction.run`` passes after binding). Counted like
+    :func:`launch`; stubbed likewise."""
+    for c in _active:
+        c.launches += 1
+        c.kernels.append(name)
+    if not _stubbed:
+        runner(*values)
 
 
 def interpreted() -> bool:

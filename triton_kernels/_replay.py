@@ -15,9 +15,12 @@ each tensor the call creates):
   ``TorchDispatchMode``.
 
 A later call with the same signature replays the tape with the new tensors: the same allocations
-(counted and poisoned as ever), the same launches through :func:`_launch.launch`, the same ops;
-the steps nothing returned or launched depends on are dropped. The launcher's Python does not
-run again.
+(counted and poisoned as ever), the same launches, the same ops; the steps nothing returned or
+launched depends on are dropped. The launcher's Python does not run again, nor, on a GPU, Triton's
+binder: a launch that returned its CompiledKernel (the specialisation the signature fixes) is
+replayed through ``CompiledKernel[grid]`` with every kernel parameter bound once
+(:func:`bound_values`, :func:`_launch.launch_compiled`); under the interpreter or a stub, through
+:func:`_launch.launch`.
 
 A recording that a replay could not repeat faithfully marks its signature unplanned, and the
 launcher then runs on every call: an op that hands the launcher a Python value (``.item()``, a
@@ -31,12 +34,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 from collections import Counter
 from typing import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from triton.compiler import CompiledKernel
 
 from . import _autotune, _launch, sync_stats
 from ._gemm import cudnn_conv_allows_tf32
@@ -203,6 +209,11 @@ class _Recorder(TorchDispatchMode):
                               "the call")
         self.steps.append(_Launch(kernel, tuple(grid), list(args), positions, dict(kwargs)))
 
+    def ran(self, compiled) -> None:
+        """What the launch just recorded returned: Triton's CompiledKernel on a GPU."""
+        if not self._quiet and isinstance(compiled, CompiledKernel):
+            self.steps[-1].attach(compiled)
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
@@ -299,6 +310,22 @@ class _Relayout:
         values[self.outputs[0]] = _launch.relayout(values[self.inputs[0]], self.memory_format)
 
 
+def bound_values(fn, args: tuple, kwargs: dict) -> list | None:
+    """Every parameter of the JIT function ``fn`` in order, as ``JITFunction.run`` binds them
+    before its launch (positional arguments, then keywords or defaults); None if one is missing."""
+    while hasattr(fn, "fn"):  # a Choice, a JITFunction -> the Python function
+        fn = fn.fn
+    values = list(args)
+    for p in list(inspect.signature(fn).parameters.values())[len(args):]:
+        if p.name in kwargs:
+            values.append(kwargs[p.name])
+        elif p.default is not inspect.Parameter.empty:
+            values.append(p.default)
+        else:
+            return None
+    return values
+
+
 class _Launch:
     always = True
     outputs = ()
@@ -308,12 +335,24 @@ class _Launch:
         self.args = [None if isinstance(a, torch.Tensor) else a for a in args]  # no tensor kept
         self.positions = positions
         self.inputs = tuple(slot for _, slot in positions)
+        self.runner = None
+
+    def attach(self, compiled) -> None:
+        """Replay through ``compiled`` (the kernel Triton compiled for this launch's
+        specialisation, which the signature fixes) with every parameter bound once here."""
+        values = bound_values(self.kernel, self.args, self.kwargs)
+        if values is not None:
+            self.args, self.runner = values, compiled[self.grid]
+            self.name = _launch.kernel_name(self.kernel)
 
     def run(self, values):
         args = self.args.copy()
         for i, slot in self.positions:
             args[i] = values[slot]
-        _launch.launch(self.kernel, self.grid, *args, **self.kwargs)
+        if self.runner is not None:
+            _launch.launch_compiled(self.name, self.runner, args)
+        else:
+            _launch.launch(self.kernel, self.grid, *args, **self.kwargs)
 
 
 class _NewEmpty:
