@@ -287,3 +287,19 @@ def test_parameters_are_bound_as_tritons_binder_binds_them():
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(result.stdout.split()[-1]) >= 6  # distinct kernels checked
+
+
+def test_a_stubbed_launch_is_replayed_only_while_stubbed():
+    """``r21d-bench --host`` times replays up to the launch; such a plan must never stand in
+    for a real launch."""
+    axpy, runs = _counting(lambda x, y: (_axpy_launch(x, y, 1.0),))
+    x, y = torch.randn(40), torch.randn(40)
+    with _launch.stubbed():
+        for _ in range(2):
+            with _launch.count() as counter:
+                axpy(x, y)
+            assert counter.launches == 1
+    assert len(runs) == 1
+    for _ in range(2):
+        torch.testing.assert_close(axpy(x, y)[0], x + y)
+    assert len(runs) == 2

@@ -87,6 +87,8 @@ def poisoned() -> Iterator[None]:
 def alloc(shape, *, dtype, device, memory_format=torch.contiguous_format) -> torch.Tensor:
     """torch.empty that is counted when it allocates (an empty placeholder is not)."""
     rec = recorder()
+    if not (_active or _poison or rec):  # nothing to count, poison or record
+        return torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
     with rec.quiet() if rec else contextlib.nullcontext():
         t = torch.empty(shape, dtype=dtype, device=device, memory_format=memory_format)
         if t.numel() > 0:
@@ -217,11 +219,26 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     if rec:  # what to launch, resolved: the JIT function, its meta arguments and its grid
         rec.launched(kernel, grid(kwargs) if callable(grid) else grid, args, kwargs)
     if _stubbed:
+        if rec:  # replayed as a compiled launch would be, up to the launch itself
+            rec.ran(STUB_KERNEL)
         return
     with rec.quiet() if rec else contextlib.nullcontext():  # the interpreter's own copies
         compiled = kernel[grid](*args, **kwargs)
     if rec:
         rec.ran(compiled)
+
+
+class _StubKernel:
+    """What a stubbed launch "compiled": :func:`launch_compiled` never calls its runner (a plan
+    recorded under :func:`stubbed` is replayed only under it: ``_replay`` keys plans by it)."""
+
+    def __getitem__(self, grid):
+        def runner(*values):
+            raise AssertionError("a stubbed launch's plan replayed outside _launch.stubbed()")
+        return runner
+
+
+STUB_KERNEL = _StubKernel()
 
 
 def launch_compiled(name: str, runner, values: list) -> None:

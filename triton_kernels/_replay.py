@@ -19,8 +19,8 @@ A later call with the same signature replays the tape with the new tensors: the 
 launched depends on are dropped. The launcher's Python does not run again, nor, on a GPU, Triton's
 binder: a launch that returned its CompiledKernel (the specialisation the signature fixes) is
 replayed through ``CompiledKernel[grid]`` with every kernel parameter bound once
-(:func:`bound_values`, :func:`_launch.launch_compiled`); under the interpreter or a stub, through
-:func:`_launch.launch`.
+(:func:`bound_values`, :func:`_launch.launch_compiled`), and so is a stubbed launch (what
+``r21d-bench --host`` times); under the interpreter, through :func:`_launch.launch`.
 
 A recording that a replay could not repeat faithfully marks its signature unplanned, and the
 launcher then runs on every call: an op that hands the launcher a Python value (``.item()``, a
@@ -70,23 +70,24 @@ _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 def _signature(args: tuple):
     """What a launcher's host work may depend on, or None where no plan applies (a tensor
-    subclass: fake or functional tensors)."""
+    subclass: fake or functional tensors). The TF32 setting matters where the first argument
+    (the input, or the output gradient: the conv's dtype) is float32."""
     sig = []
     ids = []
-    fp32 = False
     for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN_TENSORS:
-                return None
-            sig.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() % 16))
+        if type(a) in _PLAIN_TENSORS:
+            sig.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15))
             ids.append(id(a))
-            fp32 = fp32 or a.dtype == torch.float32
+        elif isinstance(a, torch.Tensor):
+            return None
         else:
             sig.append(a)  # None, numbers, strings, tuples of numbers: hashable values
     if len(set(ids)) != len(ids):  # the same tensor in two places: slots follow the pattern
         sig.append(tuple(ids.index(i) for i in ids))
-    if fp32:
+    if args and type(args[0]) in _PLAIN_TENSORS and args[0].dtype == torch.float32:
         sig.append(cudnn_conv_allows_tf32())
+    if _launch._stubbed:  # its launches were never compiled
+        sig.append("stubbed")
     return tuple(sig)
 
 
@@ -211,7 +212,7 @@ class _Recorder(TorchDispatchMode):
 
     def ran(self, compiled) -> None:
         """What the launch just recorded returned: Triton's CompiledKernel on a GPU."""
-        if not self._quiet and isinstance(compiled, CompiledKernel):
+        if not self._quiet and isinstance(compiled, (CompiledKernel, type(_launch.STUB_KERNEL))):
             self.steps[-1].attach(compiled)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
