@@ -235,4 +235,7 @@ def test_host_view_runs_without_a_gpu(tmp_path):
     # every site of the eval models launches exactly once (channels_last_3d in and out)
     assert rows["r2plus1d_18-eval-forward"]["launches"] == rows["r2plus1d_18-eval-forward"]["fused_sites"] == 20
     assert rows["r3d_18-eval-forward"]["conv_bn_pairs"] == 20
+    for case in ("r2plus1d_18-eval-forward", "r3d_18-eval-forward", "r2plus1d_18-train-step"):
+        assert rows[case]["launchers_rerun_while_timed"] == 0  # the timed calls replay plans
+        assert 0 < rows[case]["fused_first_call_ms"] < 1000
     assert "r2plus1d_18-eval-forward" in done.stdout

@@ -2,10 +2,13 @@
 plain model's eager call, on any machine (a CPU included).
 
 The fused model runs with the Triton backend on CPU tensors and every kernel launch stubbed at
-its last call (``_launch.stubbed()``): what is timed is r21d's Python, torch's custom-op dispatch
-and the allocations, up to the launch. The plain model runs for real on the same narrow models
-(width / 16, a tiny clip, channels_last_3d as both run best), so its convolutions cost little beyond their own dispatch. Both run
-alternately in one process; the figure is the best of several rounds (the least disturbed).
+its last call (``_launch.stubbed()``): what is timed is r21d's Python, torch's custom-op dispatch,
+the allocations and, after a site's first call, its launch plans' replay up to
+``CompiledKernel[grid](...)`` (as on a GPU; see triton_kernels/_replay.py). The first call
+(plans made, launches recorded) is reported apart. The plain model runs for real on the same
+narrow models (width / 16, a tiny clip, channels_last_3d as both run best), so its convolutions
+cost little beyond their own dispatch. Both run alternately in one process; the figure is the
+best of several rounds (the least disturbed).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def measure_model(name: str, training: bool, calls: int = 10) -> dict:
     """Host time of one forward (eval) or training step of the narrow ``name``, fused vs plain."""
     import r21d
 
-    from ..triton_kernels import _launch
+    from ..triton_kernels import _launch, _replay
 
     torch.manual_seed(0)
     cl = torch.channels_last_3d  # the layout the kernels address (see _layout.py); cuDNN's best
@@ -79,8 +82,13 @@ def measure_model(name: str, training: bool, calls: int = 10) -> dict:
     plain_us = _per_call_us(_step(plain, x, training), calls)
     with _fused_context():
         with _launch.count() as counter:
-            _step(fused, x, training)()
+            start = time.perf_counter()
+            _step(fused, x, training)()  # the first call: plans each site and records its launches
+            first_ms = (time.perf_counter() - start) * 1e3
+        recorded = _replay.stats["recorded"] + _replay.stats["unplanned"]
         fused_us = _per_call_us(_step(fused, x, training), calls)
+        # every timed call replayed the plans the first call recorded
+        replanned = _replay.stats["recorded"] + _replay.stats["unplanned"] - recorded
     pairs = conv_bn_pairs(plain)
     return {
         "case": f"{name}-{'train-step' if training else 'eval-forward'}",
@@ -89,6 +97,7 @@ def measure_model(name: str, training: bool, calls: int = 10) -> dict:
         "conv_bn_pairs": pairs, "fused_sites": sites, "launches": counter.launches,
         "plain_us_per_pair": round(plain_us / pairs, 1),
         "fused_us_per_site": round(fused_us / max(sites, 1), 1),
+        "fused_first_call_ms": round(first_ms, 1), "launchers_rerun_while_timed": replanned,
     }
 
 
@@ -132,7 +141,7 @@ def format_table(rows: list[dict]) -> str:
         if "fused_sites" in r:
             notes = (f"{r['conv_bn_pairs']} conv+BN, {r['fused_sites']} fused sites, "
                      f"{r['launches']} launches; per pair {r['plain_us_per_pair']} us, "
-                     f"per site {r['fused_us_per_site']} us")
+                     f"per site {r['fused_us_per_site']} us; first call {r['fused_first_call_ms']} ms")
         lines.append(f"{r['case']:28s} {r['plain_us']:10.1f} {r['fused_us']:10.1f} "
                      f"{r['ratio']:11.2f}  {notes}")
     return "\n".join(lines)
