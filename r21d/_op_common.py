@@ -9,15 +9,15 @@ one way. A conv's output size along one axis has one definition,
 from __future__ import annotations
 
 import contextlib
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
 from .triton_kernels._layout import out_size, output_memory_format
 
-__all__ = ["activation_arg", "differentiable", "grad_shaped", "needs_grad", "on_device",
-           "out_shape", "out_size"]
+__all__ = ["activation_arg", "custom_op", "differentiable", "grad_shaped", "implementation",
+           "needs_grad", "on_device", "out_shape", "out_size"]
 
 
 def out_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
@@ -49,21 +49,65 @@ def grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Ten
     return g.zero_() if zero else g
 
 
-def differentiable(op_name: str, setup_context, backward) -> type[torch.autograd.Function]:
-    """An autograd.Function that runs ``torch.ops.r21d.<op_name>`` with the formula registered
+_IMPLEMENTATIONS: dict[str, Callable] = {}  # "r21d::<op>" -> its Python implementation
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def custom_op(name: str) -> Callable:
+    """``torch.library.custom_op(name, mutates_args=())`` that also keeps the implementation for
+    :func:`implementation`."""
+
+    def register(fn: Callable):
+        _IMPLEMENTATIONS[name] = fn
+        return torch.library.custom_op(name, mutates_args=())(fn)
+
+    return register
+
+
+def implementation(name: str, *tensors: Optional[Tensor]) -> Callable:
+    """What r21d calls to run the op ``name`` ("r21d::<op>") on ``tensors``: its Python
+    implementation itself where nothing could tell it from a dispatched call, else the op.
+
+    Direct: eager (not compiled, not traced by torch.jit), no gradient recorded by the caller,
+    plain tensors, and no dispatch or function mode, functorch transform or profiler that would
+    see the op. The dispatcher's own work for
+    a Python custom op (boxing the arguments for two Python kernels, the autograd check, the
+    aliasing check) costs about as much as the fused site's whole replayed launch; the
+    implementation is what its CPU/CUDA kernel runs. torch.compile traces the op: while
+    compiling, and in the csrc ops (C++ implementations), the op is called."""
+    impl = _IMPLEMENTATIONS.get(name)
+    if impl is not None and not (
+            torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._len_torch_dispatch_stack()
+            or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active()
+            or torch.autograd.profiler._is_profiler_enabled) \
+            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors):
+        return impl
+    packet = _PACKETS.get(name)
+    if packet is None:
+        packet = _PACKETS[name] = getattr(torch.ops.r21d, name.split("::")[1])
+    return packet
+
+
+_PACKETS: dict[str, Callable] = {}
+
+
+def differentiable(name: str, setup_context, backward) -> type[torch.autograd.Function]:
+    """An autograd.Function that runs the op ``name`` ("r21d::<op>") with the formula registered
     as the op's autograd (``setup_context``, ``backward``): what r21d's modules call when a
     gradient is wanted. The op's own autograd wrapper rebuilds the schema's default arguments on
     every call (``torch._library.utils.fill_defaults``, quadratic in the argument count: several
-    times a launch's host cost for the 27-argument training unit); called under this Function
-    the op needs no gradient and the wrapper steps aside. torch.compile traces it as it traces
-    the op."""
+    times a launch's host cost for the 27-argument training unit); under this Function the op
+    needs no gradient and the wrapper steps aside (and, eager, :func:`implementation` runs).
+    torch.compile traces it as it traces the op."""
 
     def forward(ctx, *inputs):
-        output = getattr(torch.ops.r21d, op_name)(*inputs)
+        output = implementation(name, *(t for t in inputs if isinstance(t, Tensor)))(*inputs)
         setup_context(ctx, inputs, output)
         return output
 
-    return type(f"{op_name}_function", (torch.autograd.Function,),
+    return type(f"{name.split('::')[1]}_function", (torch.autograd.Function,),
                 {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, dispatch, functional, unit_ops
-from ._op_common import needs_grad, out_size
+from ._op_common import implementation, needs_grad, out_size
 from .fused_site import (activation_name, bn_momentum, conv_base, is_batchnorm_for, run_site,
                          site_config, site_geometry, sync_group, uses_batch_stats)
 from .ops import op_momentum, update_running_stats
@@ -275,7 +275,8 @@ class UnitPlan:
 
     def _call(self, bn1, bn2, x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2, residual):
         if self.kind == EVAL:
-            return torch.ops.r21d.conv2plus1d_bn_act(
+            return implementation("r21d::conv2plus1d_bn_act", x, w1, b1, g1, be1, rm1, rv1, w2,
+                                  b2, g2, be2, rm2, rv2, residual)(
                 x, w1, b1, g1, be1, rm1, rv1, float(bn1.eps), w2, b2, g2, be2, rm2, rv2,
                 float(bn2.eps), residual, *self.static)
         # training: nn.BatchNorm's counting and momentum, as r21d.fused_site.run_site
@@ -285,9 +286,11 @@ class UnitPlan:
         rm2, rv2 = (rm2, rv2) if track2 else (None, None)
         momentum1, momentum2 = bn_momentum(bn1), bn_momentum(bn2)
         geometry, tail = self.static
-        op = torch.ops.r21d.conv2plus1d_bn_act_train
         if needs_grad(x, w1, b1, g1, be1, w2, b2, g2, be2, residual):
             op = unit_ops.TRAIN_DIFFERENTIABLE.apply
+        else:
+            op = implementation("r21d::conv2plus1d_bn_act_train", x, w1, b1, g1, be1, rm1, rv1,
+                                w2, b2, g2, be2, rm2, rv2, residual)
         out, *_saved, new_rm1, new_rv1, new_rm2, new_rv2 = op(
             x, w1, b1, g1, be1, rm1, rv1, op_momentum(momentum1), float(bn1.eps),
             w2, b2, g2, be2, rm2, rv2, op_momentum(momentum2), float(bn2.eps), residual,

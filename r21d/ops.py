@@ -45,7 +45,8 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._op_common import activation_arg, differentiable, grad_shaped, needs_grad, on_device, out_shape
+from ._op_common import (activation_arg, custom_op, differentiable, grad_shaped, implementation,
+                         needs_grad, on_device, out_shape)
 from .dispatch import CSRC_OPS, FUSED_CALLS, IMPLICIT_GEMM_FAMILIES, csrc_ops_available
 from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
@@ -125,7 +126,8 @@ def _register_autograd(family: _OpFamily) -> None:
         if z.numel() == 0:  # an empty batch: nothing flows back
             grads = _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask)
         else:
-            backward_op = getattr(torch.ops.r21d, family.backward.split("::")[1])
+            backward_op = implementation(family.backward, grad_out, x, weight, bias, z, mean,
+                                         invstd, bn_weight, bn_bias, residual)
             grads = backward_op(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,
                                 residual, stride, padding, dilation, training, activation, mask,
                                 torch.are_deterministic_algorithms_enabled(), *ctx.sync_group)
@@ -133,7 +135,7 @@ def _register_autograd(family: _OpFamily) -> None:
         return dx, dw, db, dg, dbeta, None, None, dres, *([None] * (ctx.num_inputs - 8))
 
     torch.library.register_autograd(family.forward, backward, setup_context=setup_context)
-    _DIFFERENTIABLE[family.forward] = differentiable(op_name, setup_context, backward)
+    _DIFFERENTIABLE[family.forward] = differentiable(family.forward, setup_context, backward)
 
 
 def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Callable,
@@ -171,9 +173,9 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
                 tuple(output_mask))
         return tuple(g if g is not None else x.new_empty(0) for g in grads)
 
-    forward_op = torch.library.custom_op(family.forward, forward, mutates_args=())
+    forward_op = custom_op(family.forward)(forward)
     forward_op.register_fake(_fake_forward(family))
-    backward_op = torch.library.custom_op(family.backward, backward, mutates_args=())
+    backward_op = custom_op(family.backward)(backward)
     backward_op.register_fake(_fake_backward)
     _register_autograd(family)
     return family
@@ -313,9 +315,11 @@ class FusedCall:
                 for t in (bn_weight, bn_bias, running_mean, running_var))
         else:
             rm, rv = running_mean, running_var
-        op = self.op
         if needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
             op = _DIFFERENTIABLE[self.family.forward].apply
+        else:
+            op = implementation(self.family.forward, x, weight, bias, bn_weight, bn_bias, rm, rv,
+                                residual)
         out, _z, _mean, _invstd, new_rm, new_rv = op(
             x, weight, bias, bn_weight, bn_bias, rm, rv, residual, *head, op_momentum(momentum),
             eps, *tail)

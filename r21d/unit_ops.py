@@ -17,12 +17,13 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._op_common import activation_arg, differentiable, grad_shaped, on_device, out_shape, out_size
+from ._op_common import (activation_arg, custom_op, differentiable, grad_shaped, implementation,
+                         on_device, out_shape, out_size)
 from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
 
 
-@torch.library.custom_op("r21d::conv2plus1d_bn_act", mutates_args=())
+@custom_op("r21d::conv2plus1d_bn_act")
 def conv2plus1d_bn_act(
     x: Tensor, spatial_weight: Tensor, spatial_bias: Optional[Tensor], bn1_weight: Optional[Tensor],
     bn1_bias: Optional[Tensor], bn1_running_mean: Tensor, bn1_running_var: Tensor, bn1_eps: float,
@@ -55,7 +56,7 @@ def _(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean, b
     return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
 
 
-@torch.library.custom_op("r21d::conv2plus1d_bn_act_train", mutates_args=())
+@custom_op("r21d::conv2plus1d_bn_act_train")
 def conv2plus1d_bn_act_train(
     x: Tensor, spatial_weight: Tensor, spatial_bias: Optional[Tensor], bn1_weight: Optional[Tensor],
     bn1_bias: Optional[Tensor], bn1_running_mean: Optional[Tensor],
@@ -119,7 +120,7 @@ def _(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean, b
             _updated(bn2_running_var, x))
 
 
-@torch.library.custom_op("r21d::conv2plus1d_bn_act_train_backward", mutates_args=())
+@custom_op("r21d::conv2plus1d_bn_act_train_backward")
 def conv2plus1d_bn_act_train_backward(
     grad_out: Tensor, x: Tensor, spatial_weight: Tensor, spatial_bias: Optional[Tensor],
     bn1_weight: Optional[Tensor], bn1_bias: Optional[Tensor], z1: Tensor, mean1: Tensor,
@@ -178,7 +179,8 @@ def _train_backward(ctx, grad_out, *_non_differentiable):
         raise RuntimeError("r21d::conv2plus1d_bn_act_train ran with save_for_backward=False, so "
                            "it kept nothing to differentiate; run the unit through its module")
     mask = [ctx.needs_input_grad[i] for i in _TRAIN_GRAD_INPUTS]
-    grads = torch.ops.r21d.conv2plus1d_bn_act_train_backward(
+    grads = implementation("r21d::conv2plus1d_bn_act_train_backward", grad_out, x, w1, b1, g1,
+                           be1, z1, mean1, invstd1, w2, b2, g2, be2, z2, mean2, invstd2, residual)(
         grad_out, x, w1, b1, g1, be1, z1, mean1, invstd1, w2, b2, g2, be2, z2, mean2, invstd2,
         residual, *geometry, activation, mask, sync_group)
     dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2, dres = (g if m else None for g, m in zip(grads, mask))
@@ -189,5 +191,5 @@ def _train_backward(ctx, grad_out, *_non_differentiable):
 torch.library.register_autograd("r21d::conv2plus1d_bn_act_train", _train_backward,
                                 setup_context=_train_setup_context)
 # the same formula as a Function, for r21d's own calls (_op_common.differentiable)
-TRAIN_DIFFERENTIABLE = differentiable("conv2plus1d_bn_act_train", _train_setup_context,
+TRAIN_DIFFERENTIABLE = differentiable("r21d::conv2plus1d_bn_act_train", _train_setup_context,
                                       _train_backward)

@@ -194,3 +194,46 @@ def test_modules_call_the_ops_through_their_autograd_function(monkeypatch):
         model(x).sum().backward()
     assert x.grad is not None and model[0].weight.grad is not None
     assert not calls
+
+
+def test_eager_calls_run_the_implementation_unless_something_would_see_the_op(monkeypatch):
+    """Eager and with no gradient recorded, a fused site calls its op's Python implementation
+    itself (r21d._op_common.implementation); a dispatch mode, the profiler and torch.jit.trace
+    still see the op (the first two get the same result)."""
+    import collections
+
+    from torch import nn
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from r21d import _op_common
+
+    direct = collections.Counter()
+    for name, fn in list(_op_common._IMPLEMENTATIONS.items()):
+        monkeypatch.setitem(_op_common._IMPLEMENTATIONS, name,
+                            lambda *a, _fn=fn, _name=name: direct.update([_name]) or _fn(*a))
+    torch.manual_seed(0)
+    model = r21d.fuse(nn.Sequential(nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1), bias=False),
+                                    nn.BatchNorm3d(4), nn.ReLU()).eval())
+    x = torch.randn(1, 3, 2, 3, 3)
+    name = "r21d::implicit_gemm_conv_bn_act"
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    with r21d.use_backend("triton"), torch.no_grad():
+        y = model(x)
+        assert direct == {name: 1}
+        with Seen() as seen:
+            torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        assert name + ".default" in seen.ops or name in seen.ops
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.testing.assert_close(model(x), y, rtol=0, atol=0)
+        assert any(e.name == name for e in prof.events())
+        assert name in str(torch.jit.trace(model, x, check_trace=False).graph)
+    assert direct == {name: 1}
