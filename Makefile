@@ -41,8 +41,9 @@ $(VENV)/.r21d-installed: $(VENV)/.r21d-deps setup.py pyproject.toml MANIFEST.in 
 
 # The oldest supported pair (README: Platforms) in a second venv, .venv-oldest: torch 2.11 with its
 # Triton 3.6, and NumPy < 2.4 (Triton 3.6's interpreter fails with NumPy 2.4; r21d refuses that
-# pair at import). Runs the static report for sm_90 (tests/test_static.py), the version checks
-# and an interpreter subset of every kernel family, with a Triton cache of its own; pure Python
+# pair at import). Runs the static report for sm_90 (tests/test_static.py), the version checks,
+# an interpreter subset of every kernel family and the launch plans' binding of kernel parameters
+# (Triton 3.6's binder: the GPU machines' version), with a Triton cache of its own; pure Python
 # (r21d._C is built for the main venv's torch). CI runs it after `make test`.
 OLD_VENV  := .venv-oldest
 OLD_PY    := $(OLD_VENV)/bin/python
@@ -53,6 +54,8 @@ DW_TEST   := tests/triton_kernels/test_depthwise.py
 IG_TEST   := tests/triton_kernels/test_implicit_gemm.py
 UNIT_TEST := tests/triton_kernels/test_conv2plus1d.py
 OLD_TESTS := tests/test_triton_compat.py tests/test_static.py \
+  tests/test_replay.py::test_parameters_are_bound_as_tritons_binder_binds_them \
+  tests/test_replay.py::test_a_compiled_launch_is_replayed_with_every_parameter_bound_in_order \
   '$(PW_TEST)::test_forward_backward_matches_oracle[cpu-fp32-residual-cl3d-train]' \
   '$(PW_TEST)::test_forward_backward_matches_oracle[cpu-fp16-stride2-pad1-eval]' \
   '$(PW_TEST)::test_large_mean_offset_is_numerically_safe[cpu-fp32]' \

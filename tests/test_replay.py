@@ -249,18 +249,24 @@ def test_a_compiled_launch_is_replayed_with_every_parameter_bound_in_order(monke
 
 _BINDER_SCRIPT = """
 import torch, r21d
+from torch import nn
 from triton.backends.compiler import GPUTarget
 from triton.compiler import make_backend
 from r21d.bench.cpu_launch import triton_on_cpu
-from r21d.bench.narrow import narrow_r2plus1d_18
 from r21d.triton_kernels import _compile, _launch, _replay
 backend = make_backend(GPUTarget("cuda", 90, 32))
 checked = set()
 for training in (False, True):
     torch.manual_seed(0)
-    model = r21d.fuse(narrow_r2plus1d_18().train(training))
+    model = r21d.fuse(nn.Sequential(  # every family: implicit GEMM, (2+1)D unit, pointwise, depthwise
+        nn.Conv3d(3, 8, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False),
+        nn.BatchNorm3d(8), nn.ReLU(), r21d.SpatioTemporalConv(8, 16, 3, padding=1),
+        nn.Conv3d(16, 24, 1, bias=False), nn.BatchNorm3d(24), nn.ReLU(),
+        nn.Conv3d(24, 24, 3, padding=1, groups=24, bias=False), nn.BatchNorm3d(24), nn.ReLU(),
+    ).train(training))
     x = torch.randn(2, 3, 4, 16, 16, requires_grad=training)  # NCDHW: the layout copies too
-    with r21d.use_backend("triton"), triton_on_cpu(), _launch.capture() as launches:
+    with r21d.use_backend("triton"), triton_on_cpu(), _launch.capture() as launches, \
+            torch.set_grad_enabled(training):
         y = model(x)
         if training:
             y.sum().backward()
@@ -275,7 +281,8 @@ print(len(checked))
 
 
 def test_parameters_are_bound_as_tritons_binder_binds_them():
-    """Every kernel a (2+1)D network launches in eval and training, every configuration:
+    """Every kernel a small network of every family launches in eval and training, every
+    configuration:
     :func:`_replay.bound_values` against Triton's own binder (a process without the
     interpreter, whose kernels are JIT functions; nothing is compiled or launched)."""
     import os
@@ -286,7 +293,7 @@ def test_parameters_are_bound_as_tritons_binder_binds_them():
     result = subprocess.run([sys.executable, "-c", _BINDER_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert int(result.stdout.split()[-1]) >= 6  # distinct kernels checked
+    assert int(result.stdout.split()[-1]) >= 14  # distinct kernels checked
 
 
 def test_a_stubbed_launch_is_replayed_only_while_stubbed():
