@@ -84,13 +84,9 @@ def implementation(name: str, *tensors: Optional[Tensor]) -> Callable:
             or torch.autograd.profiler._is_profiler_enabled) \
             and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors):
         return impl
-    packet = _PACKETS.get(name)
-    if packet is None:
-        packet = _PACKETS[name] = getattr(torch.ops.r21d, name.split("::")[1])
-    return packet
-
-
-_PACKETS: dict[str, Callable] = {}
+    # (looked up each time: a cache filled here would be a global mutation inside the autograd
+    # Functions that torch.compile traces, which it refuses)
+    return getattr(torch.ops.r21d, name.split("::")[1])
 
 
 def differentiable(name: str, setup_context, backward) -> type[torch.autograd.Function]:

@@ -25,9 +25,9 @@ replayed through ``CompiledKernel[grid]`` with every kernel parameter bound once
 A recording that a replay could not repeat faithfully marks its signature unplanned, and the
 launcher then runs on every call: an op that hands the launcher a Python value (``.item()``, a
 comparison), a tensor from outside the arguments (a cache). A planned launcher called inside
-another's recording, or with keyword arguments, runs in full. Nothing is planned while launches are captured (the static report and warm-up want the candidates), with
-``R21D_AUTOTUNE=1`` (the timed choice may change), or while statistics are reduced over a process
-group (collectives).
+another's recording, or with keyword arguments, runs in full. Nothing is planned while launches
+are captured (the static report and warm-up want the candidates), with ``R21D_AUTOTUNE=1`` (the
+timed choice may change), or while statistics are reduced over a process group (collectives).
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class _Recorder(TorchDispatchMode):
     def __init__(self, args: tuple):
         super().__init__()
         self.n_args = len(args)
-        self.slots: dict[int, int] = {}  # id(tensor) -> slot
+        self.slots: dict[int, int] = {}  # id(tensor) -> slot (an argument's: its position)
         self.keep: list = []  # the slotted tensors, alive so that their ids stay theirs
         self.steps: list = []
         self.broken: str | None = None
