@@ -207,6 +207,8 @@ class _Compiled:
         self.fn, self.calls = fn, 0
 
     def __getitem__(self, grid):
+        assert len(grid) == 3  # Triton's runner reads grid[0], grid[1] and grid[2]
+
         def runner(*values):
             self.calls += 1
             self.fn[grid](*values)
@@ -233,7 +235,7 @@ def test_a_compiled_launch_is_replayed_with_every_parameter_bound_in_order(monke
     def launcher(x, y):
         out = _launch.alloc(x.shape, dtype=x.dtype, device=x.device)
         # keywords in another order than the parameters, and a default left out
-        _launch.launch(kernel, (3,), x, y, out, x.numel(), 3.0, BLOCK=16, B=2.0)
+        _launch.launch(kernel, (3,), x, y, out, x.numel(), 3.0, BLOCK=16, B=2.0)  # a 1-D grid
         return (out,)
 
     planned, runs = _counting(launcher)

@@ -343,7 +343,9 @@ class _Launch:
         specialisation, which the signature fixes) with every parameter bound once here."""
         values = bound_values(self.kernel, self.args, self.kwargs)
         if values is not None:
-            self.args, self.runner = values, compiled[self.grid]
+            # CompiledKernel[grid] indexes all three dimensions (JITFunction.run pads them)
+            grid = tuple(self.grid) + (1,) * (3 - len(self.grid))
+            self.args, self.runner = values, compiled[grid]
             self.name = _launch.kernel_name(self.kernel)
 
     def run(self, values):
