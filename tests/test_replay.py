@@ -312,3 +312,20 @@ def test_a_stubbed_launch_is_replayed_only_while_stubbed():
     for _ in range(2):
         torch.testing.assert_close(axpy(x, y)[0], x + y)
     assert len(runs) == 2
+
+
+def test_a_launch_left_unrecorded_still_runs_when_it_returns_a_compiled_kernel():
+    """A launch whose recording failed (a tensor from outside the call) returns a compiled
+    kernel, as on a GPU (here: stubbed); nothing may attach it to another step."""
+    def launcher(x, y):
+        out = _launch.alloc(x.shape, dtype=x.dtype, device=x.device)
+        _launch.launch(_axpy_kernel, (3,), _CACHED, y, out, x.numel(), 1.0, BLOCK=16)
+        return (out,)
+
+    planned, runs = _counting(launcher)
+    with _launch.stubbed():
+        for _ in range(2):
+            with _launch.count() as counter:
+                planned(torch.randn(40), torch.randn(40))
+            assert counter.launches == 1
+    assert len(runs) == 2 and list(planned.plans.values()) == [None]

@@ -138,6 +138,7 @@ class _Recorder(TorchDispatchMode):
         self.steps: list = []
         self.broken: str | None = None
         self._quiet = 0
+        self._launch: _Launch | None = None  # the launch step just recorded, until it has run
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 self.slots.setdefault(id(a), i)
@@ -202,18 +203,22 @@ class _Recorder(TorchDispatchMode):
         return positions
 
     def launched(self, kernel, grid, args, kwargs) -> None:
+        self._launch = None
         if self._quiet:
             return
         positions = self._positions(args)
         if positions is None or any(isinstance(v, torch.Tensor) for v in kwargs.values()):
             return self._fail(f"{_launch.kernel_name(kernel)} launched with a tensor from outside "
                               "the call")
-        self.steps.append(_Launch(kernel, tuple(grid), list(args), positions, dict(kwargs)))
+        self._launch = _Launch(kernel, tuple(grid), list(args), positions, dict(kwargs))
+        self.steps.append(self._launch)
 
     def ran(self, compiled) -> None:
-        """What the launch just recorded returned: Triton's CompiledKernel on a GPU."""
-        if not self._quiet and isinstance(compiled, (CompiledKernel, type(_launch.STUB_KERNEL))):
-            self.steps[-1].attach(compiled)
+        """What the launch just recorded returned: Triton's CompiledKernel on a GPU (nothing to
+        attach to if its recording failed)."""
+        step, self._launch = self._launch, None
+        if step is not None and isinstance(compiled, (CompiledKernel, type(_launch.STUB_KERNEL))):
+            step.attach(compiled)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
