@@ -280,21 +280,12 @@ class FusedCall:
     geometry and mode) into the op's; :meth:`run` makes one call with them (what a site's cached
     plan calls, see r21d.fused_site); calling the object does both."""
 
-    __slots__ = ("family", "bn_float32", "op_name", "_op")
+    __slots__ = ("family", "bn_float32", "op_name")
 
     def __init__(self, family: _OpFamily, bn_float32: bool = False):
         self.family = family
         self.bn_float32 = bn_float32
         self.op_name = family.forward.split("::")[1]
-        self._op = None
-
-    @property
-    def op(self):
-        """The op's overload packet, ``torch.ops.r21d.<name>`` (looked up on first use: the csrc
-        ops exist only where r21d._C is built)."""
-        if self._op is None:
-            self._op = getattr(torch.ops.r21d, self.op_name)
-        return self._op
 
     def static_args(self, *, stride, padding, dilation, training, activation, save,
                     sync_group="") -> tuple[tuple, tuple]:
