@@ -31,15 +31,21 @@ def cudnn_conv_allows_tf32() -> bool:
     (Context::float32Precision): cudnn.conv.fp32_precision, else cudnn.fp32_precision, else the
     generic torch.backends.fp32_precision, where "none" defers to the next; "tf32" allows it,
     anything else is IEEE. Torch < 2.9 has only the legacy flag. (Reading the legacy flag raises
-    when the new API set conv and RNN differently, so it is not read when the new one exists.)"""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if not hasattr(conv, "fp32_precision"):
+    when the new API set conv and RNN differently, so it is not read when the new one exists.)
+    Read through torch._C's getter, which the torch.backends properties wrap: every fp32 launch
+    asks (see triton_kernels/_replay.py)."""
+    if _FP32_PRECISION is None:
         return bool(torch.backends.cudnn.allow_tf32)
-    for level in (conv, torch.backends.cudnn, torch.backends):
-        precision = getattr(level, "fp32_precision", "none")
+    for backend, op in _FP32_PRECISION_LEVELS:
+        precision = _FP32_PRECISION(backend, op)
         if precision != "none":
             return precision == "tf32"
     return False
+
+
+# torch.backends.cudnn.conv, torch.backends.cudnn and torch.backends, as torch._C names them
+_FP32_PRECISION = getattr(torch._C, "_get_fp32_precision_getter", None)
+_FP32_PRECISION_LEVELS = (("cuda", "conv"), ("cuda", "all"), ("generic", "all"))
 
 
 def dot_precision(dtype: torch.dtype) -> str:

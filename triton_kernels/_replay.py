@@ -75,7 +75,8 @@ def _signature(args: tuple):
     sig = []
     ids = []
     for a in args:
-        if type(a) in _PLAIN_TENSORS:
+        kind = type(a)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
             sig.append((a.shape, a.stride(), a.dtype, a.device, a.data_ptr() & 15))
             ids.append(id(a))
         elif isinstance(a, torch.Tensor):
@@ -84,7 +85,8 @@ def _signature(args: tuple):
             sig.append(a)  # None, numbers, strings, tuples of numbers: hashable values
     if len(set(ids)) != len(ids):  # the same tensor in two places: slots follow the pattern
         sig.append(tuple(ids.index(i) for i in ids))
-    if args and type(args[0]) in _PLAIN_TENSORS and args[0].dtype == torch.float32:
+    first = args[0] if args else None
+    if type(first) in _PLAIN_TENSORS and first.dtype == torch.float32:
         sig.append(cudnn_conv_allows_tf32())
     if _launch._stubbed:  # its launches were never compiled
         sig.append("stubbed")
