@@ -14,7 +14,9 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from .triton_kernels import sync_stats
 from .triton_kernels._layout import out_size, output_memory_format
+from .triton_kernels._replay import PLAIN_TENSORS
 
 __all__ = ["activation_arg", "custom_op", "differentiable", "grad_shaped", "implementation",
            "needs_grad", "on_device", "out_shape", "out_size"]
@@ -29,9 +31,24 @@ def out_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, ..
         for size, k, s, p, d in zip(sizes, weight_shape[2:], stride, padding, dilation)))
 
 
-def on_device(t: Tensor):
-    """Triton launches on the current CUDA device: make it the tensors' device."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def on_device(t: Tensor, sync_group: str = ""):
+    """The context a launcher runs in: Triton launches on the current CUDA device, so that is made
+    ``t``'s device; BN statistics are reduced over the process group ``sync_group`` ("": this
+    process only, see triton_kernels/sync_stats.py). A shared no-op context where neither changes
+    anything (nearly every call: entering the guards costs more than a launch plan's signature)."""
+    switch = t.device.type == "cuda" and t.device.index != torch.cuda.current_device()
+    if not (switch or sync_group):
+        return _NO_GUARD
+    return _guarded(t, switch, sync_group)
+
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: it keeps no state
+
+
+@contextlib.contextmanager
+def _guarded(t: Tensor, switch: bool, sync_group: str):
+    with torch.cuda.device(t.device) if switch else _NO_GUARD, sync_stats.over(sync_group):
+        yield
 
 
 def activation_arg(name: str) -> str | None:
@@ -50,7 +67,6 @@ def grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Ten
 
 
 _IMPLEMENTATIONS: dict[str, Callable] = {}  # "r21d::<op>" -> its Python implementation
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def custom_op(name: str) -> Callable:
@@ -82,7 +98,7 @@ def implementation(name: str, *tensors: Optional[Tensor]) -> Callable:
             or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active()
             or torch.autograd.profiler._is_profiler_enabled) \
-            and all(t is None or type(t) in _PLAIN_TENSORS for t in tensors):
+            and all(t is None or type(t) in PLAIN_TENSORS for t in tensors):
         return impl
     # (looked up each time: a cache filled here would be a global mutation inside the autograd
     # Functions that torch.compile traces, which it refuses)

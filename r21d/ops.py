@@ -48,7 +48,6 @@ from torch import Tensor
 from ._op_common import (activation_arg, custom_op, differentiable, grad_shaped, implementation,
                          needs_grad, on_device, out_shape)
 from .dispatch import CSRC_OPS, FUSED_CALLS, IMPLICIT_GEMM_FAMILIES, csrc_ops_available
-from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
 
 
@@ -152,7 +151,7 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
         dilation: Sequence[int], training: bool, momentum: float, eps: float, activation: str,
         save_for_backward: bool, sync_group: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        with on_device(x), sync_stats.over(sync_group):
+        with on_device(x, sync_group):
             return forward_launcher(
                 x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                 tuple(stride), tuple(padding), tuple(dilation), training, momentum, eps,
@@ -166,7 +165,7 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
         deterministic: bool, sync_group: str,
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         # The Triton kernels are deterministic either way (fixed-order partial sums).
-        with on_device(x), sync_stats.over(sync_group):
+        with on_device(x, sync_group):
             grads = backward_launcher(
                 grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual,
                 tuple(stride), tuple(padding), tuple(dilation), training, activation_arg(activation),

@@ -19,7 +19,6 @@ from torch import Tensor
 
 from ._op_common import (activation_arg, custom_op, differentiable, grad_shaped, implementation,
                          on_device, out_shape, out_size)
-from .triton_kernels import sync_stats
 from .triton_kernels._layout import output_memory_format
 
 
@@ -75,7 +74,7 @@ def conv2plus1d_bn_act_train(
     ``sync_group``: both BNs' statistics span that process group's ranks ("" for none)."""
     from .triton_kernels import conv2plus1d_train
 
-    with on_device(x), sync_stats.over(sync_group):
+    with on_device(x, sync_group):
         return conv2plus1d_train.unit_train_fwd(
             x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean,
             bn1_running_var, bn1_momentum, bn1_eps, temporal_weight, temporal_bias, bn2_weight,
@@ -137,7 +136,7 @@ def conv2plus1d_bn_act_train_backward(
     asked for in ``output_mask`` come back empty. Deterministic (fixed-order partial sums)."""
     from .triton_kernels import conv2plus1d_train
 
-    with on_device(x), sync_stats.over(sync_group):
+    with on_device(x, sync_group):
         grads = conv2plus1d_train.unit_train_bwd(
             grad_out, x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, z1, mean1, invstd1,
             temporal_weight, temporal_bias, bn2_weight, bn2_bias, z2, mean2, invstd2, residual,

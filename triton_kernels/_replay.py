@@ -65,7 +65,9 @@ def disabled() -> Iterator[None]:
         _enabled.pop()
 
 
-_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+# What a plan may hold and replay: tensor subclasses (fake, functional, user-defined) are never
+# planned. r21d._op_common calls an op's implementation directly for the same types only.
+PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _signature(args: tuple):
@@ -86,7 +88,7 @@ def _signature(args: tuple):
     if len(set(ids)) != len(ids):  # the same tensor in two places: slots follow the pattern
         sig.append(tuple(ids.index(i) for i in ids))
     first = args[0] if args else None
-    if type(first) in _PLAIN_TENSORS and first.dtype == torch.float32:
+    if type(first) in PLAIN_TENSORS and first.dtype == torch.float32:
         sig.append(cudnn_conv_allows_tf32())
     if _launch._stubbed:  # its launches were never compiled
         sig.append("stubbed")
