@@ -17,7 +17,7 @@ import sys
 import torch
 from torch import nn
 
-from . import dispatch, plan_cache
+from . import dispatch, fused_traced, plan_cache
 from .backends import get_backend
 from .fused_sequential import PROGRAM, FusedSequential, find_runs
 from .fused_site import conv_base, site_config
@@ -65,6 +65,8 @@ def fuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         if fused_class is not None:
             setattr(module, _ORIGINAL_CLASS, type(module))
             module.__class__ = fused_class
+        elif fused_traced.candidate(module):
+            fused_traced.fuse_module(module)  # any other forward, by what it computes
     return model
 
 
@@ -79,6 +81,7 @@ def unfuse(model: nn.Module, *, inplace: bool = False) -> nn.Module:
         # what the fused forward kept between calls (r21d.plan_cache), no part of a plain module
         plan_cache.forget(module)
         module.__dict__.pop(PROGRAM, None)
+        fused_traced.unfuse_module(module)
         if isinstance(module, FusedSequential):
             module.__class__ = module.__dict__.pop(_ORIGINAL_CLASS, nn.Sequential)
         elif type(module) in fused_blocks:
@@ -170,10 +173,26 @@ def _sites(model: nn.Module, dtype, device):
                 else:
                     row, convs = _site_row(site, *parts, dtype, device), (parts[0],)
                 yield _with_note(row, tail_note), convs
+        elif fused_traced.is_traced(module):
+            for chain in fused_traced.program_of(module).chains:
+                yield _traced_row(name, module, chain, dtype, device)
         elif isinstance(module, SpatioTemporalConv):
             yield (_unit_row(name or "<root>", module.spatial_conv, module.bn1, module.relu,
                              module.temporal_conv, module.bn2, module.relu, dtype, device),
                    (module.spatial_conv, module.temporal_conv))
+
+
+def _traced_row(name: str, module: nn.Module, chain, dtype, device) -> tuple[Site, tuple]:
+    """(row, convs) of a chain found in a traced module's forward (r21d.fused_traced)."""
+    get = module.get_submodule
+    site = f"{name}.{chain.convs[0]}" if name else chain.convs[0]
+    acts = fused_traced.CANONICAL_ACTIVATIONS
+    act = acts[chain.act.kind] if chain.act is not None else None
+    convs = tuple(get(path) for path in chain.convs)
+    if chain.unit:
+        return _unit_row(site, convs[0], get(chain.bns[0]), acts["relu"], convs[1],
+                         get(chain.bns[1]), act, dtype, device, chain.residual), convs
+    return _site_row(site, convs[0], get(chain.bns[0]), act, dtype, device, chain.residual), convs
 
 
 def _unfused_reason(parent: nn.Module | None, conv: nn.Module) -> str:
@@ -181,6 +200,8 @@ def _unfused_reason(parent: nn.Module | None, conv: nn.Module) -> str:
         return f"{type(conv).__name__} has its own forward"
     if parent is None:
         return "not inside a module r21d can fuse"
+    if fused_traced.is_traced(parent) or fused_traced.candidate(parent):
+        return fused_traced.unfused_reason(parent, conv)
     if not isinstance(parent, nn.Sequential):
         return f"inside {type(parent).__name__}, not an nn.Sequential"
     if not isinstance(parent, FusedSequential) and type(parent).forward is not nn.Sequential.forward:
@@ -211,6 +232,8 @@ def fusion_sites(model: nn.Module, *, dtype: torch.dtype | None = None,
     _check_model(model, "fusion_sites")
     rows, fused_convs = [], set()
     for row, convs in _sites(model, dtype, device):
+        if any(id(c) in fused_convs for c in convs):
+            continue  # a Sequential's run that a traced parent's forward runs (listed there)
         rows.append(row)
         fused_convs.update(id(c) for c in convs)
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}

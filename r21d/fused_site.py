@@ -12,6 +12,7 @@ plan's static arguments, without validating, configuring or choosing the backend
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -51,6 +52,16 @@ def is_batchnorm_for(bn: nn.Module, conv: nn.Module) -> bool:
     )
 
 
+# Activation modules of other classes found to compute ReLU or SiLU (pytorchvideo's Swish):
+# r21d.fused_traced probes a module once and registers it here, by instance.
+_FOUND_ACTIVATIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def register_activation(module: nn.Module, name: str) -> None:
+    """Let fused sites run ``module`` as the activation ``name`` ("relu" or "silu")."""
+    _FOUND_ACTIVATIONS[module] = name
+
+
 def activation_name(act: Optional[nn.Module]) -> str | None:
     """"relu" / "silu" / None for a supported activation module (None for no module)."""
     if act is None:
@@ -58,6 +69,9 @@ def activation_name(act: Optional[nn.Module]) -> str | None:
     for t, name in ACTIVATION_TYPES.items():
         if _plain_forward(act, t):
             return name
+    name = _FOUND_ACTIVATIONS.get(act)
+    if name is not None:
+        return name
     raise ValueError(f"unsupported activation module {type(act).__name__}; expected ReLU, SiLU or Identity")
 
 
