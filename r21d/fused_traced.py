@@ -433,8 +433,8 @@ def _runner(chain: Chain, index: int) -> Callable:
 
     if chain.unit:
         def run(spatial, bn1, relu, temporal, bn2, act, x, residual):
-            mid_shape = _conv_output_shape(spatial, x.shape)
-            if not _residual_fits(temporal, mid_shape, x, residual):
+            if residual is not None and not _residual_fits(
+                    temporal, _conv_output_shape(spatial, x.shape), x, residual):
                 mid = _apply(chain.relu, relu, bn1(spatial(x)))
                 return _tail(chain, act, bn2(temporal(mid)), residual)
             return run_unit(spatial, bn1, _activation(relu, relu_kind), temporal, bn2,
@@ -442,7 +442,7 @@ def _runner(chain: Chain, index: int) -> Callable:
                             slot=plan_cache.slot(temporal, "traced-unit"))
     else:
         def run(conv, bn, act, x, residual):
-            if not _residual_fits(conv, x.shape, x, residual):
+            if residual is not None and not _residual_fits(conv, x.shape, x, residual):
                 return _tail(chain, act, bn(conv(x)), residual)
             return run_site(conv, bn, _activation(act, act_kind), x, residual,
                             slot=plan_cache.slot(conv, "traced-site"))

@@ -397,3 +397,23 @@ def test_pytorchvideo_zoo_every_chain_fused(name):
         inputs = lambda: x  # noqa: E731
     with r21d.use_backend("torch"), torch.no_grad():
         assert torch.equal(fused(inputs()), model(inputs()))
+
+
+def test_a_traced_model_compiles_fullgraph_with_eager_results(strict):
+    """torch.compile(fullgraph=True) traces the rewritten forwards to the fused ops (aot_eager,
+    the Triton interpreter); the (2+1)D unit, a residual tail and a shortcut among them."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    fused = r21d.fuse(_randomize(UserR2Plus1D(width=4))).eval()
+    x = torch.randn(1, 3, 2, 4, 4)
+    with r21d.use_backend("triton"), torch.no_grad():
+        with _launch.count() as eager_launches:
+            expected = fused(x)
+        with _launch.count() as compiled_launches:
+            got = torch.compile(fused, fullgraph=True, backend="aot_eager")(x)
+    assert compiled_launches.kernels == eager_launches.kernels
+    # the stem's unit as one kernel, 3 + 1 implicit-GEMM sites, the pointwise shortcut
+    assert [k for k in eager_launches.kernels if k != "relayout"] == [
+        "_unit_eval_kernel", "_igemm_fwd_kernel", "_igemm_fwd_kernel", "_igemm_fwd_kernel",
+        "_pointwise_fwd_kernel", "_igemm_fwd_kernel"]
+    torch.testing.assert_close(got, expected)
