@@ -11,6 +11,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEPS   := torch==2.14.1 torchvision==0.29.1 numpy 'setuptools>=64' wheel ninja build \
           pytest hypothesis expecttest matplotlib pytest-benchmark
+ZOO_DEPS := pytorchvideo==0.1.5 fvcore iopath portalocker yacs pyyaml tabulate termcolor tqdm
 CSRC   := $(shell find csrc 2>/dev/null)
 # the package roots: an editable install made before their __init__.py existed must be redone
 ROOTS  := $(wildcard r21d/__init__.py triton_kernels/__init__.py)
@@ -33,6 +34,9 @@ $(PY):
 
 $(VENV)/.r21d-deps: Makefile | $(PY)
 	$(PIP) install -q --progress-bar off $(DEPS)
+	@# pytorchvideo's model zoo for the fuse tests (tests/test_fuse_traced.py), without its video
+	@# I/O dependencies (av); from the package index: where it is unreachable those tests skip
+	-$(PIP) install -q --progress-bar off --no-deps $(ZOO_DEPS)
 	touch $@
 
 $(VENV)/.r21d-installed: $(VENV)/.r21d-deps setup.py pyproject.toml MANIFEST.in $(CSRC) $(ROOTS)
