@@ -174,21 +174,34 @@ def _match_site(root: nn.Module, conv_node: fx.Node, claimed: set) -> tuple[_Mat
     if bn is None or not is_batchnorm_for(bn, conv) or bn_node.args != (conv_node,) or bn_node.kwargs:
         what = bn_node.target if bn_node.op != "call_function" else getattr(bn_node.target, "__name__", bn_node.target)
         return None, f"no BatchNorm follows it (its output goes to {what})"
-    nodes, last, residual, first, add = [conv_node, bn_node], bn_node, None, False, None
-    nxt = _single_user(last)
+    nodes, residual, first, add = [conv_node, bn_node], None, False, None
+    last, nxt = _through_identities(root, bn_node, nodes, claimed)
     found = _residual_of(nxt, last) if nxt is not None and nxt not in claimed else None
     if found is not None:
         residual, first = found
         add = nxt.target
         nodes.append(nxt)
-        last = nxt
-        nxt = _single_user(last)
+        last, nxt = _through_identities(root, nxt, nodes, claimed)
     act = _activation_of(root, nxt, last) if nxt is not None and nxt not in claimed else None
     if act is not None:
         nodes.append(nxt)
     chain = Chain((conv_node.target,), (bn_node.target,), None, act, residual is not None, first,
                   add)
     return _Match(chain, nodes, conv_node.args[0], residual), ""
+
+
+def _through_identities(root: nn.Module, node: fx.Node, nodes: list,
+                        claimed: set) -> tuple[fx.Node, fx.Node | None]:
+    """(the last node, its single user or None) after any nn.Identity children that ``node``'s
+    value passes alone (X3D's ``norm_b`` is Sequential(BN, Identity) where a block has no SE),
+    which join ``nodes``."""
+    nxt = _single_user(node)
+    while (nxt is not None and nxt not in claimed and nxt.op == "call_module"
+           and type(_module_of(root, nxt)) is nn.Identity and not _has_hooks(_module_of(root, nxt))
+           and nxt.args == (node,) and not nxt.kwargs):
+        nodes.append(nxt)
+        node, nxt = nxt, _single_user(nxt)
+    return node, nxt
 
 
 def _inside_one_sequential(root: nn.Module, chain: Chain) -> bool:
@@ -323,7 +336,9 @@ def _layout(module: nn.Module, inlined) -> tuple:
 
 class TracedProgram:
     """A module's rewritten forward (``forward``, None when nothing fuses or tracing failed),
-    its ``chains``, ``unfused`` convs (path -> why) and ``error`` (why it could not be traced)."""
+    its ``chains``, ``unfused`` convs (path -> why) and ``error`` (why it could not be traced).
+    ``inlined``: the modules whose forward it no longer calls (those traced through, identities
+    a chain absorbed), whose children and hooks decide whether it still applies."""
 
     def __init__(self, module: nn.Module):
         self.forward: Optional[Callable] = None
@@ -337,8 +352,11 @@ class TracedProgram:
             first_line = str(e).splitlines()[0] if str(e) else ""
             self.error = f"not traceable: {type(e).__name__}: {first_line}"
         else:
-            self.inlined = tuple(inlined)
             matches = self._find(module, graph)
+            # an identity a chain absorbed is no longer called: watched for hooks like those
+            identities = [module.get_submodule(n.target) for m in matches for n in m.nodes
+                          if n.op == "call_module" and type(module.get_submodule(n.target)) is nn.Identity]
+            self.inlined = tuple(inlined) + tuple(identities)
             if matches:
                 self.forward = _compile(graph, matches)
         self.layout = _layout(module, self.inlined)

@@ -203,6 +203,32 @@ def test_activation_modules_and_calls(name):
         assert torch.equal(fused(x), model(x))
 
 
+class X3DStyle(nn.Module):
+    """pytorchvideo's bottleneck without SE: conv_b -> norm_b = Sequential(BN, Identity) -> Swish."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_b = nn.Conv3d(4, 4, 3, padding=1, groups=4, bias=False)
+        self.norm_b = nn.Sequential(nn.BatchNorm3d(4), nn.Identity())
+        self.act_b = Swish()
+
+    def forward(self, x):
+        return self.act_b(self.norm_b(self.conv_b(x)))
+
+
+def test_a_bn_in_a_sequential_with_an_identity_fuses_with_the_activation_after_it():
+    model = _randomize(X3DStyle()).eval()
+    fused = r21d.fuse(model)
+    (site,), _ = _fused_and_unfused(fused)
+    assert site.kernel == "depthwise" and site.pattern.endswith("BatchNorm3d -> SiLU"), site
+    x = torch.randn(1, 4, 3, 5, 5)
+    with r21d.use_backend("torch"), torch.no_grad():
+        assert torch.equal(fused(x), model(x))
+        seen = []
+        fused.norm_b[1].register_forward_hook(lambda m, a, out: seen.append(out))
+        assert torch.equal(fused(x), model(x)) and len(seen) == 1  # the identity runs again
+
+
 class Tail(nn.Module):
     def __init__(self, form):
         super().__init__()

@@ -19,6 +19,7 @@ Targets (from BASELINES.md) are ratios checked in the same run; no case holds a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import ClassVar, Optional, Sequence, Union
@@ -137,7 +138,7 @@ class ModelCase:
 
     id: str
     description: str
-    model: str  # a builder in torchvision.models.video
+    model: str  # a builder in torchvision.models.video, or r21d.bench.zoo's (pytorchvideo)
     batch: int
     frames: int
     size: int
@@ -163,6 +164,11 @@ class ModelCase:
         return torch.channels_last_3d if self.channels_last else torch.contiguous_format
 
     def builder(self):
+        """The model's builder, called with ``num_classes`` (pytorchvideo's with the clip too)."""
+        from . import zoo
+
+        if self.model in zoo.BUILDERS:
+            return functools.partial(zoo.BUILDERS[self.model], self.frames, self.size)
         import torchvision
 
         return getattr(torchvision.models.video, self.model)
@@ -287,6 +293,17 @@ def video_model(model: str, training: bool, batch: int = 16,
     return ModelCase(
         id=f"{model}-b{batch}-eval", model=model, batch=batch, frames=16, size=112,
         training=False, description=f"{model} eval forward, {shape}, bf16", target=target)
+
+
+def zoo_model(model: str, training: bool, batch: int, frames: int, size: int) -> ModelCase:
+    """A pytorchvideo model (r21d.bench.zoo): an eval forward in bf16, or a training step under
+    bf16 autocast. No target: their first GPU run sets the reference."""
+    shape = f"{batch}x3x{frames}x{size}x{size}"
+    mode = "train" if training else "eval"
+    what = ("training step (forward, backward, SGD), " + shape + ", bf16 autocast" if training
+            else "eval forward, " + shape + ", bf16")
+    return ModelCase(id=f"{model}-b{batch}-{mode}", model=model, batch=batch, frames=frames,
+                     size=size, training=training, description=f"{model} (pytorchvideo) {what}")
 
 
 def r2plus1d_18(training: bool, batch: int = 16) -> ModelCase:
@@ -492,6 +509,9 @@ CASES: list[Case] = [
     r2plus1d_18_latency(batch=4),
     video_model("r3d_18", training=False),
     video_model("r3d_18", training=True),
+    # the depthwise family's whole models
+    *(zoo_model("x3d_m", training, batch=8, frames=16, size=224) for training in (False, True)),
+    *(zoo_model("csn_50", training, batch=8, frames=32, size=224) for training in (False, True)),
 ]
 
 
