@@ -147,6 +147,36 @@ def test_user_network_runs_fused_kernels_and_matches_float64(strict):
     assert_module_matches_float64(fused, model, x)
 
 
+class Classifier(nn.Module):
+    """Three Conv3d -> BN -> F.relu layers with pooling between, then a linear head."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv3d(3, 8, 3, padding=1), nn.BatchNorm3d(8)
+        self.conv2, self.bn2 = nn.Conv3d(8, 16, 3, padding=1), nn.BatchNorm3d(16)
+        self.conv3, self.bn3 = nn.Conv3d(16, 16, 3, padding=1), nn.BatchNorm3d(16)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = F.max_pool3d(F.relu(self.bn1(self.conv1(x))), 2)
+        x = F.max_pool3d(F.relu(self.bn2(self.conv2(x))), 2)
+        x = F.relu(self.bn3(self.conv3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool3d(x, 1), 1))
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_three_layer_classifier(training):
+    model = _randomize(Classifier())
+    fused = r21d.fuse(model)
+    sites, unfused = _fused_and_unfused(fused)
+    assert [r.site for r in sites] == ["conv1", "conv2", "conv3"] and not unfused
+    x = torch.randn(2, 3, 4, 8, 8)
+    with r21d.use_backend("torch"):
+        got = _step(fused, x, training)
+    want = _step(model, x, training)
+    assert all(torch.equal(a, b) for a, b in zip(got[:2], want[:2]))
+
+
 class Activated(nn.Module):
     def __init__(self, act):
         super().__init__()
