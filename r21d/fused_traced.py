@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import operator
 from typing import Any, Callable, Optional
 
@@ -58,12 +57,12 @@ def activation_kind(module: nn.Module) -> str | None:
         if isinstance(module, t) and type(module).forward is t.forward:
             return kind
     if (next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
-            or module._modules or hooked(module)):
+            or module._modules or _has_hooks(module)):
         return None
     probe = torch.linspace(-8.0, 8.0, 161)
     try:
-        with torch.no_grad():
-            out = module(probe.clone())
+        with torch.no_grad():  # (its forward: global hooks are not told of a probe)
+            out = module.forward(probe.clone())
     except Exception:  # whatever it is, not an activation r21d can run
         return None
     if not isinstance(out, Tensor) or out.shape != probe.shape or out.dtype != probe.dtype:
@@ -83,9 +82,8 @@ class Activation:
     module: Optional[str] = None
     call: Optional[tuple] = None
 
-    def apply(self, root: nn.Module, y: Tensor) -> Tensor:
-        if self.module is not None:
-            return root.get_submodule(self.module)(y)
+    def call_on(self, y: Tensor) -> Tensor:
+        """The call the forward made (an activation that is a module is called by the caller)."""
         op, target, extra, kwargs = self.call
         if op == "call_method":
             return getattr(y, target)(*extra, **kwargs)
@@ -277,7 +275,7 @@ class _Tracer(fx.Tracer):
             for child in m:
                 x = self.call_module(child, child.forward, (x,), {})
             return x
-        return functools.partial(_own_forward(m), m)(*args, **kwargs)
+        return _own_forward(m)(m, *args, **kwargs)
 
 
 def _own_forward(m: nn.Module) -> Callable:
@@ -288,10 +286,6 @@ def _own_forward(m: nn.Module) -> Callable:
 def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
                 or m._backward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    return hooked()
 
 
 def _traced_through(m: nn.Module) -> bool:
@@ -354,9 +348,9 @@ class TracedProgram:
         else:
             matches = self._find(module, graph)
             # an identity a chain absorbed is no longer called: watched for hooks like those
-            identities = [module.get_submodule(n.target) for m in matches for n in m.nodes
-                          if n.op == "call_module" and type(module.get_submodule(n.target)) is nn.Identity]
-            self.inlined = tuple(inlined) + tuple(identities)
+            absorbed = (_module_of(module, n) for m in matches for n in m.nodes)
+            identities = tuple(a for a in absorbed if type(a) is nn.Identity)
+            self.inlined = tuple(inlined) + identities
             if matches:
                 self.forward = _compile(graph, matches)
         self.layout = _layout(module, self.inlined)
@@ -486,11 +480,10 @@ _STANDARD = (nn.ReLU, nn.SiLU)
 
 
 def _apply(activation: Optional[Activation], module: Optional[nn.Module], y: Tensor) -> Tensor:
+    """The activation as the forward applied it: its module, or its call."""
     if activation is None:
         return y
-    if module is not None:
-        return module(y)
-    return activation.apply(None, y)
+    return module(y) if module is not None else activation.call_on(y)
 
 
 def _tail(chain: Chain, act: Optional[nn.Module], y: Tensor, residual) -> Tensor:
@@ -554,7 +547,7 @@ def program_of(module: nn.Module) -> TracedProgram:
 
 
 def _traced_forward(self, *args, **kwargs):
-    if _global_hooks():  # every module's forward runs, for the hooks to see it
+    if hooked():  # global module hooks: every module's forward runs, for them to see it
         return type(self).__dict__[BASE].forward(self, *args, **kwargs)
     program = self.__dict__.get(PROGRAM)
     if program is None or not program.valid(self):

@@ -350,6 +350,16 @@ def test_hooks_on_a_chain_run_it_as_written_and_fire():
         assert torch.equal(fused(x), model(x))
     assert len(seen) == 1
     handle.remove()
+    # a global module hook sees every module of the plain forward
+    called = []
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: called.append(type(m).__name__))
+    try:
+        with r21d.use_backend("torch"), torch.no_grad():
+            assert torch.equal(fused(x), model(x))
+    finally:
+        handle.remove()
+    assert called[:len(called) // 2] == called[len(called) // 2:]  # fused, then plain: alike
     # a child replaced after fuse: the forward is traced again for the new children
     fused.layer1.bn2 = nn.BatchNorm3d(16).eval()
     model.layer1.bn2 = copy.deepcopy(fused.layer1.bn2)
