@@ -483,3 +483,33 @@ def test_a_traced_model_compiles_fullgraph_with_eager_results(strict):
         "_unit_eval_kernel", "_igemm_fwd_kernel", "_igemm_fwd_kernel", "_igemm_fwd_kernel",
         "_pointwise_fwd_kernel", "_igemm_fwd_kernel"]
     torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["x3d", "csn"])
+def test_pytorchvideo_depthwise_models_bf16_eval_as_accurate_as_cudnn(name, strict):
+    """X3D and CSN, the depthwise family's models, fused on a GPU: bf16 logits against a float64
+    model, within twice cuDNN's error."""
+    pytest.importorskip("pytorchvideo")
+    import pytorchvideo.models as zoo
+    import pytorchvideo.models.csn  # noqa: F401
+    import pytorchvideo.models.x3d  # noqa: F401
+    from tests.utils import assert_oracle_close
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = _randomize(ZOO[name](zoo)).eval()
+    x = torch.randn(2, 3, 4 if name == "x3d" else 8, 32, 32)
+    with torch.no_grad():
+        ref = copy.deepcopy(plain).double().cuda()(x.double().cuda())
+    cl = torch.channels_last_3d
+    model = plain.cuda().to(torch.bfloat16).to(memory_format=cl)
+    xin = x.cuda().to(torch.bfloat16).contiguous(memory_format=cl)
+    fused = r21d.fuse(model)
+    with torch.no_grad():
+        with r21d.use_backend("torch"):
+            cudnn = model(xin)
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            out = fused(xin)
+    assert "_depthwise_fwd_kernel" in counter.kernels
+    assert_oracle_close("logits", out.float(), ref, torch.bfloat16, baseline=cudnn.float())
