@@ -10,16 +10,20 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEPS   := torch==2.14.1 torchvision==0.29.1 numpy 'setuptools>=64' wheel ninja build \
-          pytest hypothesis expecttest matplotlib pytest-benchmark
+          pytest hypothesis expecttest matplotlib pytest-benchmark ruff
 ZOO_DEPS := pytorchvideo==0.1.5 fvcore iopath portalocker yacs pyyaml tabulate termcolor tqdm
 CSRC   := $(shell find csrc 2>/dev/null)
 # the package roots: an editable install made before their __init__.py existed must be redone
 ROOTS  := $(wildcard r21d/__init__.py triton_kernels/__init__.py)
 
-.PHONY: test bench static install clean test-oldest gpu-check
+.PHONY: test bench static install clean test-oldest gpu-check lint
 
 test: $(VENV)/.r21d-installed
 	$(PY) -m pytest -q --durations=30
+
+# ruff (pyflakes, isort, bugbear, pyupgrade; configured in pyproject.toml)
+lint: $(VENV)/.r21d-deps
+	$(VENV)/bin/ruff check .
 
 bench: $(VENV)/.r21d-installed
 	$(VENV)/bin/r21d-bench $(ARGS)

@@ -13,7 +13,6 @@ import functools
 import importlib
 import warnings
 
-
 _REBUILD = "Rebuild it: pip install --no-build-isolation -e . (the 'cuda' backend is unavailable until then)"
 
 

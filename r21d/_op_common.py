@@ -9,7 +9,8 @@ one way. A conv's output size along one axis has one definition,
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -20,7 +20,7 @@ import contextvars
 import importlib.util
 import os
 import warnings
-from typing import Iterator
+from collections.abc import Iterator
 
 from .triton_kernels._launch import interpreted
 

@@ -11,14 +11,19 @@ registers the ops: r21d.ops imports this module, never the other way round.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from . import _extension, auto_choices, backends
 from .triton_kernels._launch import interpreted
-from .triton_kernels._limits import (DEPTHWISE_MAX_DILATION, DEPTHWISE_MAX_KERNEL,
-                                     DEPTHWISE_STRIDES, GRID_YZ_MAX, UNIT_MAX_OPEN_FRAMES)
+from .triton_kernels._limits import (
+    DEPTHWISE_MAX_DILATION,
+    DEPTHWISE_MAX_KERNEL,
+    DEPTHWISE_STRIDES,
+    GRID_YZ_MAX,
+    UNIT_MAX_OPEN_FRAMES,
+)
 
 FAMILIES = ("pointwise", "depthwise", "spatial", "temporal", "dense", "grouped")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

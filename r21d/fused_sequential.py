@@ -19,7 +19,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from .fused_site import hooked, conv_base, is_activation, is_batchnorm_for, run_site
+from .fused_site import conv_base, hooked, is_activation, is_batchnorm_for, run_site
 from .fused_unit import inline_unit, run_unit, unit_children
 from .plan_cache import PlanSlot
 

@@ -22,8 +22,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import backends, dispatch, functional
 from .dispatch import FusedConfig, conv_family
-from .plan_cache import (PlanSlot, autocast_state, byte_span, conv_kind, hooked, overlaps,
-                         plain_bn)
+from .plan_cache import PlanSlot, autocast_state, byte_span, conv_kind, hooked, overlaps, plain_bn
 from .triton_kernels import sync_stats
 
 CONV_TYPES = (nn.Conv2d, nn.Conv3d)

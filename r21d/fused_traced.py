@@ -24,7 +24,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import operator
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,7 @@ from torch import Tensor, fx, nn
 from . import plan_cache
 from ._op_common import out_size
 from .fused_sequential import FusedSequential
-from .fused_site import (conv_base, is_batchnorm_for, register_activation, run_site,
-                         site_geometry)
+from .fused_site import conv_base, is_batchnorm_for, register_activation, run_site, site_geometry
 from .fused_unit import run_unit
 from .plan_cache import autocast_state, hooked
 

@@ -28,11 +28,19 @@ from torch import Tensor, nn
 
 from . import backends, dispatch, functional, unit_ops
 from ._op_common import implementation, needs_grad, out_size
-from .fused_site import (activation_name, bn_momentum, conv_base, is_batchnorm_for, run_site,
-                         site_config, site_geometry, sync_group, uses_batch_stats)
+from .fused_site import (
+    activation_name,
+    bn_momentum,
+    conv_base,
+    is_batchnorm_for,
+    run_site,
+    site_config,
+    site_geometry,
+    sync_group,
+    uses_batch_stats,
+)
 from .ops import op_momentum, update_running_stats
-from .plan_cache import (PlanSlot, autocast_state, byte_span, conv_kind, hooked, overlaps,
-                         plain_bn)
+from .plan_cache import PlanSlot, autocast_state, byte_span, conv_kind, hooked, overlaps, plain_bn
 
 UNIT_KERNEL = "conv2plus1d"
 UNIT_TRAIN_KERNEL = "conv2plus1d-train"

@@ -40,13 +40,22 @@ way round, and r21d.unit_ops shares its helpers through r21d._op_common.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._op_common import (activation_arg, custom_op, differentiable, grad_shaped, implementation,
-                         needs_grad, on_device, out_shape)
+from ._op_common import (
+    activation_arg,
+    custom_op,
+    differentiable,
+    grad_shaped,
+    implementation,
+    needs_grad,
+    on_device,
+    out_shape,
+)
 from .dispatch import CSRC_OPS, FUSED_CALLS, IMPLICIT_GEMM_FAMILIES, csrc_ops_available
 from .triton_kernels._layout import output_memory_format
 

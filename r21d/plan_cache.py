@@ -97,7 +97,7 @@ class PlanSlot:
         self.plan = None
         self.sub: dict = {}
 
-    def child(self, name) -> "PlanSlot":
+    def child(self, name) -> PlanSlot:
         slot = self.sub.get(name)
         if slot is None:
             slot = self.sub[name] = PlanSlot()
@@ -105,10 +105,10 @@ class PlanSlot:
 
     # a copied or unpickled module plans anew (a plan names no tensor, but it was made for the
     # original's modules)
-    def __deepcopy__(self, memo) -> "PlanSlot":
+    def __deepcopy__(self, memo) -> PlanSlot:
         return PlanSlot()
 
-    def __copy__(self) -> "PlanSlot":
+    def __copy__(self) -> PlanSlot:
         return PlanSlot()
 
     def __reduce__(self):

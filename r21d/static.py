@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from .triton_kernels import _compile
 from .triton_kernels._layout import out_size
@@ -71,7 +71,7 @@ class Case:
     name: str  # e.g. "fwd-eval"
     dtype: str  # "bf16", "fp16", "fp32-tf32", "fp32-ieee"
     layout: str  # a key of the family's shape table, e.g. "cl3d" (channels_last_3d), "cl3d-odd"
-    run: Callable[["Case"], None]
+    run: Callable[[Case], None]
 
     @property
     def label(self) -> str:

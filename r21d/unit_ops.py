@@ -12,13 +12,22 @@ families and r21d.fused_unit for the caller).
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from ._op_common import (activation_arg, custom_op, differentiable, grad_shaped, implementation,
-                         on_device, out_shape, out_size)
+from ._op_common import (
+    activation_arg,
+    custom_op,
+    differentiable,
+    grad_shaped,
+    implementation,
+    on_device,
+    out_shape,
+    out_size,
+)
 from .triton_kernels._layout import output_memory_format
 
 

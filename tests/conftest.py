@@ -11,7 +11,6 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 import r21d  # noqa: E402
-
 from tests import strict_interpreter  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):

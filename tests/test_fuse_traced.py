@@ -14,7 +14,6 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import r21d
-from r21d import fused_traced
 from r21d.triton_kernels import _launch
 from tests.utils import assert_module_matches_float64
 
@@ -494,6 +493,7 @@ def test_pytorchvideo_depthwise_models_bf16_eval_as_accurate_as_cudnn(name, stri
     import pytorchvideo.models as zoo
     import pytorchvideo.models.csn  # noqa: F401
     import pytorchvideo.models.x3d  # noqa: F401
+
     from tests.utils import assert_oracle_close
 
     with warnings.catch_warnings():

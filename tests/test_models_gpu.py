@@ -13,7 +13,6 @@ import torch.nn.functional as F
 import r21d
 from r21d.bench.providers import cuda_graphed, randomize_batchnorm
 from r21d.triton_kernels import _launch
-
 from tests.utils import assert_oracle_close
 
 pytestmark = pytest.mark.gpu

@@ -6,12 +6,11 @@ does not; so the GPU arithmetic is also checked where it is decided, without a G
 the Triton ReLU (sm_90) and the csrc header's activation functions compiled by g++.
 """
 
+import copy
 import os
 import shutil
 import subprocess
 import sys
-
-import copy
 
 import pytest
 import torch
@@ -19,8 +18,15 @@ from torch import nn
 
 import r21d
 from r21d.fused_unit import UNIT_KERNEL, UNIT_TRAIN_KERNEL, choose_unit, run_unit
-from tests.utils import (ConvCase, assert_oracle_close, gpu, make_inputs, oracle, perturb_batchnorm,
-                         run_backend)
+from tests.utils import (
+    ConvCase,
+    assert_oracle_close,
+    gpu,
+    make_inputs,
+    oracle,
+    perturb_batchnorm,
+    run_backend,
+)
 
 pytestmark = pytest.mark.usefixtures("strict")
 

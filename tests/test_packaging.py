@@ -96,7 +96,7 @@ def test_wheel_carries_the_extension_for_this_torch(tmp_path):
     env = {**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", str(os.cpu_count() or 1)),
            "TORCH_CUDA_ARCH_LIST": "9.0"}  # one arch: half the compile time
     wheel = _build("wheel", tmp_path, env)
-    assert "-cp%d%d-" % sys.version_info[:2] in os.path.basename(wheel), wheel
+    assert "-cp{}{}-".format(*sys.version_info[:2]) in os.path.basename(wheel), wheel
     with zipfile.ZipFile(wheel) as z:
         names = z.namelist()
     assert any(n.startswith("r21d/_C") and n.endswith(".so") for n in names), names

@@ -20,7 +20,7 @@ import os
 import pathlib
 import re
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

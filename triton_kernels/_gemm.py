@@ -18,7 +18,7 @@ import triton.language as tl
 from . import _common as cm
 from . import batchnorm as bn
 from ._launch import alloc, interpreted
-from ._layout import cdiv, alloc_channels_last, channels_contiguous, in_format_of
+from ._layout import alloc_channels_last, cdiv, channels_contiguous, in_format_of
 
 # Training (STATS) tiles are always STATS_BLOCK_M rows: the partial-statistics buffers and their
 # merge depend on it, so autotuning may change every other block size but not this one.

@@ -36,12 +36,11 @@ import contextlib
 import functools
 import inspect
 from collections import Counter
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
-
 from triton.compiler import CompiledKernel
 
 from . import _autotune, _launch, sync_stats

@@ -26,7 +26,7 @@ import triton.language as tl
 from . import _common as cm
 from . import sync_stats
 from ._launch import alloc, interpreted, launch
-from ._layout import cdiv, alloc_like, channel_vector, channels_last, pc_strides, rows_alignment, rows_strides
+from ._layout import alloc_like, cdiv, channel_vector, channels_last, pc_strides, rows_alignment, rows_strides
 
 # Row of the coefficient table (COEF[i * C + c]).
 COEF_MEAN, COEF_A, COEF_BETA, COEF_KG, COEF_KZ, COEF_K0 = range(6)

@@ -27,8 +27,16 @@ from . import _gemm as gm
 from . import batchnorm as bn
 from . import implicit_gemm as ig
 from ._launch import Tuned, launch, relayout
-from ._layout import (cdiv, alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
-                      out_size, rows_alignment, rows_strides)
+from ._layout import (
+    alloc_channels_last,
+    cdiv,
+    channel_vector,
+    channels_contiguous,
+    in_format_of,
+    out_size,
+    rows_alignment,
+    rows_strides,
+)
 from ._limits import UNIT_MAX_OPEN_FRAMES
 from ._replay import planned
 

@@ -33,7 +33,7 @@ from . import _common as cm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, interpreted, launch
-from ._layout import cdiv, alloc_like, channel_vector, channels_last, out_size, pc_strides, rows_alignment
+from ._layout import alloc_like, cdiv, channel_vector, channels_last, out_size, pc_strides, rows_alignment
 from ._replay import planned
 
 MODE_EVAL, MODE_STATS, MODE_APPLY = 0, 1, 2

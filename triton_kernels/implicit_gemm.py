@@ -40,8 +40,16 @@ from . import _gemm as gm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, launch, relayout
-from ._layout import (cdiv, alloc_channels_last, channels_contiguous, channel_vector, in_format_of,
-                      out_size, rows_alignment, rows_strides)
+from ._layout import (
+    alloc_channels_last,
+    cdiv,
+    channel_vector,
+    channels_contiguous,
+    in_format_of,
+    out_size,
+    rows_alignment,
+    rows_strides,
+)
 from ._replay import planned
 
 # Input channels per group below which the K loop runs flat over (tap, channel).

@@ -26,10 +26,16 @@ from . import _gemm as gm
 from . import batchnorm as bn
 from . import splitk
 from ._launch import Tuned, alloc, launch
-from ._layout import (cdiv, alloc_channels_last, channels_contiguous, in_format_of, out_size,
-                      rows_alignment, rows_strides)
+from ._layout import (
+    alloc_channels_last,
+    cdiv,
+    channels_contiguous,
+    in_format_of,
+    out_size,
+    rows_alignment,
+    rows_strides,
+)
 from ._replay import planned
-
 
 STATS_BLOCK_M = gm.STATS_BLOCK_M
 _tile = gm.tile

@@ -22,7 +22,8 @@ import dataclasses
 import functools
 import math
 import re
-from typing import ClassVar, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import ClassVar, Optional, Union
 
 import torch
 
@@ -108,7 +109,7 @@ class ConvBNActCase:
             self.batch, self.in_channels, self.out_channels, self.input_shape[2:], self.output_thw,
             self.kernel_size, self.groups, self.dtype, self.training)]
 
-    def smoke(self, device: torch.device) -> "ConvBNActCase":
+    def smoke(self, device: torch.device) -> ConvBNActCase:
         """The same geometry, tiny: channels / 16 (at least 4), N2 T2 4x4; on the CPU in fp32
         (the Triton interpreter has no bf16 arithmetic). No target: the shapes are not the
         target's."""
@@ -177,7 +178,7 @@ class ModelCase:
         return roofline.model_conv_work(self.builder(), self.input_shape, self.dtype, self.training,
                                         num_classes=self.num_classes)
 
-    def smoke(self, device: torch.device) -> "ModelCase":
+    def smoke(self, device: torch.device) -> ModelCase:
         """A 1x3x4x32x32 clip; on the CPU in fp32 and NCDHW (the CPU's channels_last_3d conv3d
         backward takes seconds even at this size)."""
         dtype = _smoke_dtype(device)
@@ -239,7 +240,7 @@ class UnitCase:
                                   self.out_channels, self.input_shape[2:], self.mid_thw,
                                   self.output_thw, k, self.dtype, self.training)
 
-    def smoke(self, device: torch.device) -> "UnitCase":
+    def smoke(self, device: torch.device) -> UnitCase:
         """The same geometry, tiny: channels / 16 (at least 4), N2 T2 8x8, fp32 on the CPU."""
         dtype = _smoke_dtype(device)
         c_in, c_mid, c_out = (max(4, c // 16) for c in (self.in_channels, self.mid_channels,

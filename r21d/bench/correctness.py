@@ -9,7 +9,8 @@ so that two near-exact results do not fail on rounding noise.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -5,7 +5,7 @@ kernel launches (with ``_launch.stubbed()``). No kernel ever runs."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 
 @contextlib.contextmanager

@@ -26,7 +26,8 @@ import contextlib
 import copy
 import dataclasses
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F

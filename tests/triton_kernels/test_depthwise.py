@@ -10,8 +10,17 @@ import torch
 
 import r21d
 from r21d.triton_kernels import _launch
-from tests.utils import (DEVICE_DTYPES, ConvCase, assert_oracle_close, check_backend, clone_inputs,
-                         gpu, make_inputs, oracle, run_backend)
+from tests.utils import (
+    DEVICE_DTYPES,
+    ConvCase,
+    assert_oracle_close,
+    check_backend,
+    clone_inputs,
+    gpu,
+    make_inputs,
+    oracle,
+    run_backend,
+)
 
 pytestmark = pytest.mark.usefixtures("strict")
 

@@ -12,8 +12,9 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from . import plan as P
 from .memcheck import PAYLOAD_FLAG

@@ -9,8 +9,9 @@ separate process, so it still runs after a CUDA error has broken this one).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
-from typing import Callable
+from collections.abc import Callable
 
 from ..runner import log
 from . import results as R

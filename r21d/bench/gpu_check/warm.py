@@ -20,11 +20,11 @@ entries they made (``triton_cache_new_entries``: 0 means everything was warm).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 from ...triton_kernels import _compile
 from ...triton_kernels._compile import job_key
