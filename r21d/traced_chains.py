@@ -29,13 +29,15 @@ from torch import Tensor, fx, nn
 from .fused_sequential import FusedSequential
 from .fused_site import conv_base, is_batchnorm_for
 
-# The class attribute of a traced module's class (r21d.fused_traced.traced_class): its own.
+# The attribute of a traced module's class (r21d.fused_traced.traced_class) naming the user's
+# class it subclasses.
 BASE = "_r21d_traced_base"
 
 _RELU_CALLS = {F.relu, torch.relu, torch.relu_, getattr(F, "relu_", None)} - {None}
 _SILU_CALLS = {F.silu}
 _RELU_METHODS = {"relu", "relu_"}
 _ADDS = {operator.add, operator.iadd, torch.add}
+
 
 def activation_kind(module: nn.Module) -> str | None:
     """"relu" / "silu" for a module that computes one of them (an nn.ReLU or nn.SiLU, or a module
