@@ -2,6 +2,7 @@
 imported); GPU tests (marked ``gpu``) are skipped unless CUDA is present."""
 
 import os
+import re
 
 import torch
 
@@ -18,7 +19,23 @@ if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
     strict_interpreter.install()
 
 
+# Kernel families as markers (``pytest -m depthwise`` runs the family's interpreter, csrc, op,
+# module, fuse and static tests from every file): a test belongs to each family whose words its
+# id (file, test name, parameters) contains. pyproject.toml registers the markers.
+FAMILY_WORDS = {
+    "depthwise": re.compile(r"depthwise|dw_|_dw\b"),
+    "pointwise": re.compile(r"pointwise"),
+    "implicit_gemm": re.compile(r"implicit_gemm|igemm|dense|grouped"),
+    "conv2plus1d": re.compile(r"conv2plus1d|r2plus1d|2plus1d|spatiotemporal|_unit|unit_"),
+}
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        words = item.nodeid.lower()
+        for family, pattern in FAMILY_WORDS.items():
+            if pattern.search(words):
+                item.add_marker(getattr(pytest.mark, family))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (run with pytest -m gpu on a GPU machine)")
