@@ -1,4 +1,4 @@
-// r21d: shared header of the CUDA C++ extension `r21d._C` (see DESIGN.md §1, §3, §8).
+// r21d: shared header of the CUDA C++ extension `r21d._C` (see docs/architecture.md, docs/testing.md).
 //
 // Conventions for every csrc kernel
 // ---------------------------------
@@ -18,7 +18,7 @@
 //   has checked that every index fits (`r21d::detail::fits_int32`).
 // * Per-thread arithmetic and indexing go in `R21D_HOST_DEVICE` functions (inline, in
 //   headers next to the kernel) so that a plain g++ CPU harness can run them over the whole
-//   index space against the float64 oracle (DESIGN.md §8). Keep the cooperative part
+//   index space against the float64 oracle (docs/testing.md, Speed without a GPU). Keep the cooperative part
 //   (shared-memory staging, barriers) thin. A harness compiles this header with
 //   `-DR21D_CPU_HARNESS`, which drops every torch / CUDA runtime dependency.
 // * r21d's own code is valid C++17 (it builds against older torch too), while the build uses

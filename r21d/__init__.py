@@ -2,7 +2,7 @@
 
 Depthwise, pointwise and factorized (2+1)D 3D convolutions fused with BatchNorm and an activation,
 as torch.library ops with autograd, behind drop-in modules, with ``r21d.fuse(model)`` to swap them
-into existing models. See README.md and DESIGN.md.
+into existing models. See README.md and docs/.
 """
 
 from . import _compat

@@ -1,8 +1,8 @@
 """What ``auto`` runs on a GPU, per conv family: backends in order of preference.
 
 Only committed benchmark results (benchmarks/results/) may put a backend first here, and a csrc
-('cuda') kernel is listed only after it passed its GPU tests on a real GPU (DESIGN.md §2). No
-GPU results are committed yet, so every family uses the default: the Triton kernels.
+('cuda') kernel is listed only after it passed its GPU tests on a real GPU (docs/architecture.md,
+Backends). No GPU results are committed yet, so every family uses the default: the Triton kernels.
 """
 
 DEFAULT_ORDER: tuple[str, ...] = ("triton",)

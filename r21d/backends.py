@@ -1,4 +1,4 @@
-"""Backend selection: which implementation runs a fused op (DESIGN.md §2).
+"""Backend selection: which implementation runs a fused op (docs/architecture.md, Backends).
 
 ``torch``  the composite reference (``F.conv3d`` -> ``F.batch_norm`` -> activation); runs anywhere.
 ``triton`` the kernels in ``r21d.triton_kernels``; CUDA tensors, or CPU under ``TRITON_INTERPRET=1``.

@@ -49,7 +49,7 @@ def csrc_ops_available(names) -> bool:
 
 
 def conv_family(kernel_size, groups: int, in_channels: int, out_channels: int) -> str:
-    """The geometry class of DESIGN.md §4 that picks the kernel family."""
+    """The geometry class that picks the kernel family (docs/architecture.md, Modules)."""
     kt, kh, kw = kernel_size
     if groups > 1:
         return "depthwise" if groups == in_channels == out_channels else "grouped"

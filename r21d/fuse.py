@@ -1,4 +1,4 @@
-"""Swap-in (DESIGN.md §5): ``fuse`` / ``unfuse`` / ``fusion_report``.
+"""Swap-in (docs/architecture.md, Swap-in): ``fuse`` / ``unfuse`` / ``fusion_report``.
 
 ``fuse`` turns every ``nn.Sequential`` (at any depth, subclasses included when they keep
 Sequential's forward, e.g. torchvision's Conv2Plus1D, BasicStem, R2Plus1dStem) that holds a

@@ -1,5 +1,6 @@
-"""Drop-in modules (DESIGN.md §4). Each keeps the parameter and buffer names of the plain PyTorch
-modules it replaces, so pretrained weights load and checkpoints load back into plain PyTorch.
+"""Drop-in modules (docs/architecture.md, Modules). Each keeps the parameter and buffer names of
+the plain PyTorch modules it replaces, so pretrained weights load and checkpoints load back into
+plain PyTorch.
 """
 
 from __future__ import annotations

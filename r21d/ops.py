@@ -1,4 +1,4 @@
-"""The fused ops, registered with torch.library in namespace ``r21d`` (DESIGN.md §3).
+"""The fused ops, registered with torch.library in namespace ``r21d`` (docs/architecture.md, Ops).
 
 Every fused conv family has a forward op and a backward op with one shared schema:
 

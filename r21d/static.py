@@ -1,4 +1,4 @@
-"""Static report of the kernels (DESIGN.md §8 "Verifying speed without a GPU").
+"""Static report of the kernels (docs/testing.md, "Speed without a GPU").
 
 Every Triton kernel configuration that r21d can launch is compiled ahead of time for sm_90 and
 sm_80 -- no GPU needed -- and its cubin read with the ``cuobjdump`` that ships inside Triton:
@@ -592,7 +592,7 @@ def _config_name(cx: dict) -> str:
 
 
 # Memory-bound kernels that must move 16-byte channel vectors in channels_last_3d with 16-byte
-# aligned rows (DESIGN.md §8): the depthwise stencils.
+# aligned rows (docs/testing.md, Speed without a GPU): the depthwise stencils.
 VECTOR_KERNELS = {"_depthwise_fwd_kernel", "_depthwise_bwd_kernel"}
 VECTOR_LAYOUTS = {"dw-cl3d"}
 

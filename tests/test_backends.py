@@ -1,4 +1,4 @@
-"""Backend selection (DESIGN.md §2): names, precedence, fallback warning, strict mode."""
+"""Backend selection (docs/architecture.md, Backends): names, precedence, fallback warning, strict mode."""
 
 import warnings
 

@@ -26,7 +26,7 @@ def test_pointwise_eval_work_matches_hand_computation():
     # bf16: read x (M x 64), write y (M x 256), read W (256 x 64)
     assert work.bytes == 2 * (rows * 64 + rows * 256 + 256 * 64) == 256_933_888
     assert work.flops == 2 * rows * 64 * 256 == 13_153_337_344
-    # H100 ceilings of BASELINES.md: 256.9 MB / 2.97 TB/s = 0.0865 ms > 13.15 GFLOP / 688 TFLOP/s
+    # H100 ceilings of docs/benchmarks.md: 256.9 MB / 2.97 TB/s = 0.0865 ms > 13.15 GFLOP / 688 TFLOP/s
     h100 = roofline.H100_BASELINES
     assert work.memory_s(h100) == pytest.approx(256_933_888 / 2.97e12)
     assert work.compute_s(h100) == pytest.approx(13_153_337_344 / 688e12)
@@ -44,7 +44,7 @@ def test_pointwise_train_work_matches_hand_computation():
 
 
 def test_depthwise_train_floor_matches_baselines():
-    """BASELINES.md: depthwise 3x3x3 C216 N8 T16 56x56 train floor ~0.41 ms (eval 0.117 ms)."""
+    """docs/benchmarks.md: depthwise 3x3x3 C216 N8 T16 56x56 train floor ~0.41 ms (eval 0.117 ms)."""
     kwargs = dict(batch=8, in_channels=216, out_channels=216, frames=16, height=56, width=56,
                   kernel_size=(3, 3, 3), padding=(1, 1, 1), groups=216)
     evals = cases.ConvBNActCase("dw-eval", "depthwise", **kwargs)
@@ -59,7 +59,7 @@ def test_r2plus1d_18_flops_match_torchvision():
     """torchvision documents R2Plus1D_18 at 40.52 GFLOPS (multiply-adds) per 16x112x112 clip."""
     (case,) = cases.select("r2plus1d_18-b16-eval")
     work = case.work()
-    assert len(work) == 37  # BASELINES.md: 37 Conv3d
+    assert len(work) == 37  # docs/benchmarks.md: 37 Conv3d
     macs_per_clip = sum(w.flops for w in work) / 2 / 16
     assert macs_per_clip / 1e9 == pytest.approx(40.52, abs=0.01)
     (train,) = cases.select("r2plus1d_18-b16-train")
@@ -67,7 +67,7 @@ def test_r2plus1d_18_flops_match_torchvision():
 
 
 def test_r2plus1d_18_conv_table_matches_torchvision():
-    """The 25 distinct convolution configurations of BASELINES.md are those of torchvision's model."""
+    """The 25 distinct convolution configurations of docs/benchmarks.md are those of torchvision's model."""
     video = pytest.importorskip("torchvision.models.video")
     distinct = []
     for conv, i, _ in roofline.model_convs(video.r2plus1d_18, (16, 3, 16, 112, 112)):

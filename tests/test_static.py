@@ -1,6 +1,7 @@
-"""The static report (DESIGN.md §8): every Triton kernel configuration compiled ahead of time for
-sm_90, without a GPU, and read with cuobjdump: no spills anywhere, shared memory within the limit,
-and Hopper tensor cores (HGMMA) in every GEMM with fp16 / bf16 / TF32 operands.
+"""The static report (docs/testing.md, "Speed without a GPU"): every Triton kernel configuration
+compiled ahead of time for sm_90, without a GPU, and read with cuobjdump: no spills anywhere,
+shared memory within the limit, and Hopper tensor cores (HGMMA) in every GEMM with fp16 / bf16 /
+TF32 operands.
 
 The report runs in a subprocess with TRITON_INTERPRET removed: this process has it set (conftest),
 and kernels decorated under the interpreter cannot be compiled. sm_90 only, to keep CI time down

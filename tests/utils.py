@@ -1,4 +1,5 @@
-"""Shared test helpers: the tolerance table, the float64 oracle and input makers (DESIGN.md §6)."""
+"""Shared test helpers: the tolerance table, the float64 oracle and input makers (docs/testing.md,
+Accuracy)."""
 
 from __future__ import annotations
 

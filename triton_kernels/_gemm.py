@@ -50,7 +50,7 @@ _FP32_PRECISION_LEVELS = (("cuda", "conv"), ("cuda", "all"), ("generic", "all"))
 
 def dot_precision(dtype: torch.dtype) -> str:
     """The dot's input precision: fp32 convs use TF32 exactly where PyTorch lets cuDNN use it
-    (DESIGN.md §3), with operands rounded as cuDNN rounds them (:func:`dot`); else IEEE."""
+    (docs/architecture.md, Ops), with operands rounded as cuDNN rounds them (:func:`dot`); else IEEE."""
     if dtype != torch.float32:
         return "ieee"
     return "tf32" if cudnn_conv_allows_tf32() else "ieee"

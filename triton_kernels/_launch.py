@@ -1,4 +1,4 @@
-"""How launchers allocate and launch (DESIGN.md §8 structural checks), and pick configurations.
+"""How launchers allocate and launch (the structural checks of docs/testing.md), and pick configurations.
 
 Every launcher allocates through :func:`alloc` and launches through :func:`launch` (layout copies
 through :func:`relayout`), so a test can prove, without a GPU, that an eval-mode fused op is

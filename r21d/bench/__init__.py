@@ -1,5 +1,5 @@
 """r21d-bench: correctness and speed of r21d against eager PyTorch, torch.compile and the plain
-GEMM, with roofline floors (DESIGN.md §7).
+GEMM, with roofline floors (docs/benchmarks.md).
 
     r21d-bench                    on a GPU: every case, results in benchmarks/results/
     r21d-bench                    without a GPU: roofline predictions + fused-model equivalence

@@ -13,7 +13,7 @@ append a row to :data:`CASES`:
   ``training``, ``dtype``, ``target``, ``family``, ``work()`` and ``smoke()``, plus a workload
   class registered in ``r21d.bench.providers.WORKLOADS``.
 
-Targets (from BASELINES.md) are ratios checked in the same run; no case holds a measured time.
+Targets (from docs/benchmarks.md) are ratios checked in the same run; no case holds a measured time.
 """
 
 from __future__ import annotations
@@ -308,7 +308,7 @@ def zoo_model(model: str, training: bool, batch: int, frames: int, size: int) ->
 
 
 def r2plus1d_18(training: bool, batch: int = 16) -> ModelCase:
-    """BASELINES.md's whole-model targets: eval <= 0.75x max-autotune; a training step <= 0.8x
+    """docs/benchmarks.md's whole-model targets: eval <= 0.75x max-autotune; a training step <= 0.8x
     torch.compile's with at most 3.2 GiB peak memory."""
     target = (Target("torch.compile", 0.8, max_peak_gib=3.2) if training
               else Target("torch.compile/max-autotune", 0.75))
@@ -352,7 +352,7 @@ def depthwise(channels: int, batch: int, frames: int, size: int, training: bool,
         target=target)
 
 
-# Depthwise targets (BASELINES.md): eval at most 1.3x the memory floor; training forward+backward
+# Depthwise targets (docs/benchmarks.md): eval at most 1.3x the memory floor; training forward+backward
 # at least 8x faster than PyTorch's best layout.
 _DW_FLOOR_TARGET = Target("floor", 1.3)
 _DW_TRAIN_TARGET = Target("eager", 1 / 8)
@@ -383,7 +383,7 @@ def _depthwise_cases() -> list[ConvBNActCase]:
 
 
 # The convolutions of r2plus1d_18 on a 16x112x112 clip, one row per distinct configuration
-# (BASELINES.md; tests/test_bench.py checks the table against torchvision's model):
+# (docs/benchmarks.md; tests/test_bench.py checks the table against torchvision's model):
 # (in, out, kernel, stride, input T, input H = W); padding is kernel // 2 on every axis.
 R2PLUS1D_18_CONVS = [
     (3, 45, (1, 7, 7), (1, 2, 2), 16, 112), (45, 64, (3, 1, 1), (1, 1, 1), 16, 56),
@@ -488,7 +488,7 @@ def r2plus1d_block(training: bool, batch: int = 16) -> BlockCase:
         training=training)
 
 
-# The issue's targets for fused pointwise: eval no slower than 1.1x the plain GEMM (BASELINES.md);
+# The issue's targets for fused pointwise: eval no slower than 1.1x the plain GEMM (docs/benchmarks.md);
 # training forward+backward at most 0.5x eager PyTorch.
 _GEMM_TARGET = Target("matmul", 1.1)
 _TRAIN_TARGET = Target("eager", 0.5)

@@ -3,7 +3,7 @@
 Every provider's outputs are compared with a float64 reference computed from the same inputs:
 relative error ||out - ref|| / ||ref|| per output tensor, the worst one counting. r21d (and
 torch.compile) pass when their error is at most twice eager PyTorch's error in the same
-precision (DESIGN.md §6: as accurate as cuDNN), plus a tiny floor (1/16 of the dtype's epsilon)
+precision (docs/testing.md, Accuracy: as accurate as cuDNN), plus a tiny floor (1/16 of the dtype's epsilon)
 so that two near-exact results do not fail on rounding noise.
 """
 

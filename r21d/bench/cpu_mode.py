@@ -1,6 +1,6 @@
 """r21d-bench without a GPU: nothing is timed.
 
-Prints the roofline prediction of every case (from BASELINES.md's H100 ceilings), shows that a
+Prints the roofline prediction of every case (from docs/benchmarks.md's H100 ceilings), shows that a
 fused r2plus1d_18 computes exactly what the original does (on the ``torch`` backend, eval and
 train, outputs, gradients and running statistics), and prints its fusion report.
 """

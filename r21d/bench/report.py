@@ -38,7 +38,7 @@ FLOOR = "floor"  # a Target reference: the case's roofline floor, not a provider
 
 
 def target_status(result: CaseResult) -> Optional[str]:
-    """Whether the case's target (BASELINES.md) is met in this run, in words."""
+    """Whether the case's target (docs/benchmarks.md) is met in this run, in words."""
     target = result.case.target
     if target is None:
         return None

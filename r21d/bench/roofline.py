@@ -4,13 +4,13 @@ A case's work is a list of :class:`Work` items (one per kernel-sized step: a fus
 every conv of a whole model). Each item's floor is max(bytes moved once / copy bandwidth,
 FLOPs / tensor-core rate); a case's floor is the sum over its items, since layers run one after
 the other. The ceilings are measured on the GPU in the same run (a large device-to-device copy
-and large matmuls); without a GPU the H100 ceilings of BASELINES.md stand in.
+and large matmuls); without a GPU the H100 ceilings of docs/benchmarks.md stand in.
 
 Bytes moved once by one conv + BN + activation site (BN vectors are negligible):
   eval   read x, write y, read the weight:      M_in*C_in + M_out*C_out activations + |W|
   train  forward reads x, writes y and the conv output z (kept for backward); backward reads
          dy, z and x (for dW) and writes dx:    3*M_in*C_in + 4*M_out*C_out + 3*|W| (W read
-         twice, dW written). This is the model BASELINES.md's training floors use.
+         twice, dW written). This is the model docs/benchmarks.md's training floors use.
 FLOPs: 2 * M_out * C_out * (C_in / groups) * kT*kH*kW per GEMM-like pass; training runs three
 (forward, input gradient, weight gradient).
 """
@@ -48,10 +48,10 @@ class Ceilings:
                 f"{self.fp32_flops_per_s / 1e12:.1f} TFLOP/s ({self.source})")
 
 
-# BASELINES.md: measured on an H100 80GB HBM3 (torch 2.11, cuDNN 9.19).
+# docs/benchmarks.md: measured on an H100 80GB HBM3 (torch 2.11, cuDNN 9.19).
 H100_BASELINES = Ceilings(
     copy_bytes_per_s=2.97e12, bf16_flops_per_s=688e12, fp32_flops_per_s=52e12,
-    source="H100 80GB HBM3 ceilings from BASELINES.md, not measured here",
+    source="H100 80GB HBM3 ceilings from docs/benchmarks.md, not measured here",
 )
 
 

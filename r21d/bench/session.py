@@ -50,7 +50,7 @@ def measured_run(cases, args: argparse.Namespace, smoke: bool) -> int:
           f"r21d backends {', '.join(env['r21d_backends'])}")
     if not cuda:
         print("No CUDA GPU: timings use time.perf_counter on CPU tensors; floors use the H100 "
-              "ceilings of BASELINES.md.")
+              "ceilings of docs/benchmarks.md.")
     options = _options(device, timer, args, smoke)
     if "triton" not in options.fused_backends and not cuda:
         log("r21d/triton not run: set TRITON_INTERPRET=1 to run the Triton kernels on the CPU")

@@ -1,8 +1,8 @@
-"""CPU harness of the csrc depthwise conv3d + BN + activation kernels (DESIGN.md §8): compiles
-tests/csrc/depthwise3d_harness.cpp (plain g++, csrc/depthwise3d.h with -DR21D_CPU_HARNESS), runs
-the header's per-thread functions over the whole index space in float32 and compares with the
-float64 torch oracle: F.conv3d(groups=C) -> F.batch_norm -> + residual -> activation, gradients
-by autograd."""
+"""CPU harness of the csrc depthwise conv3d + BN + activation kernels (docs/testing.md, "Speed
+without a GPU"): compiles tests/csrc/depthwise3d_harness.cpp (plain g++, csrc/depthwise3d.h with
+-DR21D_CPU_HARNESS), runs the header's per-thread functions over the whole index space in float32
+and compares with the float64 torch oracle: F.conv3d(groups=C) -> F.batch_norm -> + residual ->
+activation, gradients by autograd."""
 
 from __future__ import annotations
 

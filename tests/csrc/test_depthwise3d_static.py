@@ -1,6 +1,6 @@
-"""Static checks of the compiled csrc depthwise kernels (DESIGN.md §8): no spills on any arch,
-128-bit global loads in the channels-last kernels on sm_90; the op schemas; a clear error on
-CPU tensors. Skipped where r21d._C is not built."""
+"""Static checks of the compiled csrc depthwise kernels (docs/testing.md, "Speed without a GPU"):
+no spills on any arch, 128-bit global loads in the channels-last kernels on sm_90; the op schemas;
+a clear error on CPU tensors. Skipped where r21d._C is not built."""
 
 from __future__ import annotations
 

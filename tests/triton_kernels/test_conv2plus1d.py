@@ -157,7 +157,7 @@ def test_one_program_walks_every_frame(monkeypatch):
 
 
 def test_eval_unit_is_one_launch_allocating_only_its_output():
-    """The structural fusion check of DESIGN.md §8: no intermediate tensor exists."""
+    """The structural fusion check (docs/testing.md): no intermediate tensor exists."""
     unit = UNITS["r2plus1d-like-aligned"]
     mods = _to(unit.modules(), torch.float32, "cpu")
     x, _ = unit.inputs(torch.float32, "cpu")
@@ -398,7 +398,7 @@ def test_fuse_runs_torchvision_r2plus1d_stem_as_one_unit():
 
 # ---------------------------------------------------------------------------- GPU
 
-# r2plus1d_18's (2+1)D units at batch 2 (the shapes of BASELINES.md at a smaller batch).
+# r2plus1d_18's (2+1)D units at batch 2 (the shapes of docs/benchmarks.md at a smaller batch).
 R2PLUS1D_UNITS = {
     "layer1-64-144-64": Unit(C_in=64, C_mid=144, C_out=64, N=2, T=16, H=56, W=56),
     "layer2-down-64-230-128": Unit(C_in=64, C_mid=230, C_out=128, N=2, T=16, H=56, W=56,

@@ -191,7 +191,7 @@ def test_unsupported_geometry_falls_back_with_a_reason(monkeypatch):
 
 # ----------------------------------------------------------------------------- GPU: real shapes
 
-# The r2plus1d_18 convolutions (BASELINES.md) at batch 2: (in, out, kernel, stride, T, H, W)
+# The r2plus1d_18 convolutions (docs/benchmarks.md) at batch 2: (in, out, kernel, stride, T, H, W)
 R2PLUS1D_LAYERS = [
     (3, 45, (1, 7, 7), (1, 2, 2), 16, 112, 112),
     (45, 64, (3, 1, 1), (1, 1, 1), 16, 56, 56),

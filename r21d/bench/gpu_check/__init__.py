@@ -1,5 +1,5 @@
 """``make gpu-check``: one command that builds, checks and times r21d on a GPU in at most 8 minutes
-(DESIGN.md §2), for the short GPU slots this project gets.
+(docs/architecture.md, Backends), for the short GPU slots this project gets.
 
     make gpu-check OUT=dir                  build r21d._C if needed, run every stage, write
                                             dir/gpu-check.json (after every check) and .png

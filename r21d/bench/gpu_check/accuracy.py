@@ -1,4 +1,4 @@
-"""Accuracy of every kernel family on a GPU (DESIGN.md §6): r21d's error against float64 at most
+"""Accuracy of every kernel family on a GPU (docs/testing.md, Accuracy): r21d's error against float64 at most
 twice cuDNN's error on the same inputs (plus a tiny floor), tensor by tensor (the output and, in
 training, every gradient).
 
