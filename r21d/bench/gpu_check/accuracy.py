@@ -38,7 +38,7 @@ def precision_context(precision: str):
     """cuDNN's fp32 conv precision (TF32 or IEEE), which r21d's kernels follow; nothing for 16-bit."""
     from ... import static
 
-    return static._fp32_precision(precision)
+    return static.fp32_precision(precision)
 
 
 def error_bound(cudnn_error: float, precision: str) -> float:

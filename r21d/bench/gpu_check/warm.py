@@ -70,7 +70,7 @@ def captured_jobs(calls: list[FusedCall], arch: int, errors: list[str]) -> Itera
                            layout="gpu-check", run=lambda _case, call=call: call.run())
         try:
             # captures under the call's precision; the configuration each launch runs
-            found = static._jobs([case], (arch,), all_configs=False)
+            found = static.case_jobs([case], (arch,), all_configs=False)
         except Exception as e:
             errors.append(f"{call.label}: {type(e).__name__}: {str(e).strip()[:200]}")
             continue
