@@ -25,7 +25,6 @@ from .triton_kernels._limits import (
     UNIT_MAX_OPEN_FRAMES,
 )
 
-FAMILIES = ("pointwise", "depthwise", "spatial", "temporal", "dense", "grouped")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # (backend, conv family) -> the call that runs it (an r21d.ops.FusedCall): what the fused backends

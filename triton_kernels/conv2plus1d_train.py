@@ -24,8 +24,6 @@ from . import implicit_gemm as ig
 from ._layout import in_format_of
 from ._replay import planned
 
-_NO_DILATION = (1, 1, 1)
-
 
 def bn_relu_prologue(mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None,
                      beta: torch.Tensor | None) -> torch.Tensor:
