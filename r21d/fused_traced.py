@@ -56,19 +56,25 @@ class TracedProgram:
         try:
             graph, inlined = trace(module)
         except Exception as e:  # data-dependent control flow, untraceable calls, ...
-            first_line = str(e).splitlines()[0] if str(e) else ""
-            self.error = f"not traceable: {type(e).__name__}: {first_line}"
+            self.error = _why("not traceable", e)
         else:
-            matches, self.unfused = find_chains(module, graph)
-            self.chains = [m.chain for m in matches]
-            # an identity a chain absorbed is no longer called: watched for hooks like those
-            absorbed = (module.get_submodule(n.target) for m in matches for n in m.nodes
-                        if n.op == "call_module")
-            identities = tuple(a for a in absorbed if type(a) is nn.Identity)
-            self.inlined = tuple(inlined) + identities
-            if matches:
-                self.forward = _compile(graph, matches)
+            try:
+                self._rewrite(module, graph, inlined)
+            except Exception as e:  # fuse never raises for a model it cannot rewrite
+                self.forward, self.chains, self.inlined = None, [], ()
+                self.error = _why("not rewritable", e)
         self.layout = _layout(module, self.inlined)
+
+    def _rewrite(self, module: nn.Module, graph: fx.Graph, inlined: list) -> None:
+        matches, self.unfused = find_chains(module, graph)
+        self.chains = [m.chain for m in matches]
+        # an identity a chain absorbed is no longer called: watched for hooks like those
+        absorbed = (module.get_submodule(n.target) for m in matches for n in m.nodes
+                    if n.op == "call_module")
+        identities = tuple(a for a in absorbed if type(a) is nn.Identity)
+        self.inlined = tuple(inlined) + identities
+        if matches:
+            self.forward = _compile(graph, matches)
 
     def valid(self, module: nn.Module) -> bool:
         """Traced for these children, and no module it traces through has hooks now."""
@@ -90,6 +96,11 @@ class TracedProgram:
 
 def _no_program():
     return None
+
+
+def _why(what: str, error: Exception) -> str:
+    first_line = str(error).splitlines()[0] if str(error) else ""
+    return f"{what}: {type(error).__name__}: {first_line}"
 
 
 def _compile(graph: fx.Graph, matches: list[Match]) -> Callable:
