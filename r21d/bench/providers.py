@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .cases import BlockCase, ConvBNActCase, ModelCase, UnitCase
+from .case_kinds import BlockCase, ConvBNActCase, ModelCase, UnitCase
 from .timing import rotation_copies
 
 SEED = 0
