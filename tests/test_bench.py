@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from r21d.bench import cases, correctness, main, report, roofline, runner, timing
-from r21d.bench.providers import Variant
+from r21d.bench.workload_common import Variant
 
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU mode")
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import r21d
-from r21d.bench.providers import cuda_graphed, randomize_batchnorm
+from r21d.bench.workload_common import cuda_graphed, randomize_batchnorm
 from r21d.triton_kernels import _launch
 from tests.utils import assert_oracle_close
 

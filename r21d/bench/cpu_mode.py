@@ -30,7 +30,7 @@ def fused_model_equivalence(model_name: str = "r2plus1d_18", clip=EQUIVALENCE_CL
 
     import r21d
 
-    from .providers import randomize_batchnorm
+    from .workload_common import randomize_batchnorm
 
     torch.manual_seed(0)
     original = getattr(torchvision.models.video, model_name)()

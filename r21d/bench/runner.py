@@ -16,8 +16,9 @@ from typing import Any, Optional
 import torch
 
 from . import correctness, roofline
-from .providers import Prepared, Variant, workload
+from .providers import workload
 from .timing import Timer, Timing
+from .workload_common import Prepared, Variant
 
 EAGER = "eager"
 COMPILE = "torch.compile"
