@@ -36,9 +36,11 @@ CANONICAL_ACTIVATIONS = {"relu": nn.ReLU(), "silu": nn.SiLU()}
 
 
 def _layout(module: nn.Module, inlined) -> tuple:
-    """The children a program was traced for, and the children of the modules traced through."""
-    return (tuple(module._modules.values()),
-            tuple((m, tuple(m._modules.values())) for m in inlined))
+    """What a program was traced for: the module's children and mode, and the children and mode
+    of the modules traced through (a forward that branches on ``self.training`` traces the
+    branch of its mode then)."""
+    return (module.training, tuple(module._modules.values()),
+            tuple((m, m.training, tuple(m._modules.values())) for m in inlined))
 
 
 class TracedProgram:

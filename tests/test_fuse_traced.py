@@ -366,6 +366,23 @@ def test_hooks_on_a_chain_run_it_as_written_and_fire():
         assert torch.equal(fused(x), model(x))
 
 
+class ModeBranch(Activated):
+    def forward(self, x):
+        y = self.act(self.bn(self.conv(x)))
+        return y * 2 if self.training else y  # resolved when traced: the mode is part of the trace
+
+
+def test_a_forward_that_branches_on_its_mode_is_traced_again_when_the_mode_changes():
+    model = _randomize(ModeBranch(nn.ReLU())).eval()
+    fused = r21d.fuse(model)
+    x = torch.randn(2, 4, 3, 5, 5)
+    for training in (False, True, False):
+        model.train(training)
+        fused.train(training)
+        with r21d.use_backend("torch"), torch.no_grad():
+            assert torch.equal(fused(x), model(x)), training
+
+
 def test_drop_in_state_class_copies_pickling_and_unfuse():
     model = _randomize(UserR2Plus1D()).eval()
     fused = r21d.fuse(model)
