@@ -1,11 +1,17 @@
 """Swap-in (docs/architecture.md, Swap-in): ``fuse`` / ``unfuse`` / ``fusion_report``.
 
-``fuse`` turns every ``nn.Sequential`` (at any depth, subclasses included when they keep
-Sequential's forward, e.g. torchvision's Conv2Plus1D, BasicStem, R2Plus1dStem) that holds a
-Conv3d -> BatchNorm3d/SyncBatchNorm (-> ReLU/SiLU) run into a :class:`FusedSequential`, and
-torchvision's BasicBlock / Bottleneck into r21d.fused_block's drop-in classes, whose last conv
-applies BN + residual add + ReLU in its epilogue. The children are untouched, so every state-dict key and value, the train/eval mode and the device stay
-as they were; only the class changes, and ``unfuse`` changes it back.
+``fuse`` changes the class of three kinds of module:
+- every ``nn.Sequential`` (at any depth, subclasses included when they keep Sequential's forward,
+  e.g. torchvision's Conv2Plus1D, BasicStem, R2Plus1dStem) that holds a Conv3d ->
+  BatchNorm3d/SyncBatchNorm (-> ReLU/SiLU) run becomes a :class:`FusedSequential`;
+- torchvision's BasicBlock / Bottleneck become r21d.fused_block's drop-in classes, whose last
+  conv applies BN + residual add + ReLU in its epilogue;
+- any other module with a conv child has its forward traced (r21d.traced_chains) and, where a
+  chain fuses, becomes a subclass of its own class that runs the rewritten forward
+  (r21d.fused_traced).
+
+The children are untouched, so every state-dict key and value, the train/eval mode and the device
+stay as they were; only the class changes, and ``unfuse`` changes it back.
 """
 
 from __future__ import annotations
