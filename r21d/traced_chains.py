@@ -48,7 +48,9 @@ def activation_kind(module: nn.Module) -> str | None:
     if (next(module.parameters(), None) is not None or next(module.buffers(), None) is not None
             or module._modules or has_hooks(module)):
         return None
-    probe = torch.linspace(-8.0, 8.0, 161)
+    # the range where ReLU and SiLU differ, and far beyond it (a clamp at 6 or 100 is no ReLU)
+    far = torch.tensor([1e2, 1e4, 1e30])
+    probe = torch.cat([torch.linspace(-8.0, 8.0, 161), far, -far])
     try:
         with torch.no_grad():  # (its forward: global hooks are not told of a probe)
             out = module.forward(probe.clone())

@@ -208,6 +208,7 @@ ACTIVATIONS = {
     "torch.relu": (torch.relu, "ReLU"), ".relu()": (lambda y: y.relu(), "ReLU"),
     ".relu_()": (lambda y: y.relu_(), "ReLU"), "F.silu": (F.silu, "SiLU"),
     "none": (lambda y: y, "BatchNorm3d"),
+    "clamp(0, 100)": (Call(lambda y: y.clamp(0, 100)), "BatchNorm3d"),  # not a ReLU: left as written
 }
 
 
