@@ -12,7 +12,7 @@ import r21d
 from r21d.bench.narrow import narrow_r2plus1d_18
 from r21d.fused_sequential import FusedSequential
 from r21d.triton_kernels import _launch
-from tests.utils import assert_module_matches_float64, assert_oracle_close
+from tests.utils import assert_module_matches_float64, assert_oracle_close, randomize_batchnorm
 
 
 class Net(nn.Module):
@@ -39,18 +39,6 @@ class CustomSeq(nn.Sequential):
         return super().forward(x) * 2
 
 
-def _randomize(model: nn.Module, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
 def _same_state(a, b):
     sa, sb = a.state_dict(), b.state_dict()
     assert list(sa) == list(sb)
@@ -58,7 +46,7 @@ def _same_state(a, b):
 
 
 def test_fuse_keeps_state_mode_and_outputs():
-    model = _randomize(Net()).eval()
+    model = randomize_batchnorm(Net()).eval()
     fused = r21d.fuse(model)
     assert fused is not model and type(model.stem) is nn.Sequential, "inplace=False left the original"
     assert type(fused.stem) is FusedSequential
@@ -111,7 +99,7 @@ def test_custom_forward_and_custom_conv_are_left_alone():
 
 
 def test_fused_model_pickles():
-    fused = r21d.fuse(_randomize(Net()))
+    fused = r21d.fuse(randomize_batchnorm(Net()))
     buf = io.BytesIO()
     torch.save(fused, buf)
     buf.seek(0)
@@ -149,7 +137,7 @@ TV_MODELS = ["r2plus1d_18", "r3d_18", "mc3_18"]
 @pytest.mark.parametrize("name", TV_MODELS)
 def test_torchvision_video_resnets(name):
     video = pytest.importorskip("torchvision.models.video")
-    model = _randomize(getattr(video, name)(num_classes=7)).eval()
+    model = randomize_batchnorm(getattr(video, name)(num_classes=7)).eval()
     fused = r21d.fuse(model)
     _same_state(fused, model)
     x = torch.randn(1, 3, 4, 32, 32)
@@ -172,7 +160,7 @@ def test_torchvision_s3d():
     its separable convs and inception branches is a fused site; the classifier conv has no BN."""
     video = pytest.importorskip("torchvision.models.video")
     torch.manual_seed(0)
-    model = _randomize(video.s3d(num_classes=5))
+    model = randomize_batchnorm(video.s3d(num_classes=5))
     fused = r21d.fuse(model)
     _same_state(fused, model)
     sites = r21d.fusion_sites(fused)
@@ -200,7 +188,7 @@ def test_narrow_r2plus1d_18_runs_fused_in_the_interpreter(training, strict):
     kernel or a unit's two sites) and the logits against float64."""
     pytest.importorskip("torchvision")
     torch.manual_seed(0)
-    plain = _randomize(narrow_r2plus1d_18()).train(training).to(memory_format=torch.channels_last_3d)
+    plain = randomize_batchnorm(narrow_r2plus1d_18()).train(training).to(memory_format=torch.channels_last_3d)
     fused = r21d.fuse(plain)
     # Training: 24x24 frames, so layer4's batch statistics see 8 values per channel (over 16x16
     # they see 2, and BN's backward cancels to a few bits). The baseline, CPU torch in float32,
@@ -312,7 +300,7 @@ def test_grad_cam_on_fused_r2plus1d_18_matches_the_plain_model(device, backend, 
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     video = pytest.importorskip("torchvision.models.video")
     torch.manual_seed(0)  # the conv weights: the same model whatever ran before
-    plain = _randomize(video.r2plus1d_18(num_classes=6)).eval().to(device)
+    plain = randomize_batchnorm(video.r2plus1d_18(num_classes=6)).eval().to(device)
     fused = r21d.fuse(plain)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1, 3, 4, 32, 32, generator=g).to(device)

@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import r21d
 from r21d.triton_kernels import _launch
-from tests.utils import assert_module_matches_float64
+from tests.utils import assert_module_matches_float64, randomize_batchnorm
 
 
 class SpatioTemporalConv(nn.Module):
@@ -73,18 +73,6 @@ class UserR2Plus1D(nn.Module):
         return self.fc(x.mean((2, 3, 4)))
 
 
-def _randomize(model: nn.Module, seed=0) -> nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
 def _fused_and_unfused(model):
     rows = r21d.fusion_sites(model)
     return [r for r in rows if r.backend != "unfused"], [r for r in rows if r.backend == "unfused"]
@@ -103,7 +91,7 @@ def _step(model, x, training):
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_user_r2plus1d_fuses_every_chain_and_computes_what_it_computed(training):
-    model = _randomize(UserR2Plus1D())
+    model = randomize_batchnorm(UserR2Plus1D())
     fused = r21d.fuse(model)
     sites, unfused = _fused_and_unfused(fused)
     assert not unfused, unfused
@@ -127,7 +115,7 @@ def test_user_network_runs_fused_kernels_and_matches_float64(strict):
     """In the interpreter: no aten convolution for any chain, and forward + backward in training
     match a float64 copy of the plain model."""
     torch.manual_seed(0)
-    model = _randomize(UserR2Plus1D(width=4)).train()
+    model = randomize_batchnorm(UserR2Plus1D(width=4)).train()
     fused = r21d.fuse(model)
     x = torch.randn(1, 3, 2, 4, 4)
 
@@ -165,7 +153,7 @@ class Classifier(nn.Module):
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 def test_three_layer_classifier(training):
-    model = _randomize(Classifier())
+    model = randomize_batchnorm(Classifier())
     fused = r21d.fuse(model)
     sites, unfused = _fused_and_unfused(fused)
     assert [r.site for r in sites] == ["conv1", "conv2", "conv3"] and not unfused
@@ -224,7 +212,7 @@ def test_activation_modules_and_calls(name):
         model = Block(nn.Identity())
     else:
         model = Activated(act)
-    model = _randomize(model).eval()
+    model = randomize_batchnorm(model).eval()
     fused = r21d.fuse(model)
     (site,), unfused = _fused_and_unfused(fused)
     assert not unfused and site.pattern.endswith(ends), site
@@ -247,7 +235,7 @@ class X3DStyle(nn.Module):
 
 
 def test_a_bn_in_a_sequential_with_an_identity_fuses_with_the_activation_after_it():
-    model = _randomize(X3DStyle()).eval()
+    model = randomize_batchnorm(X3DStyle()).eval()
     fused = r21d.fuse(model)
     (site,), _ = _fused_and_unfused(fused)
     assert site.kernel == "depthwise" and site.pattern.endswith("BatchNorm3d -> SiLU"), site
@@ -279,7 +267,7 @@ class Tail(nn.Module):
 
 @pytest.mark.parametrize("form", ["iadd", "radd", "torch.add"])
 def test_residual_tails(form):
-    model = _randomize(Tail(form)).eval()
+    model = randomize_batchnorm(Tail(form)).eval()
     fused = r21d.fuse(model)
     (site,), _ = _fused_and_unfused(fused)
     assert "+ residual -> ReLU" in site.pattern
@@ -309,7 +297,7 @@ class NotChains(nn.Module):
 
 
 def test_what_must_not_fuse_is_reported_with_its_reason():
-    model = _randomize(NotChains()).eval()
+    model = randomize_batchnorm(NotChains()).eval()
     fused = r21d.fuse(model)
     sites, unfused = _fused_and_unfused(fused)
     assert not sites and type(fused) is NotChains
@@ -341,7 +329,7 @@ def test_a_block_that_cannot_be_traced_fuses_nothing_and_says_why():
 
 
 def test_hooks_on_a_chain_run_it_as_written_and_fire():
-    model = _randomize(UserR2Plus1D()).eval()
+    model = randomize_batchnorm(UserR2Plus1D()).eval()
     fused = r21d.fuse(model)
     x = torch.randn(1, 3, 4, 8, 8)
     seen = []
@@ -374,7 +362,7 @@ class ModeBranch(Activated):
 
 
 def test_a_forward_that_branches_on_its_mode_is_traced_again_when_the_mode_changes():
-    model = _randomize(ModeBranch(nn.ReLU())).eval()
+    model = randomize_batchnorm(ModeBranch(nn.ReLU())).eval()
     fused = r21d.fuse(model)
     x = torch.randn(2, 4, 3, 5, 5)
     for training in (False, True, False):
@@ -385,7 +373,7 @@ def test_a_forward_that_branches_on_its_mode_is_traced_again_when_the_mode_chang
 
 
 def test_drop_in_state_class_copies_pickling_and_unfuse():
-    model = _randomize(UserR2Plus1D()).eval()
+    model = randomize_batchnorm(UserR2Plus1D()).eval()
     fused = r21d.fuse(model)
     assert fused.stem is not model.stem
     assert isinstance(fused.stem, SpatioTemporalConv) and isinstance(fused.layer1, ResBlock)
@@ -408,7 +396,7 @@ def test_drop_in_state_class_copies_pickling_and_unfuse():
 
 
 def test_frozen_batchnorm_inside_a_training_model_follows_the_plain_model():
-    model = _randomize(UserR2Plus1D()).train()
+    model = randomize_batchnorm(UserR2Plus1D()).train()
     model.layer1.bn1.eval()
     for p in model.layer2.bn2.parameters():
         p.requires_grad_(False)
@@ -467,7 +455,7 @@ def test_pytorchvideo_zoo_every_chain_fused(name):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = _randomize(ZOO[name](zoo)).eval()
+        model = randomize_batchnorm(ZOO[name](zoo)).eval()
     fused = r21d.fuse(model)
     sites, unfused = _fused_and_unfused(fused)
     fused_convs = sum(2 if "(2+1)D unit" in r.pattern else 1 for r in sites)
@@ -487,7 +475,7 @@ def test_a_traced_model_compiles_fullgraph_with_eager_results(strict):
     the Triton interpreter); the (2+1)D unit, a residual tail and a shortcut among them."""
     torch._dynamo.reset()
     torch.manual_seed(0)
-    fused = r21d.fuse(_randomize(UserR2Plus1D(width=4))).eval()
+    fused = r21d.fuse(randomize_batchnorm(UserR2Plus1D(width=4))).eval()
     x = torch.randn(1, 3, 2, 4, 4)
     with r21d.use_backend("triton"), torch.no_grad():
         with _launch.count() as eager_launches:
@@ -516,7 +504,7 @@ def test_pytorchvideo_depthwise_models_bf16_eval_as_accurate_as_cudnn(name, stri
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        plain = _randomize(ZOO[name](zoo)).eval()
+        plain = randomize_batchnorm(ZOO[name](zoo)).eval()
     x = torch.randn(2, 3, 4 if name == "x3d" else 8, 32, 32)
     with torch.no_grad():
         ref = copy.deepcopy(plain).double().cuda()(x.double().cuda())

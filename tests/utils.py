@@ -284,6 +284,20 @@ def small_video_net() -> torch.nn.Module:
     return perturb_batchnorm(net)
 
 
+def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` with every BatchNorm's weight, bias and running statistics drawn from a generator
+    seeded with ``seed`` (the same values whatever else used the global RNG)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
 def perturb_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with every BatchNorm3d's parameters and running statistics moved away from their
     defaults (1, 0, 0, 1), which would hide mistakes in gamma, beta, mean or var; from the global
