@@ -212,9 +212,9 @@ def _implicit_gemm_forward(*args):
 
 
 def _implicit_gemm_backward(*args):
-    from .triton_kernels import implicit_gemm
+    from .triton_kernels import implicit_gemm_bwd
 
-    return implicit_gemm.conv_bn_act_bwd(*args)
+    return implicit_gemm_bwd.conv_bn_act_bwd(*args)
 
 
 def _depthwise_forward(*args):
@@ -224,9 +224,9 @@ def _depthwise_forward(*args):
 
 
 def _depthwise_backward(*args):
-    from .triton_kernels import depthwise
+    from .triton_kernels import depthwise_bwd
 
-    return depthwise.conv_bn_act_bwd(*args)
+    return depthwise_bwd.conv_bn_act_bwd(*args)
 
 
 POINTWISE = _define_triton_family("pointwise_conv_bn_act", True, _pointwise_forward, _pointwise_backward)

@@ -58,10 +58,14 @@ def _block_sizes(tuned: _launch.Tuned):
 def test_row_overshoot_covers_every_tile():
     """A tile or a loop step reaches at most ROW_OVERSHOOT rows past a valid row: no block size of
     any kernel configuration (nor the memory-bound passes' row blocks) is larger."""
-    from r21d.triton_kernels import batchnorm, conv2plus1d, depthwise, implicit_gemm, pointwise
+    import importlib
 
-    tuned = [v for mod in (pointwise, depthwise, implicit_gemm, conv2plus1d)
-             for v in vars(mod).values() if isinstance(v, _launch.Tuned)]
+    from r21d.static import KERNEL_MODULES
+    from r21d.triton_kernels import batchnorm
+
+    tuned = [v for name in KERNEL_MODULES
+             for v in vars(importlib.import_module(f"r21d.triton_kernels.{name}")).values()
+             if isinstance(v, _launch.Tuned)]
     assert len(tuned) >= 9
     blocks = [b for t in tuned for b in _block_sizes(t)]
     blocks += [batchnorm._elementwise_blocks(c, cl)[0] for c in (1, 3, 64, 4096) for cl in (True, False)]
@@ -117,7 +121,8 @@ def test_functional_refuses_more_channels_than_the_grid(strict):
 # every autotuning configuration: _launch.launch checks each grid, also when captured.
 BOUNDARY_LAUNCHES = textwrap.dedent("""
     import torch
-    from r21d.triton_kernels import _launch, _limits, conv2plus1d, depthwise, implicit_gemm, pointwise
+    from r21d.triton_kernels import (_launch, _limits, conv2plus1d, depthwise, depthwise_bwd,
+                                     implicit_gemm, implicit_gemm_bwd, pointwise)
 
     def randn(*shape, cl=False):
         t = torch.randn(*shape)
@@ -139,18 +144,18 @@ BOUNDARY_LAUNCHES = textwrap.dedent("""
             x = randn(1, C, 1, 2, 2, cl=cl)
             out = depthwise.conv_bn_act_fwd(x, randn(C, 1, 1, 1, 1), None, *bn(C), None, (1, 1, 1),
                                             (0, 0, 0), (1, 1, 1), True, 0.1, 1e-5, "relu", True)
-            depthwise.conv_bn_act_bwd(randn(*x.shape, cl=cl), x, randn(C, 1, 1, 1, 1), None,
-                                      out[1], out[2], out[3], *bn(C)[:2], None, (1, 1, 1),
-                                      (0, 0, 0), (1, 1, 1), True, "relu", NEEDS)
+            depthwise_bwd.conv_bn_act_bwd(randn(*x.shape, cl=cl), x, randn(C, 1, 1, 1, 1), None,
+                                          out[1], out[2], out[3], *bn(C)[:2], None, (1, 1, 1),
+                                          (0, 0, 0), (1, 1, 1), True, "relu", NEEDS)
         # the most groups, and a pointwise conv with the most output channels, in training
         g = _limits.GRID_YZ_MAX
         x = randn(1, g, 3, 1, 1, cl=True)
         w = randn(2 * g, 1, 3, 1, 1, cl=True)
         out = implicit_gemm.conv_bn_act_fwd(x, w, None, *bn(2 * g), None, (1, 1, 1), (1, 0, 0),
                                             (1, 1, 1), True, 0.1, 1e-5, "relu", True)
-        implicit_gemm.conv_bn_act_bwd(randn(*out[0].shape, cl=True), x, w, None, out[1], out[2],
-                                      out[3], *bn(2 * g)[:2], None, (1, 1, 1), (1, 0, 0),
-                                      (1, 1, 1), True, "relu", NEEDS)
+        implicit_gemm_bwd.conv_bn_act_bwd(randn(*out[0].shape, cl=True), x, w, None, out[1],
+                                          out[2], out[3], *bn(2 * g)[:2], None, (1, 1, 1),
+                                          (1, 0, 0), (1, 1, 1), True, "relu", NEEDS)
         x = randn(2, 1, 1, 2, 2, cl=True)
         out = pointwise.conv_bn_act_fwd(x, randn(C, 1, 1, 1, 1), None, *bn(C), None, (1, 1, 1),
                                         (0, 0, 0), True, 0.1, 1e-5, "relu", True)

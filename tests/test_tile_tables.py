@@ -2,18 +2,27 @@
 sm_80 overrides keep what the kernels rely on. Whether they spill is the static report's job
 (``python -m r21d.static --archs 90,80``)."""
 
-from r21d.triton_kernels import _gemm, _launch, conv2plus1d, depthwise, implicit_gemm, pointwise
+from r21d.triton_kernels import (
+    _gemm,
+    _launch,
+    conv2plus1d,
+    depthwise,
+    depthwise_bwd,
+    implicit_gemm,
+    implicit_gemm_bwd,
+    pointwise,
+)
 
 TUNED = {f"{mod.__name__.rsplit('.', 1)[1]}.{name}": value
-         for mod in (pointwise, depthwise, implicit_gemm, conv2plus1d)
+         for mod in (pointwise, depthwise, depthwise_bwd, implicit_gemm, implicit_gemm_bwd, conv2plus1d)
          for name, value in vars(mod).items() if isinstance(value, _launch.Tuned)}
 WITH_OVERRIDES = {name: t for name, t in TUNED.items() if t.arch_configs}
 
 
 def test_sm80_overrides_exist_and_name_real_variants():
-    assert {"conv2plus1d._UNIT", "implicit_gemm._DGRAD", "implicit_gemm._FWD_STATS",
-            "implicit_gemm._WGRAD", "pointwise._FWD_EVAL", "depthwise._FWD",
-            "depthwise._BWD"} <= set(WITH_OVERRIDES)
+    assert {"conv2plus1d._UNIT", "implicit_gemm_bwd._DGRAD", "implicit_gemm._FWD_STATS",
+            "implicit_gemm_bwd._WGRAD", "pointwise._FWD_EVAL", "depthwise._FWD",
+            "depthwise_bwd._BWD"} <= set(WITH_OVERRIDES)
     for name, tuned in WITH_OVERRIDES.items():
         assert set(tuned.arch_configs) == {80}, name  # current_tile_arch() gives 80 or 90 only
         for variant, configs in tuned.arch_configs[80].items():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from . import implicit_gemm as ig
+from . import implicit_gemm_bwd as ig_bwd
 from ._layout import in_format_of
 from ._replay import planned
 
@@ -66,13 +67,13 @@ def unit_train_bwd(grad_out, x, w1, bias1, gamma1, beta1, z1, mean1, invstd1,
     need_x, need_w1, need_b1, need_g1, need_be1, need_w2, need_b2, need_g2, need_be2, need_res = needs
     first = (need_x, need_w1, need_b1, need_g1, need_be1)
     pre = bn_relu_prologue(mean1, invstd1, gamma1, beta1)
-    d_mid, dw2, db2, dg2, dbe2, dres = ig.conv_bn_act_bwd(
+    d_mid, dw2, db2, dg2, dbe2, dres = ig_bwd.conv_bn_act_bwd(
         grad_out, z1, w2, bias2, z2, mean2, invstd2, gamma2, beta2, residual, stride2, padding2,
         dilation2, True, activation, (any(first), need_w2, need_b2, need_g2, need_be2, need_res),
         pre=pre)
     dx = dw1 = db1 = dg1 = dbe1 = None
     if any(first):
-        dx, dw1, db1, dg1, dbe1, _ = ig.conv_bn_act_bwd(
+        dx, dw1, db1, dg1, dbe1, _ = ig_bwd.conv_bn_act_bwd(
             d_mid, x, w1, bias1, z1, mean1, invstd1, gamma1, beta1, None, stride1, padding1,
             dilation1, True, "relu", (*first, False))
     return dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2, dres

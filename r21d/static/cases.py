@@ -14,7 +14,9 @@ from ..triton_kernels._layout import out_size
 
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}
 ARCHS = (90, 80)
-KERNEL_MODULES = ("pointwise", "depthwise", "implicit_gemm", "conv2plus1d", "batchnorm", "splitk")  # r21d.triton_kernels.<module>
+# r21d.triton_kernels.<module>
+KERNEL_MODULES = ("pointwise", "depthwise", "depthwise_bwd", "implicit_gemm", "implicit_gemm_bwd", "conv2plus1d",
+                  "batchnorm", "splitk")
 
 
 # ----------------------------------------------------------------------------- cases
@@ -141,7 +143,7 @@ DW_GEOMETRY = {"k333": ((3, 3, 3), (1, 1, 1), (1, 1, 1)), "k133-s2": ((1, 3, 3),
 def _depthwise(case: Case) -> None:
     import torch
 
-    from r21d.triton_kernels import depthwise
+    from r21d.triton_kernels import depthwise, depthwise_bwd
 
     op, geometry = case.name.rsplit("/", 1) if "/" in case.name else (case.name, "k333")
     kernel, stride, padding = DW_GEOMETRY[geometry]
@@ -160,7 +162,7 @@ def _depthwise(case: Case) -> None:
     w = torch.randn(s["C"], 1, *kernel, generator=gen, dtype=dt)
     bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
     out_shape = (s["N"], s["C"]) + tuple(
-        depthwise.out_size(n, k, st, p, 1) for n, k, st, p in zip(x.shape[2:], kernel, stride, padding))
+        out_size(n, k, st, p, 1) for n, k, st, p in zip(x.shape[2:], kernel, stride, padding))
     dilation = (1, 1, 1)
     # SiLU and a residual everywhere: the costliest epilogue and backward prologue.
     if op.startswith("fwd"):
@@ -168,9 +170,9 @@ def _depthwise(case: Case) -> None:
                                   padding, dilation, training=op == "fwd-train", momentum=0.1,
                                   eps=1e-5, activation="silu", save=True)
     elif op == "bwd":
-        depthwise.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(), vec().abs(),
-                                  gamma, beta, act(*out_shape), stride, padding, dilation,
-                                  training=True, activation="silu", needs=(True,) * 6)
+        depthwise_bwd.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(),
+                                      vec().abs(), gamma, beta, act(*out_shape), stride, padding,
+                                      dilation, training=True, activation="silu", needs=(True,) * 6)
     else:
         raise ValueError(case.name)
 
@@ -198,7 +200,7 @@ IG_GEOMETRY = {
 def _implicit_gemm(case: Case) -> None:
     import torch
 
-    from r21d.triton_kernels import implicit_gemm
+    from r21d.triton_kernels import implicit_gemm, implicit_gemm_bwd
 
     op, geometry = case.name.split("/")
     kernel, stride, padding, groups = IG_GEOMETRY[geometry]
@@ -217,7 +219,7 @@ def _implicit_gemm(case: Case) -> None:
     w = act(s["C_out"], s["C_in"] // groups, *kernel)
     bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
     dilation = (1, 1, 1)
-    out_shape = (s["N"], s["C_out"]) + tuple(implicit_gemm.out_size(n, k, st, p, 1) for n, k, st, p
+    out_shape = (s["N"], s["C_out"]) + tuple(out_size(n, k, st, p, 1) for n, k, st, p
                                              in zip(x.shape[2:], kernel, stride, padding))
     # SiLU everywhere (the costlier epilogue and backward); a residual where it makes the
     # epilogue heavier (fwd-eval-res also saves z and the statistics for autograd)
@@ -227,10 +229,10 @@ def _implicit_gemm(case: Case) -> None:
                                       padding, dilation, training=op == "fwd-train", momentum=0.1,
                                       eps=1e-5, activation="silu", save=op != "fwd-eval")
     elif op in ("bwd", "bwd-eval"):
-        implicit_gemm.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(),
-                                      vec().abs(), gamma, beta, act(*out_shape), stride, padding,
-                                      dilation, training=op == "bwd", activation="silu",
-                                      needs=(True,) * 6)
+        implicit_gemm_bwd.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(),
+                                          vec().abs(), gamma, beta, act(*out_shape), stride,
+                                          padding, dilation, training=op == "bwd",
+                                          activation="silu", needs=(True,) * 6)
     else:
         raise ValueError(case.name)
 

@@ -12,7 +12,7 @@ import torch
 
 import r21d
 from r21d import dispatch
-from r21d.triton_kernels import _launch, implicit_gemm
+from r21d.triton_kernels import _launch, implicit_gemm_bwd
 from tests.utils import DEVICE_DTYPES, ConvCase, check_backend, clone_inputs, make_inputs, run_backend
 
 pytestmark = pytest.mark.usefixtures("strict")
@@ -174,7 +174,7 @@ def test_dgrad_runs_one_program_row_per_stride_residue_class(stride, classes):
     args = make_inputs(case, torch.float32, "cpu")
     z = _cl3d(torch.randn(case.output_shape()))
     with _launch.capture() as launches:
-        implicit_gemm.conv_bn_act_bwd(
+        implicit_gemm_bwd.conv_bn_act_bwd(
             z, args["x"], _cl3d(args["weight"]), None, z, torch.zeros(8), torch.ones(8), None, None,
             None, stride, case.padding, case.dilation, training=False, activation="relu",
             needs=(True, False, False, False, False, False))
