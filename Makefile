@@ -10,7 +10,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 DEPS   := torch==2.14.1 torchvision==0.29.1 numpy 'setuptools>=64' wheel ninja build \
-          pytest hypothesis expecttest matplotlib pytest-benchmark ruff
+          pytest hypothesis expecttest matplotlib pytest-benchmark ruff clang-format==23.1.5
 ZOO_DEPS := pytorchvideo==0.1.5 fvcore iopath portalocker yacs pyyaml tabulate termcolor tqdm
 CSRC   := $(shell find csrc 2>/dev/null)
 # the package roots: an editable install made before their __init__.py existed must be redone
@@ -21,9 +21,12 @@ ROOTS  := $(wildcard r21d/__init__.py triton_kernels/__init__.py)
 test: $(VENV)/.r21d-installed
 	$(PY) -m pytest -q --durations=30
 
-# ruff (pyflakes, isort, bugbear, pyupgrade; configured in pyproject.toml)
+# ruff (pyflakes, isort, bugbear, pyupgrade; configured in pyproject.toml), then clang-format over
+# the C++ / CUDA sources (style in .clang-format; fix with `.venv/bin/clang-format -i FILE`)
 lint: $(VENV)/.r21d-deps
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror $$(find csrc tests/csrc -type f \( -name '*.h' -o -name '*.cuh' \
+	  -o -name '*.hpp' -o -name '*.cpp' -o -name '*.cc' -o -name '*.cu' \) | sort)
 
 bench: $(VENV)/.r21d-installed
 	$(VENV)/bin/r21d-bench $(ARGS)
@@ -38,7 +41,7 @@ $(PY):
 
 $(VENV)/.r21d-deps: Makefile | $(PY)
 	$(PIP) install -q --progress-bar off $(DEPS)
-	@# pytorchvideo's model zoo for the fuse tests (tests/test_fuse_traced.py), without its video
+	@# pytorchvideo's model zoo for the fuse tests (tests/nn/test_fuse_traced.py), without its video
 	@# I/O dependencies (av); from the package index: where it is unreachable those tests skip
 	-$(PIP) install -q --progress-bar off --no-deps $(ZOO_DEPS)
 	touch $@
@@ -49,7 +52,7 @@ $(VENV)/.r21d-installed: $(VENV)/.r21d-deps setup.py pyproject.toml MANIFEST.in 
 
 # The oldest supported pair (README: Platforms) in a second venv, .venv-oldest: torch 2.11 with its
 # Triton 3.6, and NumPy < 2.4 (Triton 3.6's interpreter fails with NumPy 2.4; r21d refuses that
-# pair at import). Runs the static report for sm_90 (tests/test_static.py), the version checks,
+# pair at import). Runs the static report for sm_90 (tests/tools/test_static.py), the version checks,
 # an interpreter subset of every kernel family and the launch plans' binding of kernel parameters
 # (Triton 3.6's binder: the GPU machines' version), with a Triton cache of its own; pure Python
 # (r21d._C is built for the main venv's torch). CI runs it after `make test`.
@@ -57,13 +60,13 @@ OLD_VENV  := .venv-oldest
 OLD_PY    := $(OLD_VENV)/bin/python
 OLD_DEPS  := torch==2.11.0 triton==3.6.0 'numpy<2.4' 'setuptools>=64' wheel pytest hypothesis \
              expecttest
-PW_TEST   := tests/triton_kernels/test_pointwise.py
-DW_TEST   := tests/triton_kernels/test_depthwise.py
-IG_TEST   := tests/triton_kernels/test_implicit_gemm.py
-UNIT_TEST := tests/triton_kernels/test_conv2plus1d.py
-OLD_TESTS := tests/test_triton_compat.py tests/test_static.py \
-  tests/test_replay.py::test_parameters_are_bound_as_tritons_binder_binds_them \
-  tests/test_replay.py::test_a_compiled_launch_is_replayed_with_every_parameter_bound_in_order \
+PW_TEST   := tests/kernels/test_pointwise.py
+DW_TEST   := tests/kernels/test_depthwise.py
+IG_TEST   := tests/kernels/test_implicit_gemm.py
+UNIT_TEST := tests/kernels/test_conv2plus1d.py
+OLD_TESTS := tests/kernels/test_triton_compat.py tests/tools/test_static.py \
+  tests/kernels/test_replay.py::test_parameters_are_bound_as_tritons_binder_binds_them \
+  tests/kernels/test_replay.py::test_a_compiled_launch_is_replayed_with_every_parameter_bound_in_order \
   '$(PW_TEST)::test_forward_backward_matches_oracle[cpu-fp32-residual-cl3d-train]' \
   '$(PW_TEST)::test_forward_backward_matches_oracle[cpu-fp16-stride2-pad1-eval]' \
   '$(PW_TEST)::test_large_mean_offset_is_numerically_safe[cpu-fp32]' \

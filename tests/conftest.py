@@ -25,7 +25,8 @@ if os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0"):
 FAMILY_WORDS = {
     "depthwise": re.compile(r"depthwise|dw_|_dw\b"),
     "pointwise": re.compile(r"pointwise"),
-    "implicit_gemm": re.compile(r"implicit_gemm|igemm|dense|grouped"),
+    # spatial (1 x k x k) and temporal (k x 1 x 1) convs and r3d_18's 3x3x3 ones are implicit GEMMs
+    "implicit_gemm": re.compile(r"implicit_gemm|igemm|dense|grouped|(?<![a-z])(spatial|temporal)|r3d"),
     "conv2plus1d": re.compile(r"conv2plus1d|r2plus1d|2plus1d|spatiotemporal|_unit|unit_"),
 }
 

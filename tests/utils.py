@@ -12,6 +12,9 @@ import torch
 
 from r21d.reference import conv_bn_act3d_reference
 
+# the repository checkout the tests run from (files they read: docs, Makefile, kernel sources)
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
 # ---------------------------------------------------------------------------- tolerances
 # A fused result passes when its error against the float64 oracle, ||out - ref|| / ||ref||, is at
 # most twice the error of PyTorch's own (cuDNN on a GPU) result in the same dtype on the same
@@ -313,7 +316,7 @@ def perturb_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------------------- kernel source scans
-KERNELS_DIR = pathlib.Path(__file__).resolve().parents[1] / "triton_kernels"
+KERNELS_DIR = REPO_ROOT / "triton_kernels"
 
 
 def kernel_sources() -> list[tuple[pathlib.Path, ast.Module]]:

@@ -143,7 +143,7 @@ def _depthwise_cases() -> list[ConvBNActCase]:
 
 
 # The convolutions of r2plus1d_18 on a 16x112x112 clip, one row per distinct configuration
-# (docs/benchmarks.md; tests/test_bench.py checks the table against torchvision's model):
+# (docs/benchmarks.md; tests/tools/test_bench.py checks the table against torchvision's model):
 # (in, out, kernel, stride, input T, input H = W); padding is kernel // 2 on every axis.
 R2PLUS1D_18_CONVS = [
     (3, 45, (1, 7, 7), (1, 2, 2), 16, 112), (45, 64, (3, 1, 1), (1, 1, 1), 16, 56),

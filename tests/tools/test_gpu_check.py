@@ -13,7 +13,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,8 +20,9 @@ import torch
 from r21d.bench.gpu_check import accuracy, bootstrap, chart, cli, memcheck, schedule
 from r21d.bench.gpu_check import plan as P
 from r21d.bench.gpu_check.results import Results
+from tests.utils import REPO_ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="tests the no-GPU mode")
 
 

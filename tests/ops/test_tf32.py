@@ -8,7 +8,7 @@ On the CPU the interpreter multiplies in fp32, so a kernel's TF32 result is exac
 of its rounded operands accumulated in fp32: the fused ops must then match a float64 convolution
 of the operands rounded to TF32 (an emulated cuDNN) to fp32 accuracy, far closer than TF32's own
 error, which tells whether each operand was rounded, and how. The sm_90 / sm_80 PTX of every TF32
-kernel is checked for the rounding instruction by the static report (tests/test_static.py); on a
+kernel is checked for the rounding instruction by the static report (tests/tools/test_static.py); on a
 GPU the kernels' GPU tests bound the error by twice cuDNN's.
 """
 

@@ -5,12 +5,13 @@ import importlib.util
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "finetune_r2plus1d.py"
+from tests.utils import REPO_ROOT
+
+EXAMPLE = REPO_ROOT / "examples" / "finetune_r2plus1d.py"
 TINY = ["--frames", "4", "--size", "32", "--clips", "8", "--batch-size", "2", "--classes", "3",
         "--device", "cpu"]
 

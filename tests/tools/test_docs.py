@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import r21d
+from tests.utils import REPO_ROOT
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 DOCS = ROOT / "docs"
 
 

@@ -556,7 +556,7 @@ def test_copies_pickles_and_unfuse_drop_the_plans(planned):
 
 
 def test_no_plan_is_used_or_kept_while_compiling(planned, monkeypatch):
-    """Under torch.compile the checked path is what gets traced (tests/test_compile.py compiles
+    """Under torch.compile the checked path is what gets traced (tests/ops/test_compile.py compiles
     fused models fullgraph); here is_compiling is faked to see that nothing is cached."""
     plain, fused = _pair()
     module = r21d.ConvBNReLU3d.from_modules(*copy.deepcopy(plain))  # run_site with its slot

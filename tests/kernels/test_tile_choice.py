@@ -14,6 +14,7 @@ import torch
 import triton
 
 from r21d.triton_kernels import _autotune, _launch, _tiles
+from tests.utils import REPO_ROOT
 
 
 def _config(m, n, warps=4):
@@ -72,7 +73,7 @@ def test_launch_runs_the_rules_choice_without_timing(monkeypatch):
 _SCRIPT = textwrap.dedent("""
     import json, sys, triton
     sys.path.insert(0, {root!r})
-    from tests.test_tile_choice import FakeKernel, _choice, _grid
+    from tests.kernels.test_tile_choice import FakeKernel, _choice, _grid
     from r21d.triton_kernels import _autotune, _launch
     timed = []
     def timer(run):  # 64x64 is the "fastest"
@@ -88,7 +89,7 @@ _SCRIPT = textwrap.dedent("""
 def _process(tmp_path, M, autotune):
     env = {**{k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
            "R21D_AUTOTUNE": autotune, "R21D_AUTOTUNE_CACHE": str(tmp_path)}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO_ROOT)
     done = subprocess.run([sys.executable, "-c", _SCRIPT.format(root=root, M=M)], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

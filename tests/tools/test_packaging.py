@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from r21d import _extension
+from tests.utils import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = str(REPO_ROOT)
 
 
 def _run(cmd, **kw):

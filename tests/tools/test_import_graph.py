@@ -18,8 +18,10 @@ import pathlib
 
 import pytest
 
+from tests.utils import REPO_ROOT
+
 PACKAGE = "r21d"
-ROOT = pathlib.Path(__file__).resolve().parents[1] / PACKAGE
+ROOT = REPO_ROOT / PACKAGE
 
 
 def _module_name(path: pathlib.Path) -> str:

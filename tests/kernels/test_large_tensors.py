@@ -1,7 +1,7 @@
 """Tensors of more than 2^31 elements (GPU only): the pointwise and implicit-GEMM kernels address
 them with 64-bit offsets. A 2.3e9-element bf16 input (4.6 GB); the far corner, where 32-bit
 offsets would wrap, against cuDNN. (The depthwise kernels' test is in
-tests/triton_kernels/test_depthwise.py.)"""
+tests/kernels/test_depthwise.py.)"""
 
 import pytest
 import torch
