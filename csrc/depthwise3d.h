@@ -68,8 +68,8 @@ struct Params {
   Geom g;
   const T* x;  // input
   Strides5 sx;
-  const T* w;     // weight, contiguous (C, KK)
-  const T* bias;  // conv bias (C) or null
+  const T* w;          // weight, contiguous (C, KK)
+  const T* bias;       // conv bias (C) or null
   const float* gamma;  // bn weight (C) or null (affine=False)
   const float* beta;   // bn bias (C) or null
   const float* rmean;  // running mean (C) (eval forward)
@@ -86,8 +86,8 @@ struct Params {
   Strides5 sdx;
   T* dres;  // backward: grad of residual, written when non-null
   Strides5 sdres;
-  float* mean;    // (C): forward eval writes it (when non-null), train-apply and backward read it
-  float* invstd;  // (C): idem
+  float* mean;     // (C): forward eval writes it (when non-null), train-apply and backward read it
+  float* invstd;   // (C): idem
   float* partial;  // per-block partials [gridDim.y][C][3] (stats / backward sums) or [gridDim.y][C][KK] (dweight)
   float* coef;     // backward: per-channel (k_g, k_z, k_0), [C][3]
   float* dw_acc;   // backward, non-deterministic dweight: fp32 accumulator [C][KK]
@@ -179,8 +179,8 @@ R21D_HOST_DEVICE R21D_FORCEINLINE void for_each_tap(const Geom& g, int64_t to, i
 }
 
 // Input position read by tap (kt, kh, kw) of output (to, ho, wo); false when it is padding.
-R21D_HOST_DEVICE R21D_FORCEINLINE bool tap_input(const Geom& g, int64_t to, int64_t ho, int64_t wo, int a, int b,
-                                                 int c, int64_t& ti, int64_t& hi, int64_t& wi) {
+R21D_HOST_DEVICE R21D_FORCEINLINE bool tap_input(const Geom& g, int64_t to, int64_t ho, int64_t wo, int a, int b, int c,
+                                                 int64_t& ti, int64_t& hi, int64_t& wi) {
   ti = to * g.st - g.pt + int64_t(a) * g.dt;
   hi = ho * g.sh - g.ph + int64_t(b) * g.dh;
   wi = wo * g.sw - g.pw + int64_t(c) * g.dw;

@@ -95,11 +95,11 @@ std::string cxx_compiler() {
 std::string build_info_json() {
   const int cudart = detail::cuda_runtime_version_compiled();
   std::vector<std::pair<std::string, std::string>> kv;
-  kv.emplace_back("torch_version", json_string(std::to_string(TORCH_VERSION_MAJOR) + "." +
-                                               std::to_string(TORCH_VERSION_MINOR) + "." +
-                                               std::to_string(TORCH_VERSION_PATCH)));
-  kv.emplace_back("cuda_version", json_string(std::to_string(cudart / 1000) + "." +
-                                              std::to_string((cudart % 1000) / 10)));
+  kv.emplace_back("torch_version",
+                  json_string(std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) + "." +
+                              std::to_string(TORCH_VERSION_PATCH)));
+  kv.emplace_back("cuda_version",
+                  json_string(std::to_string(cudart / 1000) + "." + std::to_string((cudart % 1000) / 10)));
   kv.emplace_back("cudart_version", std::to_string(cudart));
   kv.emplace_back("nvcc_version", json_string(detail::nvcc_version()));
   kv.emplace_back("cuda_archs", json_arch_list(detail::cuda_arch_list_compiled()));
@@ -154,7 +154,6 @@ TORCH_LIBRARY(r21d, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "r21d CUDA C++ extension (ops are under torch.ops.r21d)";
   m.def(
-      "build_info",
-      []() { return pybind11::module_::import("json").attr("loads")(r21d::build_info_json()); },
+      "build_info", []() { return pybind11::module_::import("json").attr("loads")(r21d::build_info_json()); },
       "How r21d._C was built, as a dict (same content as torch.ops.r21d.build_info()).");
 }

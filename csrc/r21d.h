@@ -44,12 +44,11 @@
 
 // Check the cudaError_t of a CUDA runtime call; throws a c10::Error (a Python
 // RuntimeError) naming the call, the file and the line.
-#define R21D_CHECK_CUDA(expr)                                                        \
-  do {                                                                               \
-    const cudaError_t r21d_err_ = (expr);                                            \
-    TORCH_CHECK(r21d_err_ == cudaSuccess, "r21d: CUDA error in ", #expr, " at ",     \
-                __FILE__, ":", __LINE__, ": ", cudaGetErrorName(r21d_err_), ": ",    \
-                cudaGetErrorString(r21d_err_));                                      \
+#define R21D_CHECK_CUDA(expr)                                                                                   \
+  do {                                                                                                          \
+    const cudaError_t r21d_err_ = (expr);                                                                       \
+    TORCH_CHECK(r21d_err_ == cudaSuccess, "r21d: CUDA error in ", #expr, " at ", __FILE__, ":", __LINE__, ": ", \
+                cudaGetErrorName(r21d_err_), ": ", cudaGetErrorString(r21d_err_));                              \
   } while (0)
 
 // After every kernel launch: reports invalid launch configurations (too many threads,
@@ -61,18 +60,14 @@ namespace r21d {
 namespace detail {
 
 // True when every value in [0, n) fits a 32-bit signed index.
-R21D_HOST_DEVICE R21D_FORCEINLINE bool fits_int32(int64_t n) {
-  return n >= 0 && n <= int64_t(2147483647);
-}
+R21D_HOST_DEVICE R21D_FORCEINLINE bool fits_int32(int64_t n) { return n >= 0 && n <= int64_t(2147483647); }
 
 // Ceiling division for grid sizes.
-R21D_HOST_DEVICE R21D_FORCEINLINE int64_t ceil_div(int64_t a, int64_t b) {
-  return (a + b - 1) / b;
-}
+R21D_HOST_DEVICE R21D_FORCEINLINE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 #if !defined(R21D_CPU_HARNESS)
 // Build information compiled by nvcc (csrc/cuda/build_info.cu).
-int cuda_runtime_version_compiled();  // CUDART_VERSION, e.g. 13000
+int cuda_runtime_version_compiled();    // CUDART_VERSION, e.g. 13000
 std::string cuda_arch_list_compiled();  // __CUDA_ARCH_LIST__, e.g. "800,900"
 std::string nvcc_version();             // e.g. "13.0.88"
 #endif

@@ -27,8 +27,8 @@ std::string cuda_arch_list_compiled() {
 }
 
 std::string nvcc_version() {
-  return std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__) +
-         "." + std::to_string(__CUDACC_VER_BUILD__);
+  return std::to_string(__CUDACC_VER_MAJOR__) + "." + std::to_string(__CUDACC_VER_MINOR__) + "." +
+         std::to_string(__CUDACC_VER_BUILD__);
 }
 
 }  // namespace detail

@@ -103,9 +103,9 @@ __global__ void dw3d_bwd_reduce_kernel(const Params<T> p) {
 
 template <typename T>
 __global__ void dw3d_bwd_finalize_kernel(const float* __restrict__ partial, int64_t nb, int64_t C, int64_t M,
-                                         bool train, const float* __restrict__ mean,
-                                         const float* __restrict__ invstd, const float* __restrict__ gamma,
-                                         float* coef, float* dgamma, float* dbeta, T* dbias) {
+                                         bool train, const float* __restrict__ mean, const float* __restrict__ invstd,
+                                         const float* __restrict__ gamma, float* coef, float* dgamma, float* dbeta,
+                                         T* dbias) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   bwd_finalize_channel<T>(partial, nb, C, c, M, train, mean, invstd, gamma, coef, dgamma, dbeta, dbias);
@@ -122,8 +122,7 @@ __global__ void dw3d_bwd_dx_kernel(const Params<T> p) {
   ChanBwd cb[VEC];
   load_chan<T, VEC>(p, true, c0, cb);
   const T* __restrict__ wb = p.w + c0 * KK;
-  for (int64_t pos = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; pos < P;
-       pos += int64_t(gridDim.y) * blockDim.y) {
+  for (int64_t pos = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; pos < P; pos += int64_t(gridDim.y) * blockDim.y) {
     const Pos q = decompose(pos, g.ei);
     float acc[VEC];
 #pragma unroll

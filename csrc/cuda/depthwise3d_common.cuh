@@ -54,8 +54,7 @@ __device__ __forceinline__ void store_vec(T* __restrict__ p, const float (&in)[V
     uint32_t u[4];
     memcpy(u, tmp, 16);
     const size_t gaddr = __cvta_generic_to_global(p);
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(gaddr), "r"(u[0]), "r"(u[1]), "r"(u[2]),
-                 "r"(u[3])
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(gaddr), "r"(u[0]), "r"(u[1]), "r"(u[2]), "r"(u[3])
                  : "memory");
   }
 }
@@ -144,8 +143,7 @@ inline int parse_activation(const std::string& a) {
 }
 
 inline std::vector<int64_t> triple(at::IntArrayRef v, const char* name) {
-  TORCH_CHECK(v.size() == 3 || v.size() == 1, "r21d depthwise3d: ", name, " must have 1 or 3 elements, got ",
-              v.size());
+  TORCH_CHECK(v.size() == 3 || v.size() == 1, "r21d depthwise3d: ", name, " must have 1 or 3 elements, got ", v.size());
   if (v.size() == 1) return {v[0], v[0], v[0]};
   return {v[0], v[1], v[2]};
 }
@@ -153,8 +151,7 @@ inline std::vector<int64_t> triple(at::IntArrayRef v, const char* name) {
 inline void check_float_vec(const c10::optional<at::Tensor>& t, const char* name, const at::Tensor& x, int64_t C) {
   if (!t.has_value() || !t->defined()) return;
   TORCH_CHECK(t->scalar_type() == at::kFloat, "r21d depthwise3d: ", name, " must be float32, got ", t->scalar_type());
-  TORCH_CHECK(t->device() == x.device(), "r21d depthwise3d: ", name, " must be on ", x.device(), ", got ",
-              t->device());
+  TORCH_CHECK(t->device() == x.device(), "r21d depthwise3d: ", name, " must be on ", x.device(), ", got ", t->device());
   TORCH_CHECK(t->dim() == 1 && t->size(0) == C, "r21d depthwise3d: ", name, " must have shape (", C, "), got ",
               t->sizes());
 }
@@ -171,8 +168,8 @@ inline Geom check_geometry(const at::Tensor& x, const at::Tensor& weight, const 
               "r21d depthwise3d: x must be float32, float16 or bfloat16, got ", st);
   const int64_t C = x.size(1);
   TORCH_CHECK(weight.dim() == 5 && weight.size(0) == C && weight.size(1) == 1,
-              "r21d depthwise3d: weight must be a depthwise weight of shape (C, 1, KT, KH, KW) with C = ", C,
-              ", got ", weight.sizes());
+              "r21d depthwise3d: weight must be a depthwise weight of shape (C, 1, KT, KH, KW) with C = ", C, ", got ",
+              weight.sizes());
   TORCH_CHECK(weight.scalar_type() == st, "r21d depthwise3d: weight must have the dtype of x (", st, "), got ",
               weight.scalar_type());
   TORCH_CHECK(weight.device() == x.device(), "r21d depthwise3d: weight must be on ", x.device(), ", got ",
@@ -193,13 +190,12 @@ inline Geom check_geometry(const at::Tensor& x, const at::Tensor& weight, const 
     const int64_t k = weight.size(2 + i);
     TORCH_CHECK(k >= 1 && k <= 7, "r21d depthwise3d: kernel size must be in 1..7, got ", k, " along ", dims[i]);
     TORCH_CHECK(s[i] == 1 || s[i] == 2, "r21d depthwise3d: stride must be 1 or 2, got ", s[i], " along ", dims[i]);
-    TORCH_CHECK(d[i] >= 1 && d[i] <= 3, "r21d depthwise3d: dilation must be in 1..3, got ", d[i], " along ",
-                dims[i]);
+    TORCH_CHECK(d[i] >= 1 && d[i] <= 3, "r21d depthwise3d: dilation must be in 1..3, got ", d[i], " along ", dims[i]);
     TORCH_CHECK(p[i] >= 0 && p[i] <= (1 << 20), "r21d depthwise3d: padding must be >= 0, got ", p[i], " along ",
                 dims[i]);
     out[i] = out_size(x.size(2 + i), k, s[i], p[i], d[i]);
-    TORCH_CHECK(out[i] >= 1, "r21d depthwise3d: output size along ", dims[i], " must be >= 1 (input ",
-                x.size(2 + i), ", kernel ", k, ", stride ", s[i], ", padding ", p[i], ", dilation ", d[i], ")");
+    TORCH_CHECK(out[i] >= 1, "r21d depthwise3d: output size along ", dims[i], " must be >= 1 (input ", x.size(2 + i),
+                ", kernel ", k, ", stride ", s[i], ", padding ", p[i], ", dilation ", d[i], ")");
   }
   Geom g;
   g.N = x.size(0);
@@ -229,12 +225,11 @@ inline Geom check_geometry(const at::Tensor& x, const at::Tensor& weight, const 
 inline void check_out_shaped(const at::Tensor& t, const char* name, const Geom& g, const at::Tensor& x) {
   TORCH_CHECK(t.dim() == 5 && t.size(0) == g.N && t.size(1) == g.C && t.size(2) == g.To && t.size(3) == g.Ho &&
                   t.size(4) == g.Wo,
-              "r21d depthwise3d: ", name, " must have the output shape (", g.N, ", ", g.C, ", ", g.To, ", ", g.Ho,
-              ", ", g.Wo, "), got ", t.sizes());
+              "r21d depthwise3d: ", name, " must have the output shape (", g.N, ", ", g.C, ", ", g.To, ", ", g.Ho, ", ",
+              g.Wo, "), got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "r21d depthwise3d: ", name, " must have the dtype of x (",
               x.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.device() == x.device(), "r21d depthwise3d: ", name, " must be on ", x.device(), ", got ",
-              t.device());
+  TORCH_CHECK(t.device() == x.device(), "r21d depthwise3d: ", name, " must be on ", x.device(), ", got ", t.device());
 }
 
 // Launch shape: blockDim = (bx, by) with bx * by = kThreads (both powers of two); bx threads
@@ -265,10 +260,10 @@ inline Launch make_launch(int64_t C, int vec, bool channels_fast, int64_t positi
 }
 
 // float32 / float16 / bfloat16 only (no double instantiations).
-#define R21D_DW3D_DISPATCH(TYPE, NAME, ...)                                                 \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
-                                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+#define R21D_DW3D_DISPATCH(TYPE, NAME, ...)                                                             \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                                        \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 template <typename T>
 constexpr int vec_of() {

@@ -132,8 +132,8 @@ __global__ void dw3d_fwd_kernel(const Params<T> p) {
 
 __global__ void dw3d_stats_finalize_kernel(const float* __restrict__ partial, int64_t nb, int64_t C, int64_t M,
                                            float eps, float momentum, const float* __restrict__ rmean,
-                                           const float* __restrict__ rvar, float* mean, float* invstd,
-                                           float* new_rmean, float* new_rvar) {
+                                           const float* __restrict__ rvar, float* mean, float* invstd, float* new_rmean,
+                                           float* new_rvar) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   fwd_finalize_channel(partial, nb, C, c, M, eps, momentum, rmean, rvar, mean, invstd, new_rmean, new_rvar);
@@ -276,6 +276,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace dw3d
 }  // namespace r21d
 
-TORCH_LIBRARY_IMPL(r21d, CUDA, m) {
-  m.impl("depthwise3d_conv_bn_act", &r21d::dw3d::depthwise3d_conv_bn_act_cuda);
-}
+TORCH_LIBRARY_IMPL(r21d, CUDA, m) { m.impl("depthwise3d_conv_bn_act", &r21d::dw3d::depthwise3d_conv_bn_act_cuda); }

@@ -39,9 +39,7 @@ double get(const std::string& k, size_t i = 0) {
 
 int64_t geti(const std::string& k, size_t i = 0) { return static_cast<int64_t>(std::llround(get(k, i))); }
 
-Strides5 strides(const std::string& k) {
-  return Strides5{geti(k, 0), geti(k, 1), geti(k, 2), geti(k, 3), geti(k, 4)};
-}
+Strides5 strides(const std::string& k) { return Strides5{geti(k, 0), geti(k, 1), geti(k, 2), geti(k, 3), geti(k, 4)}; }
 
 std::string dir;
 
@@ -76,8 +74,8 @@ int main(int argc, char** argv) {
   }
   dir = argv[1];
   // divmod (double estimate + exact correction) against integer division, up to 2^52.
-  for (int64_t d : {int64_t(1), int64_t(3), int64_t(7), int64_t(112), int64_t(12544), int64_t(1) << 31,
-                    (int64_t(1) << 31) + 11}) {
+  for (int64_t d :
+       {int64_t(1), int64_t(3), int64_t(7), int64_t(112), int64_t(12544), int64_t(1) << 31, (int64_t(1) << 31) + 11}) {
     const double rd = 1.0 / double(d);
     for (int64_t a : {int64_t(0), d - 1, d, d + 1, (int64_t(1) << 31) - 1, (int64_t(1) << 40) + 12345,
                       (int64_t(1) << 52) - 1, (int64_t(1) << 52) - d}) {
