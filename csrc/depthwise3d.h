@@ -93,6 +93,7 @@ struct Params {
   float* dw_acc;   // backward, non-deterministic dweight: fp32 accumulator [C][KK]
   float eps;
   int act;
+  bool train;  // backward: batch statistics (their terms of dz apply) or running statistics (eval)
 };
 
 // ------------------------------------------------------------------ sizes and indices
@@ -274,9 +275,9 @@ R21D_HOST_DEVICE R21D_FORCEINLINE float act_fwd(float v, int act) {
   return v;
 }
 
-// d act(pre) / d pre (ReLU: 0 at pre == 0).
+// d act(pre) / d pre (ReLU: 0 where pre <= 0, 1 elsewhere, NaN included, as bwd_g).
 R21D_HOST_DEVICE R21D_FORCEINLINE float act_grad(float pre, int act) {
-  if (act == kActRelu) return pre > 0.f ? 1.f : 0.f;
+  if (act == kActRelu) return pre <= 0.f ? 0.f : 1.f;
   if (act == kActSilu) {
     const float s = sigmoid(pre);
     return s * (1.f + pre * (1.f - s));
@@ -347,12 +348,13 @@ R21D_HOST_DEVICE R21D_FORCEINLINE float bwd_g(float dy, float zc, float invstd, 
                                               int act, float& xhat) {
   xhat = zc * invstd;
   const float pre = xhat * gamma + beta + r;
-  // ReLU selects dy (torch's threshold_backward): an infinite dy where pre <= 0 gives 0, not NaN
-  if (act == kActRelu) return pre > 0.f ? dy : 0.f;
+  // ReLU selects as torch's threshold_backward: 0 where pre <= 0 (an infinite dy gives 0, not
+  // the NaN of a multiply), dy elsewhere, also where pre is NaN (pre > 0 would give 0 there).
+  if (act == kActRelu) return pre <= 0.f ? 0.f : dy;
   return dy * act_grad(pre, act);
 }
 
-// dz = k_g * g + k_z * (z - mean) + k_0.
+// dz = k_g * g + k_z * (z - mean) + k_0 in training; k_g * g in eval (rebuild_dz).
 struct Coef {
   float kg, kz, k0;
 };
@@ -396,11 +398,15 @@ R21D_HOST_DEVICE R21D_FORCEINLINE ChanBwd load_chan_bwd(const float* mean, const
   return cb;
 }
 
-// dz at one output element, rebuilt from dy, z, r (dz is never stored).
-R21D_HOST_DEVICE R21D_FORCEINLINE float rebuild_dz(float dy, float z, float r, const ChanBwd& cb, int act) {
+// dz at one output element, rebuilt from dy, z, r (dz is never stored). In eval (train false,
+// running statistics) only k_g * g, PyTorch's dy * act' * gamma * invstd: k_z and k_0 are 0 there,
+// but k_z * (z - mean) would be 0 * Inf = NaN where z is infinite or NaN, where PyTorch's dz is
+// finite. train is kernel-wide (a uniform branch).
+R21D_HOST_DEVICE R21D_FORCEINLINE float rebuild_dz(float dy, float z, float r, const ChanBwd& cb, int act, bool train) {
   const float zc = z - cb.mean;
   float xhat;
   const float g = bwd_g(dy, zc, cb.invstd, cb.gamma, cb.beta, r, act, xhat);
+  if (!train) return cb.k.kg * g;
   return cb.k.kg * g + cb.k.kz * zc + cb.k.k0;
 }
 
@@ -418,7 +424,8 @@ R21D_HOST_DEVICE R21D_FORCEINLINE void sum_partials3(const float* partial, int64
 
 // Backward finalize of channel c from the sums (sum_g, sum_gx, sum_zc) [nb][C][3]
 // (partial may be null: all sums 0): coefficient table, dgamma = sum_gx, dbeta = sum_g,
-// dbias = sum of dz = k_g sum_g + k_z sum_zc + k_0 M. Outputs that are null are skipped.
+// dbias = sum of dz = k_g sum_g + k_z sum_zc + k_0 M (eval: k_g sum_g, as rebuild_dz; sum_zc is
+// infinite or NaN where z is). Outputs that are null are skipped.
 template <typename T>
 R21D_HOST_DEVICE R21D_FORCEINLINE void bwd_finalize_channel(const float* partial, int64_t nb, int64_t C, int64_t c,
                                                             int64_t M, bool train, const float* mean,
@@ -433,7 +440,7 @@ R21D_HOST_DEVICE R21D_FORCEINLINE void bwd_finalize_channel(const float* partial
   coef[c * 3 + 2] = k.k0;
   if (dgamma != nullptr) dgamma[c] = s[1];
   if (dbeta != nullptr) dbeta[c] = s[0];
-  if (dbias != nullptr) dbias[c] = static_cast<T>(k.kg * s[0] + k.kz * s[2] + k.k0 * float(M));
+  if (dbias != nullptr) dbias[c] = static_cast<T>(train ? k.kg * s[0] + k.kz * s[2] + k.k0 * float(M) : k.kg * s[0]);
 }
 
 // dweight element i of [C * KK]: sum of nb partials [nb][C * KK] in block order.

@@ -7,7 +7,8 @@
 //   dw3d_bwd_reduce_kernel<T, VEC>   over output positions: g = dy * act'(pre); per-block
 //       partial (sum_g, sum_gx, sum_(z-mean)) per channel (fixed-order tree); writes dres = g.
 //   dw3d_bwd_finalize_kernel<T>      one thread per channel: sums the partials in block order;
-//       dgamma, dbeta, dbias and the coefficient table dz = k_g g + k_z (z - mean) + k_0.
+//       dgamma, dbeta, dbias and the coefficient table dz = k_g g + k_z (z - mean) + k_0
+//       (training; eval: dz = k_g g, see rebuild_dz).
 //   dw3d_bwd_dx_kernel<T, VEC>       over input positions: transposed conv, input-centred:
 //       for each tap, the output that reads this input, dz rebuilt there from dy, z, r.
 //   dw3d_bwd_dw_kernel<T, VEC, TPT>  over output positions x TPT taps (grid.z = tap chunks):
@@ -48,7 +49,7 @@ __device__ __forceinline__ void dz_at(const Params<T>& p, const ChanBwd (&cb)[VE
     for (int v = 0; v < VEC; ++v) r[v] = 0.f;
   }
 #pragma unroll
-  for (int v = 0; v < VEC; ++v) dz[v] = rebuild_dz(dy[v], z[v], r[v], cb[v], p.act);
+  for (int v = 0; v < VEC; ++v) dz[v] = rebuild_dz(dy[v], z[v], r[v], cb[v], p.act, p.train);
 }
 
 template <typename T, int VEC>
@@ -317,6 +318,7 @@ Grads depthwise3d_conv_bn_act_backward_cuda(
     p.invstd = const_cast<float*>(invstd_c.data_ptr<float>());
     p.eps = 0.f;
     p.act = act;
+    p.train = training;
 
     // 1. sums (and dres)
     at::Tensor sums;

@@ -260,10 +260,13 @@ inline Launch make_launch(int64_t C, int vec, bool channels_fast, int64_t positi
 }
 
 // float32 / float16 / bfloat16 only (no double instantiations).
-#define R21D_DW3D_DISPATCH(TYPE, NAME, ...)                                                             \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                                                                        \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
-                         AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// clang-format off: one dispatch case per dtype (clang-format packs and staircases them)
+#define R21D_DW3D_DISPATCH(TYPE, NAME, ...)                       \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                  \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)     \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+// clang-format on
 
 template <typename T>
 constexpr int vec_of() {

@@ -240,7 +240,7 @@ int main(int argc, char** argv) {
   }
   auto dz_at = [&](const ChanBwd& cb, int64_t n, int64_t c, int64_t to, int64_t ho, int64_t wo) {
     return rebuild_dz(dy[offset(sdy, n, c, to, ho, wo)], z[offset(so, n, c, to, ho, wo)], rat(n, c, to, ho, wo), cb,
-                      act);
+                      act, train);
   };
   std::vector<float> dx(geti("bx"), NAN);
   for (int64_t pos = 0; pos < PI; ++pos) {

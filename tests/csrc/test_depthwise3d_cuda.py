@@ -163,3 +163,32 @@ def test_opcheck(train):
                                              inp["beta"], inp["res"])),
            list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, "relu", MASK_ALL, True)
     torch.library.opcheck(torch.ops.r21d.depthwise3d_conv_bn_act_backward.default, bwd)
+
+
+def assert_same_specials(name, got, ref, tol):
+    """NaN, +Inf and -Inf at the same elements as the float64 oracle, the finite ones close."""
+    got, ref = got.double().cpu(), ref.double().cpu()
+    for kind, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        g, r = test(got), test(ref)
+        assert torch.equal(g, r), f"{name}: {kind} at {int(g.sum())} elements, PyTorch {int(r.sum())}"
+    finite = torch.isfinite(ref)
+    assert rel_err(got[finite], ref[finite]) < tol, name
+
+
+@pytest.mark.parametrize("act", ["relu", "none", "silu"])
+@pytest.mark.parametrize("layout", ["ncdhw", "cl"])
+def test_eval_specials_in_x_propagate_like_pytorch(layout, act):
+    """Eval: a NaN, +Inf and -Inf in x (three channels) make z NaN / +-Inf; the input gradient of
+    PyTorch's eval batch_norm, dy * act' * gamma * invstd, stays finite there (no k_z (z - mean)
+    term, 0 * Inf), ReLU's gradient passes dy where its input is NaN. Every output and gradient has
+    PyTorch's NaN / Inf elements (tests/csrc/test_depthwise3d_harness.py: the same on the CPU)."""
+    g = GEOMS["k333"]
+    inp = make_inputs(g, torch.float32, layout, True, seed=5)
+    for (n, c, t, h, w), v in (((0, 1, 2, 4, 5), "nan"), ((1, 7, 1, 3, 3), "inf"), ((0, 20, 3, 6, 8), "-inf")):
+        inp["x"][n, c, t, h, w] = float(v)
+    fwd, (dx, dw, dbias, dgamma, dbeta, dres) = run_op(inp, g, False, act)
+    ref = oracle(inp, g, False, act)
+    assert torch.isinf(ref["z"]).any() and torch.isfinite(ref["dx"]).any()
+    got = dict(out=fwd["out"], z=fwd["z"], dx=dx, dw=dw, dbias=dbias, dgamma=dgamma, dbeta=dbeta, dres=dres)
+    for key, t in got.items():
+        assert_same_specials(f"{layout}/{act}/{key}", t, ref[key], RTOL[torch.float32])

@@ -149,17 +149,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_harness_matches_float64_oracle(harness, tmp_path, name):
-    c = CASES[name]
-    seed = int.from_bytes(os.urandom(4), "little")
-    torch.manual_seed(seed)
+def out_shape(c):
+    N, C, T, H, W = c["shape"]
+    return (N, C, *[(n + 2 * p - d * (k - 1) - 1) // s + 1
+                    for n, k, s, p, d in zip((T, H, W), c["k"], c["stride"], c["padding"], c["dilation"])])
+
+
+def make_inputs(c):
     N, C, T, H, W = c["shape"]
     kt, kh, kw = c["k"]
-    osz = [(n + 2 * p - d * (k - 1) - 1) // s + 1
-           for n, k, s, p, d in zip((T, H, W), c["k"], c["stride"], c["padding"], c["dilation"])]
-    oshape = (N, C, *osz)
-    inp = dict(
+    oshape = out_shape(c)
+    return dict(
         x=torch.randn(c["shape"]),
         w=torch.randn(C, 1, kt, kh, kw) / math.sqrt(kt * kh * kw),
         bias=torch.randn(C) * 0.5 if c["bias"] else None,
@@ -170,6 +170,15 @@ def test_harness_matches_float64_oracle(harness, tmp_path, name):
         res=torch.randn(oshape) if c["res"] else None,
         dy=torch.randn(oshape),
     )
+
+
+def run_harness(harness, tmp_path, c, inp, seed):
+    """Runs the harness on ``inp`` (case ``c``): (what it computed, the float64 oracle's), as
+    dicts of the same keys."""
+    C = c["shape"][1]
+    kt, kh, kw = c["k"]
+    oshape = out_shape(c)
+    osz = oshape[2:]
     if not c["train"]:
         assert c["running"]
     lay = dict(x=c["layout"], out=c["layout"], res=c["res_layout"], dy=c["res_layout"])
@@ -214,5 +223,61 @@ def test_harness_matches_float64_oracle(harness, tmp_path, name):
     if c["res"]:
         got["dres"] = load("dres", oshape, lay["res"])
     assert set(got) == set(ref), (sorted(got), sorted(ref))
+    return got, ref
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_harness_matches_float64_oracle(harness, tmp_path, name):
+    c = CASES[name]
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    got, ref = run_harness(harness, tmp_path, c, make_inputs(c), seed)
     for key in sorted(ref):
         check(f"{name}/{key} (seed {seed})", got[key], ref[key])
+
+
+def poison(t, c, seed):
+    """A copy of x ``t`` with a NaN, a +Inf and a -Inf in three different channels, each at a
+    seeded position that some output reads (so that z has a NaN, a +Inf or -Inf and a +Inf or
+    -Inf that do not meet)."""
+    ones = torch.ones(t.shape, dtype=torch.float64, requires_grad=True)
+    C = t.shape[1]
+    F.conv3d(ones, torch.ones(C, 1, *c["k"], dtype=torch.float64), None, c["stride"], c["padding"],
+             c["dilation"], groups=C).sum().backward()
+    read = ones.grad > 0
+    g = torch.Generator().manual_seed(seed)
+    out = t.clone()
+    for ch, v in zip(torch.randperm(C, generator=g)[:3].tolist(), (float("nan"), float("inf"), float("-inf"))):
+        cand = read[:, ch].flatten().nonzero().flatten()
+        n, tt, h, w = torch.unravel_index(cand[torch.randint(cand.numel(), (), generator=g)], read[:, ch].shape)
+        out[n, ch, tt, h, w] = v
+    return out
+
+
+def check_specials(name, got, ref):
+    """NaN, +Inf and -Inf at the same elements as the float64 oracle, the finite ones close."""
+    got, ref = got.double(), ref.double()
+    for kind, test in (("NaN", torch.isnan), ("+Inf", torch.isposinf), ("-Inf", torch.isneginf)):
+        g, r = test(got), test(ref)
+        assert torch.equal(g, r), (f"{name}: {kind} at {int(g.sum())} elements, PyTorch {int(r.sum())}; first "
+                                   f"difference at {tuple((g != r).nonzero()[0].tolist())}")
+    finite = torch.isfinite(ref)
+    check(name + " (finite elements)", got[finite], ref[finite])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if not c["train"]))
+def test_eval_specials_in_x_propagate_like_pytorch(harness, tmp_path, name):
+    """Eval (running statistics): a NaN, +Inf and -Inf in x make z NaN / +-Inf where they are read.
+    PyTorch's batch_norm input gradient is then dy * act' * gamma * invstd, finite where that
+    product is (no (z - mean) term: 0 * Inf would be NaN), and ReLU's gradient is
+    threshold_backward, dy where its input is NaN. Every output and gradient has NaN / +-Inf at
+    exactly PyTorch's elements, the finite ones close to the float64 oracle."""
+    c = CASES[name]
+    seed = int.from_bytes(os.urandom(4), "little")
+    torch.manual_seed(seed)
+    inp = make_inputs(c)
+    inp["x"] = poison(inp["x"], c, seed)
+    got, ref = run_harness(harness, tmp_path, c, inp, seed)
+    assert torch.isinf(ref["z"]).any() and torch.isfinite(ref["dx"]).any()
+    for key in sorted(ref):
+        check_specials(f"{name}/{key} (seed {seed})", got[key], ref[key])

@@ -19,6 +19,7 @@ from torch import nn
 import r21d
 from r21d.fused_unit import UNIT_KERNEL, UNIT_TRAIN_KERNEL, choose_unit, run_unit
 from tests.utils import (
+    REPO_ROOT,
     ConvCase,
     assert_oracle_close,
     gpu,
@@ -209,7 +210,7 @@ def test_csrc_relu_keeps_nan_and_selects_its_gradient(tmp_path):
     gxx = shutil.which("g++")
     if gxx is None:
         pytest.skip("g++ not found")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = str(REPO_ROOT)
     src = tmp_path / "acts.cpp"
     src.write_text(CSRC_ACTIVATIONS)
     exe = tmp_path / "acts"
