@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import ClassVar, Optional, Union
 
 import torch
 
+from ..problem import ConvProblem
 from ..triton_kernels._layout import out_size
 from . import roofline
 
@@ -65,25 +65,30 @@ class ConvBNActCase:
     kind: ClassVar[str] = "conv_bn_act"
 
     @property
-    def family(self) -> str:
-        from ..dispatch import conv_family
+    def problem(self) -> ConvProblem:
+        """The case as the tests and the static report describe a problem (r21d.problem)."""
+        return ConvProblem(
+            N=self.batch, C_in=self.in_channels, C_out=self.out_channels, T=self.frames,
+            H=self.height, W=self.width, kernel=self.kernel_size, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups, bias=self.bias,
+            activation=self.activation, layout="cl3d" if self.channels_last else "ncdhw")
 
-        return conv_family(self.kernel_size, self.groups, self.in_channels, self.out_channels)
+    @property
+    def family(self) -> str:
+        return self.problem.family
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return (self.batch, self.in_channels, self.frames, self.height, self.width)
+        return self.problem.input_shape
 
     @property
     def output_thw(self) -> Triple:
-        return tuple(out_size(n, k, s, p, d) for n, k, s, p, d in zip(
-            (self.frames, self.height, self.width), self.kernel_size, self.stride, self.padding,
-            self.dilation))
+        return self.problem.output_thw
 
     @property
     def output_rows(self) -> int:
         """M of the GEMM a pointwise conv is: one row per output position."""
-        return self.batch * math.prod(self.output_thw)
+        return self.problem.output_rows
 
     @property
     def memory_format(self) -> torch.memory_format:

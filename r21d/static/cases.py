@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 from collections.abc import Callable
 
+from ..problem import ConvProblem
 from ..triton_kernels._layout import out_size
 
 # Opt-in shared memory per block (what Triton compares metadata.shared against at launch).
@@ -96,12 +97,12 @@ def _pointwise(case: Case, stride=(1, 1, 1), padding=(0, 0, 0)) -> None:
     def vec(n=s["C_out"], dtype=torch.float32):
         return torch.randn(n, generator=gen, dtype=dtype)
 
-    x = act(s["N"], s["C_in"], s["T"], s["H"], s["W"])
-    w = torch.randn(s["C_out"], s["C_in"], 1, 1, 1, generator=gen, dtype=dt)
+    problem = ConvProblem(**s, stride=stride, padding=padding, layout="cl3d")
+    x = act(*problem.input_shape)
+    w = torch.randn(*problem.weight_shape, generator=gen, dtype=dt)
     bias, gamma, beta = vec(dtype=dt), vec(), vec()
     rmean, rvar = vec(), vec().abs() + 1
-    out_shape = (s["N"], s["C_out"]) + tuple(
-        out_size(n, 1, st, p) for n, st, p in zip((s["T"], s["H"], s["W"]), stride, padding))
+    out_shape = problem.output_shape()
     op = case.name.split("-s2")[0]
     # SiLU everywhere: its epilogue and backward need more registers than ReLU's, so a tile
     # that does not spill with SiLU does not spill with ReLU.
@@ -158,12 +159,14 @@ def _depthwise(case: Case) -> None:
     def vec(dtype=torch.float32):
         return torch.randn(s["C"], generator=gen, dtype=dtype)
 
-    x = act(s["N"], s["C"], s["T"], s["H"], s["W"])
-    w = torch.randn(s["C"], 1, *kernel, generator=gen, dtype=dt)
+    problem = ConvProblem(N=s["N"], C_in=s["C"], C_out=s["C"], T=s["T"], H=s["H"], W=s["W"],
+                          kernel=kernel, stride=stride, padding=padding, groups=s["C"],
+                          layout="cl3d" if s["cl"] else "ncdhw")
+    x = act(*problem.input_shape)
+    w = torch.randn(*problem.weight_shape, generator=gen, dtype=dt)
     bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
-    out_shape = (s["N"], s["C"]) + tuple(
-        out_size(n, k, st, p, 1) for n, k, st, p in zip(x.shape[2:], kernel, stride, padding))
-    dilation = (1, 1, 1)
+    out_shape = problem.output_shape()
+    dilation = problem.dilation
     # SiLU and a residual everywhere: the costliest epilogue and backward prologue.
     if op.startswith("fwd"):
         depthwise.conv_bn_act_fwd(x, w, bias, gamma, beta, rmean, rvar, act(*out_shape), stride,
@@ -215,12 +218,13 @@ def _implicit_gemm(case: Case) -> None:
     def vec(dtype=torch.float32):
         return torch.randn(s["C_out"], generator=gen, dtype=dtype)
 
-    x = act(s["N"], s["C_in"], s["T"], s["H"], s["W"])
-    w = act(s["C_out"], s["C_in"] // groups, *kernel)
+    problem = ConvProblem(**s, kernel=kernel, stride=stride, padding=padding, groups=groups,
+                          layout="cl3d")
+    x = act(*problem.input_shape)
+    w = act(*problem.weight_shape)
     bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
-    dilation = (1, 1, 1)
-    out_shape = (s["N"], s["C_out"]) + tuple(out_size(n, k, st, p, 1) for n, k, st, p
-                                             in zip(x.shape[2:], kernel, stride, padding))
+    dilation = problem.dilation
+    out_shape = problem.output_shape()
     # SiLU everywhere (the costlier epilogue and backward); a residual where it makes the
     # epilogue heavier (fwd-eval-res also saves z and the statistics for autograd)
     if op.startswith("fwd"):

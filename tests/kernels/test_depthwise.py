@@ -12,7 +12,7 @@ import r21d
 from r21d.triton_kernels import _launch
 from tests.utils import (
     DEVICE_DTYPES,
-    ConvCase,
+    ConvProblem,
     assert_oracle_close,
     check_backend,
     clone_inputs,
@@ -28,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("strict")
 def depthwise(C=6, kernel=(3, 3, 3), padding=None, **kw):
     if padding is None:
         padding = tuple(k // 2 for k in kernel)
-    return ConvCase(C_in=C, C_out=C, groups=C, kernel=kernel, padding=padding, **kw)
+    return ConvProblem(C_in=C, C_out=C, groups=C, kernel=kernel, padding=padding, **kw)
 
 
 # Every geometry class of the issue, on odd sizes, both layouts and a strided view.
@@ -184,7 +184,7 @@ def test_unsupported_geometry_falls_back_or_raises_in_strict_mode():
 def test_depth_multiplier_is_not_depthwise():
     """groups == C_in but C_out = 2 * C_in (a depth multiplier) is a grouped conv: the implicit
     GEMM runs it, not this kernel."""
-    case = ConvCase(C_in=4, C_out=8, groups=4, kernel=(3, 3, 3), padding=(1, 1, 1))
+    case = ConvProblem(C_in=4, C_out=8, groups=4, kernel=(3, 3, 3), padding=(1, 1, 1))
     _, counter = check_backend("triton", case, torch.float32, "cpu", training=False)
     assert "_igemm_fwd_kernel" in counter.kernels
     assert not any(k.startswith("_depthwise") for k in counter.kernels)

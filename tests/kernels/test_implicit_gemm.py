@@ -13,7 +13,7 @@ import torch
 import r21d
 from r21d import dispatch
 from r21d.triton_kernels import _launch, implicit_gemm_bwd
-from tests.utils import DEVICE_DTYPES, ConvCase, check_backend, clone_inputs, make_inputs, run_backend
+from tests.utils import DEVICE_DTYPES, ConvProblem, check_backend, clone_inputs, make_inputs, run_backend
 
 pytestmark = pytest.mark.usefixtures("strict")
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("strict")
 def conv(kernel, padding=None, **kw):
     if padding is None:
         padding = tuple(k // 2 for k in kernel)
-    return ConvCase(kernel=kernel, padding=padding, **kw)
+    return ConvProblem(kernel=kernel, padding=padding, **kw)
 
 
 # Every geometry class of the issue on odd sizes, both K-loop forms (tap-major with >= 16 input
@@ -210,7 +210,7 @@ R2PLUS1D_LAYERS = [
 @pytest.mark.parametrize("layer", R2PLUS1D_LAYERS, ids=lambda l: f"{l[0]}-{l[1]}-{''.join(map(str, l[2]))}")
 def test_r2plus1d_layers_match_cudnn(layer, dtype, training):
     c_in, c_out, kernel, stride, T, H, W = layer
-    case = ConvCase(N=2, C_in=c_in, C_out=c_out, T=T, H=H, W=W, kernel=kernel, stride=stride,
+    case = ConvProblem(N=2, C_in=c_in, C_out=c_out, T=T, H=H, W=W, kernel=kernel, stride=stride,
                     padding=tuple(k // 2 for k in kernel), bias=False, layout="cl3d")
     check_backend("triton", case, dtype, "cuda", training)
 

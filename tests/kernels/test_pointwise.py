@@ -12,7 +12,7 @@ import r21d
 from r21d.triton_kernels import _launch
 from tests.utils import (
     DEVICE_DTYPES,
-    ConvCase,
+    ConvProblem,
     assert_oracle_close,
     check_backend,
     clone_inputs,
@@ -24,20 +24,20 @@ from tests.utils import (
 pytestmark = pytest.mark.usefixtures("strict")
 
 CASES = {
-    "odd-channels": ConvCase(),
-    "cl3d": ConvCase(layout="cl3d", C_in=16, C_out=24),
-    "strided-view": ConvCase(layout="strided", C_in=20, C_out=45),
-    "stride2-pad1": ConvCase(stride=(1, 2, 2), padding=(0, 1, 1), C_in=23, C_out=19, H=7, W=6),
-    "stride2-all": ConvCase(stride=(2, 2, 2), T=4, H=5, W=5, C_in=18, C_out=33),
-    "residual": ConvCase(residual=True, C_in=32, C_out=40),
-    "residual-cl3d": ConvCase(residual=True, layout="cl3d", C_in=40, C_out=32, T=2),
-    "silu": ConvCase(activation="silu"),
-    "no-act": ConvCase(activation=None, bias=False),
-    "no-affine": ConvCase(affine=False, C_in=17, C_out=9),
-    "T1-N1": ConvCase(N=1, T=1, H=3, W=5, C_in=8, C_out=16),
-    "wide-K": ConvCase(N=1, T=2, H=3, W=3, C_in=70, C_out=20),
-    "pad2-mixed-stride": ConvCase(stride=(2, 1, 2), padding=(2, 0, 1), C_in=14, C_out=10, T=3),
-    "channels-230-921": ConvCase(N=1, T=1, H=3, W=3, C_in=230, C_out=921, layout="cl3d"),
+    "odd-channels": ConvProblem(),
+    "cl3d": ConvProblem(layout="cl3d", C_in=16, C_out=24),
+    "strided-view": ConvProblem(layout="strided", C_in=20, C_out=45),
+    "stride2-pad1": ConvProblem(stride=(1, 2, 2), padding=(0, 1, 1), C_in=23, C_out=19, H=7, W=6),
+    "stride2-all": ConvProblem(stride=(2, 2, 2), T=4, H=5, W=5, C_in=18, C_out=33),
+    "residual": ConvProblem(residual=True, C_in=32, C_out=40),
+    "residual-cl3d": ConvProblem(residual=True, layout="cl3d", C_in=40, C_out=32, T=2),
+    "silu": ConvProblem(activation="silu"),
+    "no-act": ConvProblem(activation=None, bias=False),
+    "no-affine": ConvProblem(affine=False, C_in=17, C_out=9),
+    "T1-N1": ConvProblem(N=1, T=1, H=3, W=5, C_in=8, C_out=16),
+    "wide-K": ConvProblem(N=1, T=2, H=3, W=3, C_in=70, C_out=20),
+    "pad2-mixed-stride": ConvProblem(stride=(2, 1, 2), padding=(2, 0, 1), C_in=14, C_out=10, T=3),
+    "channels-230-921": ConvProblem(N=1, T=1, H=3, W=3, C_in=230, C_out=921, layout="cl3d"),
 }
 
 
@@ -60,14 +60,14 @@ def test_forward_backward_matches_oracle(device, dtype, name, training):
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_training_without_running_stats(device, dtype):
-    _check(device, dtype, ConvCase(running=False, C_in=12, C_out=20), training=True)
+    _check(device, dtype, ConvProblem(running=False, C_in=12, C_out=20), training=True)
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_large_mean_offset_is_numerically_safe(device, dtype):
     """Conv outputs far from zero (a large bias): a naive sum-of-squares variance would lose it.
     648 rows: more tiles than one block of the statistics merge, so blocks merge too."""
-    case = ConvCase(C_in=8, C_out=16, T=4, H=9, W=9)
+    case = ConvProblem(C_in=8, C_out=16, T=4, H=9, W=9)
     args = make_inputs(case, dtype, device)
     offset = 1000.0 if dtype == torch.float32 else 60.0
     args["bias"] = args["bias"] + offset
@@ -80,7 +80,7 @@ def test_large_mean_offset_is_numerically_safe(device, dtype):
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
 def test_empty_batch(device, dtype):
-    case = ConvCase(N=0, C_in=8, C_out=16)
+    case = ConvProblem(N=0, C_in=8, C_out=16)
     args = make_inputs(case, dtype, device)
     for training in (False, True):
         before = args["running_mean"].clone()
@@ -101,7 +101,7 @@ def _eval_launches(case):
 
 
 def test_eval_forward_is_one_launch_allocating_only_its_output():
-    counter = _eval_launches(ConvCase(residual=True, layout="cl3d"))
+    counter = _eval_launches(ConvProblem(residual=True, layout="cl3d"))
     assert counter.launches == 1, counter.kernels
     assert counter.allocations == 1
 
@@ -109,13 +109,13 @@ def test_eval_forward_is_one_launch_allocating_only_its_output():
 def test_ncdhw_eval_forward_converts_at_the_boundary():
     """The kernels address contiguous channels: NCDHW x and residual are converted in, the output
     converted back to NCDHW (an NCDHW fast path is future work; see benchmarks/NOTES.md)."""
-    counter = _eval_launches(ConvCase(residual=True, layout="ncdhw"))
+    counter = _eval_launches(ConvProblem(residual=True, layout="ncdhw"))
     assert counter.kernels == ["relayout", "relayout", "_pointwise_fwd_kernel", "relayout"]
 
 
 def test_train_forward_launches_as_designed():
     """GEMM with the statistics epilogue, the statistics merge, one normalise + activation pass."""
-    case = ConvCase(layout="cl3d")
+    case = ConvProblem(layout="cl3d")
     args = make_inputs(case, torch.float32, "cpu")
     with torch.no_grad(), r21d.use_backend("triton"), _launch.count() as counter:
         r21d.functional.conv_bn_act3d(
@@ -128,7 +128,7 @@ def test_train_forward_launches_as_designed():
 def test_backward_launches_as_designed():
     """BN + activation backward reduction and its finalisation, then the dgrad and wgrad GEMMs
     (the wgrad in row splits, summed in a fixed order)."""
-    case = ConvCase(layout="cl3d")
+    case = ConvProblem(layout="cl3d")
     args = make_inputs(case, torch.float32, "cpu")
     grad_out = torch.randn(case.output_shape()).contiguous(memory_format=torch.channels_last_3d)
     a = clone_inputs(args, requires_grad=True)

@@ -7,15 +7,15 @@ import torch.nn.functional as F
 
 import r21d
 from r21d.triton_kernels import _launch
-from tests.utils import ConvCase, clone_inputs, conv_kwargs, make_inputs
+from tests.utils import ConvProblem, clone_inputs, conv_kwargs, make_inputs
 
 GEOMETRIES = {
-    "pointwise": ConvCase(),
-    "depthwise": ConvCase(C_in=12, C_out=12, groups=12, kernel=(3, 3, 3), padding=(1, 1, 1)),
-    "grouped": ConvCase(C_in=12, C_out=18, groups=3, kernel=(3, 3, 3), padding=1 and (1, 1, 1)),
-    "spatial": ConvCase(C_in=8, C_out=14, kernel=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-    "temporal": ConvCase(C_in=14, C_out=8, kernel=(3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0), T=5),
-    "dense": ConvCase(C_in=3, C_out=8, kernel=(3, 3, 3), dilation=(1, 2, 1), padding=(1, 2, 0), H=6),
+    "pointwise": ConvProblem(),
+    "depthwise": ConvProblem(C_in=12, C_out=12, groups=12, kernel=(3, 3, 3), padding=(1, 1, 1)),
+    "grouped": ConvProblem(C_in=12, C_out=18, groups=3, kernel=(3, 3, 3), padding=1 and (1, 1, 1)),
+    "spatial": ConvProblem(C_in=8, C_out=14, kernel=(1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+    "temporal": ConvProblem(C_in=14, C_out=8, kernel=(3, 1, 1), stride=(2, 1, 1), padding=(1, 0, 0), T=5),
+    "dense": ConvProblem(C_in=3, C_out=8, kernel=(3, 3, 3), dilation=(1, 2, 1), padding=(1, 2, 0), H=6),
 }
 
 
@@ -38,7 +38,7 @@ def test_torch_path_is_exactly_pytorch(name, training):
 
 
 def _call(**overrides):
-    case = ConvCase(residual=True)
+    case = ConvProblem(residual=True)
     args = make_inputs(case, torch.float32, "cpu")
     args.update({k: v for k, v in overrides.items() if k in args})
     kwargs = {k: v for k, v in overrides.items() if k not in args}
@@ -106,7 +106,7 @@ def test_device_mismatch_is_rejected():
 
 
 def test_residual_of_another_dtype_falls_back(strict):
-    case = ConvCase(residual=True)
+    case = ConvProblem(residual=True)
     args = make_inputs(case, torch.float32, "cpu")
     with r21d.use_backend("triton"), pytest.raises(r21d.FusedKernelUnavailable, match="PyTorch would promote"):
         r21d.functional.conv_bn_act3d(
@@ -117,7 +117,7 @@ def test_residual_of_another_dtype_falls_back(strict):
 def test_autocast_casts_like_conv3d(strict):
     """Under autocast the conv runs in the autocast dtype and BN keeps fp32 parameters; the fused
     result matches eager autocast (fp16 on CPU: the interpreter has no bf16)."""
-    case = ConvCase(C_in=16, C_out=24)
+    case = ConvProblem(C_in=16, C_out=24)
     args = make_inputs(case, torch.float32, "cpu")
     outs = {}
     for backend in ("torch", "triton"):

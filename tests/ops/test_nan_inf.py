@@ -20,7 +20,7 @@ import r21d
 from r21d.fused_unit import UNIT_KERNEL, UNIT_TRAIN_KERNEL, choose_unit, run_unit
 from tests.utils import (
     REPO_ROOT,
-    ConvCase,
+    ConvProblem,
     assert_oracle_close,
     gpu,
     make_inputs,
@@ -33,12 +33,12 @@ pytestmark = pytest.mark.usefixtures("strict")
 
 # One case per conv family (r21d.dispatch.conv_family); the (2+1)D unit is below.
 CASES = {
-    "pointwise": ConvCase(C_in=6, C_out=5, residual=True),
-    "depthwise": ConvCase(C_in=5, C_out=5, groups=5, kernel=(3, 3, 3), padding=(1, 1, 1), layout="cl3d"),
-    "spatial": ConvCase(C_in=4, C_out=6, kernel=(1, 3, 3), padding=(0, 1, 1), activation="silu"),
-    "temporal": ConvCase(C_in=4, C_out=6, kernel=(3, 1, 1), padding=(1, 0, 0), T=4, layout="cl3d"),
-    "dense": ConvCase(C_in=3, C_out=4, kernel=(3, 3, 3), padding=(1, 1, 1), T=3, H=4, W=4),
-    "grouped": ConvCase(C_in=4, C_out=6, groups=2, kernel=(1, 3, 3), padding=(0, 1, 1),
+    "pointwise": ConvProblem(C_in=6, C_out=5, residual=True),
+    "depthwise": ConvProblem(C_in=5, C_out=5, groups=5, kernel=(3, 3, 3), padding=(1, 1, 1), layout="cl3d"),
+    "spatial": ConvProblem(C_in=4, C_out=6, kernel=(1, 3, 3), padding=(0, 1, 1), activation="silu"),
+    "temporal": ConvProblem(C_in=4, C_out=6, kernel=(3, 1, 1), padding=(1, 0, 0), T=4, layout="cl3d"),
+    "dense": ConvProblem(C_in=3, C_out=4, kernel=(3, 3, 3), padding=(1, 1, 1), T=3, H=4, W=4),
+    "grouped": ConvProblem(C_in=4, C_out=6, groups=2, kernel=(1, 3, 3), padding=(0, 1, 1),
                         layout="cl3d"),
 }
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import r21d
-from tests.utils import ConvCase, clone_inputs, make_inputs
+from tests.utils import ConvProblem, clone_inputs, make_inputs
 
 pytestmark = pytest.mark.usefixtures("strict")
 
@@ -18,23 +18,23 @@ def _op_args(case, training, save, dtype=torch.float32):
 
 
 def _depthwise(C=6, **kw):
-    return ConvCase(C_in=C, C_out=C, groups=C, kernel=(3, 3, 3), padding=(1, 1, 1), **kw)
+    return ConvProblem(C_in=C, C_out=C, groups=C, kernel=(3, 3, 3), padding=(1, 1, 1), **kw)
 
 
 # (op, case, training)
 OPCHECK_CASES = {
-    "pointwise-eval": ("pointwise_conv_bn_act", ConvCase(C_in=9, C_out=12, residual=True), False),
+    "pointwise-eval": ("pointwise_conv_bn_act", ConvProblem(C_in=9, C_out=12, residual=True), False),
     "pointwise-train": ("pointwise_conv_bn_act",
-                        ConvCase(C_in=9, C_out=12, stride=(1, 2, 2), padding=(0, 1, 0)), True),
+                        ConvProblem(C_in=9, C_out=12, stride=(1, 2, 2), padding=(0, 1, 0)), True),
     "pointwise-train-cl3d-silu": ("pointwise_conv_bn_act",
-                                  ConvCase(C_in=8, C_out=16, layout="cl3d", activation="silu", bias=False), True),
+                                  ConvProblem(C_in=8, C_out=16, layout="cl3d", activation="silu", bias=False), True),
     "depthwise-eval": ("depthwise_conv_bn_act", _depthwise(residual=True), False),
     "depthwise-train-cl3d-silu": ("depthwise_conv_bn_act",
                                   _depthwise(C=8, layout="cl3d", activation="silu", stride=(1, 2, 2)), True),
     "implicit-gemm-eval": ("implicit_gemm_conv_bn_act",
-                           ConvCase(C_in=16, C_out=12, kernel=(1, 3, 3), padding=(0, 1, 1), residual=True), False),
+                           ConvProblem(C_in=16, C_out=12, kernel=(1, 3, 3), padding=(0, 1, 1), residual=True), False),
     "implicit-gemm-train-grouped-cl3d": ("implicit_gemm_conv_bn_act",
-                                         ConvCase(C_in=8, C_out=12, groups=2, kernel=(3, 3, 3), stride=(2, 1, 1),
+                                         ConvProblem(C_in=8, C_out=12, groups=2, kernel=(3, 3, 3), stride=(2, 1, 1),
                                                   padding=(1, 1, 1), T=4, layout="cl3d", activation="silu"), True),
 }
 
@@ -49,10 +49,10 @@ def test_opcheck_forward(name):
     torch.library.opcheck(getattr(torch.ops.r21d, op).default, args)
 
 
-@pytest.mark.parametrize("op,case", [("pointwise_conv_bn_act", ConvCase(C_in=9, C_out=12, residual=True)),
+@pytest.mark.parametrize("op,case", [("pointwise_conv_bn_act", ConvProblem(C_in=9, C_out=12, residual=True)),
                                      ("depthwise_conv_bn_act", _depthwise(residual=True, layout="cl3d")),
                                      ("implicit_gemm_conv_bn_act",
-                                      ConvCase(C_in=16, C_out=10, kernel=(3, 1, 1), stride=(2, 1, 1),
+                                      ConvProblem(C_in=16, C_out=10, kernel=(3, 1, 1), stride=(2, 1, 1),
                                                padding=(1, 0, 0), T=5, residual=True))],
                          ids=["pointwise", "depthwise", "implicit-gemm"])
 def test_opcheck_backward(op, case):
@@ -66,7 +66,7 @@ def test_opcheck_backward(op, case):
 
 
 def test_compile_fullgraph_forward_and_backward():
-    case = ConvCase(C_in=10, C_out=14, residual=True, layout="cl3d")
+    case = ConvProblem(C_in=10, C_out=14, residual=True, layout="cl3d")
     args = make_inputs(case, torch.float32, "cpu")
 
     def forward(a):
@@ -93,7 +93,7 @@ def test_compile_fullgraph_forward_and_backward():
 
 
 def test_backward_without_saved_tensors_is_a_clear_error():
-    case = ConvCase(C_in=4, C_out=4)
+    case = ConvProblem(C_in=4, C_out=4)
     args = list(_op_args(case, False, save=False))
     args[0].requires_grad_(True)
     out = torch.ops.r21d.pointwise_conv_bn_act(*args)[0]
@@ -102,7 +102,7 @@ def test_backward_without_saved_tensors_is_a_clear_error():
 
 
 def test_double_backward_is_refused():
-    case = ConvCase(C_in=4, C_out=4)
+    case = ConvProblem(C_in=4, C_out=4)
     a = clone_inputs(make_inputs(case, torch.float32, "cpu"), requires_grad=True)
     with r21d.use_backend("triton"):
         y = r21d.functional.conv_bn_act3d(a["x"], a["weight"], a["bias"], a["bn_weight"], a["bn_bias"],

@@ -26,7 +26,7 @@ from r21d.triton_kernels import _launch
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 from r21d.triton_kernels import _gemm  # noqa: E402  (imports Triton)
-from tests.utils import ConvCase, clone_inputs, make_inputs, perturb_batchnorm, rel_err, run_backend
+from tests.utils import ConvProblem, clone_inputs, make_inputs, perturb_batchnorm, rel_err, run_backend
 
 pytestmark = [
     pytest.mark.usefixtures("strict"),
@@ -106,11 +106,11 @@ def test_precision_follows_torch_flags_like_cudnn(restore_precision):
     assert dot_precision(torch.float32) == "tf32"
 
 
-def _conv_args(case: ConvCase):
+def _conv_args(case: ConvProblem):
     return dict(stride=case.stride, padding=case.padding, dilation=case.dilation, groups=case.groups)
 
 
-def emulated_cudnn_tf32(args: dict, case: ConvCase, training: bool, grad_out: torch.Tensor):
+def emulated_cudnn_tf32(args: dict, case: ConvProblem, training: bool, grad_out: torch.Tensor):
     """Output, dx and dweight of conv + BN + act with every conv product's operands rounded to
     TF32 and everything else in float64: (out, {"x": dx, "weight": dw})."""
     a = clone_inputs(args, dtype=torch.float64)
@@ -129,12 +129,12 @@ def emulated_cudnn_tf32(args: dict, case: ConvCase, training: bool, grad_out: to
 # A GEMM of each form: pointwise, implicit GEMM with the tap-major K loop, with the flat K loop
 # (3 input channels), grouped; post-ReLU inputs (>= 0), where truncation is biased.
 CASES = {
-    "pointwise": ConvCase(C_in=24, C_out=20, T=2, H=3, W=5, layout="cl3d"),
-    "spatial": ConvCase(C_in=16, C_out=12, kernel=(1, 3, 3), padding=(0, 1, 1), T=2, H=4, W=5,
+    "pointwise": ConvProblem(C_in=24, C_out=20, T=2, H=3, W=5, layout="cl3d"),
+    "spatial": ConvProblem(C_in=16, C_out=12, kernel=(1, 3, 3), padding=(0, 1, 1), T=2, H=4, W=5,
                         layout="cl3d"),
-    "stem-flat-k": ConvCase(C_in=3, C_out=8, kernel=(1, 3, 3), padding=(0, 1, 1), stride=(1, 2, 2),
+    "stem-flat-k": ConvProblem(C_in=3, C_out=8, kernel=(1, 3, 3), padding=(0, 1, 1), stride=(1, 2, 2),
                             T=2, H=5, W=6),
-    "grouped": ConvCase(C_in=32, C_out=16, groups=2, kernel=(3, 1, 1), padding=(1, 0, 0), T=3, H=3,
+    "grouped": ConvProblem(C_in=32, C_out=16, groups=2, kernel=(3, 1, 1), padding=(1, 0, 0), T=3, H=3,
                         W=3, layout="cl3d"),
 }
 

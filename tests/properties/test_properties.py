@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, assume, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import r21d  # noqa: E402
-from tests.utils import ConvCase, check_backend, gpu, make_inputs  # noqa: E402
+from tests.utils import ConvProblem, check_backend, gpu, make_inputs  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("strict")
 
@@ -38,7 +38,7 @@ def _settings(examples: int):
 
 
 @st.composite
-def conv_cases(draw, max_channels: int, max_size: int) -> ConvCase:
+def conv_cases(draw, max_channels: int, max_size: int) -> ConvProblem:
     family = draw(st.sampled_from(["pointwise", "depthwise", "spatial", "temporal", "dense", "grouped"]))
     C_in = draw(st.integers(1, max_channels))
     groups = 1
@@ -56,7 +56,7 @@ def conv_cases(draw, max_channels: int, max_size: int) -> ConvCase:
     stride = tuple(draw(st.integers(1, 2)) for _ in range(3))
     dilation = tuple(draw(st.integers(1, 2)) if kk > 1 else 1 for kk in kernel)
     padding = tuple(draw(st.integers(0, (kk - 1) * d)) for kk, d in zip(kernel, dilation))
-    case = ConvCase(
+    case = ConvProblem(
         N=draw(st.integers(1, 2)), C_in=C_in, C_out=C_out,
         T=draw(st.integers(1, max_size)), H=draw(st.integers(1, max_size)), W=draw(st.integers(1, max_size)),
         kernel=kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
@@ -77,7 +77,7 @@ def conv_cases(draw, max_channels: int, max_size: int) -> ConvCase:
 FLOOR = {torch.float32: 1e-4, torch.float16: 5e-3}
 
 
-def _check(case: ConvCase, training: bool, dtype, device) -> None:
+def _check(case: ConvProblem, training: bool, dtype, device) -> None:
     out = case.output_shape()
     # Eval needs running statistics. Training needs more than one value per channel, and with
     # few the BN backward is ill-conditioned (two values: dx is exactly 0 and any rounding is an
@@ -123,7 +123,7 @@ def _call(args: dict, **kw):
         args["running_mean"], args["running_var"], residual=args["residual"], **kw)
 
 
-def _corruptions(args: dict, case: ConvCase):
+def _corruptions(args: dict, case: ConvProblem):
     """(argument named in the error, how to break it): each leaves the rest of the call valid."""
     x, w = args["x"], args["weight"]
     return {
@@ -153,8 +153,8 @@ def _corruptions(args: dict, case: ConvCase):
     }
 
 
-CORRUPTIONS = list(_corruptions(make_inputs(ConvCase(C_in=2, C_out=2), torch.float32, "cpu"),
-                                ConvCase(C_in=2, C_out=2)))
+CORRUPTIONS = list(_corruptions(make_inputs(ConvProblem(C_in=2, C_out=2), torch.float32, "cpu"),
+                                ConvProblem(C_in=2, C_out=2)))
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS)
