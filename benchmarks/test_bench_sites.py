@@ -1,12 +1,13 @@
-"""pytest-benchmark timings of the fused-site cases (pointwise, depthwise) of r21d-bench (GPU only).
+"""pytest-benchmark timings of r21d-bench's site cases (every conv + BN + activation site and (2+1)D
+unit; whole models are r21d-bench's alone) (GPU only).
 
     pytest benchmarks -m gpu                                  # table of all site timings
-    pytest benchmarks -m gpu -k depthwise                     # one family
+    pytest benchmarks -m gpu -k depthwise                     # one family (or a case id)
     pytest benchmarks -m gpu --benchmark-autosave             # keep them in .benchmarks/
     pytest benchmarks -m gpu --benchmark-compare              # against the last saved run
 
-The cases and the timed callables are r21d.bench's own (``cases.CASES``, ``providers``): this
-file holds no case list. Each provider runs in the case's layout and dtype without autocast;
+The cases, the provider names and the timed callables are r21d.bench's own (``cases.CASES``,
+``runner``, ``providers``): this file holds no case list. Each provider runs in the case's layout and dtype without autocast;
 ``r21d-bench`` additionally tries the other layout and autocast for eager and reports the best,
 checks correctness and prints roofline floors. Timing: pedantic mode, one call per round with
 torch.cuda.synchronize() after it (so a round's wall time covers the GPU work), inputs rotated
@@ -23,15 +24,16 @@ import torch
 
 pytest.importorskip("pytest_benchmark")
 
-from r21d.bench import cases, providers  # noqa: E402
+from r21d.bench import cases, providers, runner  # noqa: E402
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (pytest benchmarks -m gpu)"),
 ]
 
-SITES = [c for c in cases.CASES if c.family in ("pointwise", "depthwise")]
-PROVIDERS = ["eager", "r21d/triton", "r21d/cuda", "torch.compile", "matmul"]
+SITES = [c for c in cases.CASES if c.kind != "model"]  # whole models: r21d-bench itself
+PROVIDERS = [runner.EAGER, runner.FUSED_PREFIX + "triton", runner.FUSED_PREFIX + "cuda", runner.COMPILE,
+             runner.CONV, runner.MATMUL]
 ROUNDS, WARMUP_ROUNDS = 50, 10
 
 
@@ -54,14 +56,18 @@ def workload_for():
 def _prepare(workload, case, provider: str, variant: providers.Variant) -> providers.Prepared:
     import r21d
 
-    if provider == "eager":
+    if provider == runner.EAGER:
         return workload.eager(variant)
-    if provider == "matmul":
-        prepared = workload.matmul()
+    if provider == runner.CONV:  # as r21d-bench: the convolution alone, of a single site
+        if case.kind != "conv_bn_act":
+            pytest.skip(f"no single convolution in a {case.kind} case")
+        return workload.conv_alone()
+    if provider == runner.MATMUL:
+        prepared = workload.matmul() if case.family == "pointwise" else None
         if prepared is None:
             pytest.skip(f"no matmul equivalent of a {case.family} conv")
         return prepared
-    if provider == "torch.compile":
+    if provider == runner.COMPILE:
         torch._dynamo.reset()
         return workload.compiled(variant, None)
     backend = provider.split("/", 1)[1]

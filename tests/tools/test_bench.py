@@ -239,3 +239,20 @@ def test_host_view_runs_without_a_gpu(tmp_path):
         assert rows[case]["launchers_rerun_while_timed"] == 0  # the timed calls replay plans
         assert 0 < rows[case]["fused_first_call_ms"] < 1000
     assert "r2plus1d_18-eval-forward" in done.stdout
+
+
+def test_pytest_benchmark_suite_is_a_view_of_the_bench_table():
+    """benchmarks/test_bench_sites.py times r21d-bench's own site cases with its provider names:
+    one benchmark system, no second case list."""
+    import importlib.util
+
+    from tests.utils import REPO_ROOT
+
+    pytest.importorskip("pytest_benchmark")
+    spec = importlib.util.spec_from_file_location("bench_sites", REPO_ROOT / "benchmarks" / "test_bench_sites.py")
+    view = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(view)
+    assert [c.id for c in view.SITES] == [c.id for c in cases.CASES if c.kind != "model"]
+    assert {"conv_bn_act", "conv2plus1d"} <= {c.kind for c in view.SITES}
+    assert set(view.PROVIDERS) == {runner.EAGER, runner.COMPILE, runner.CONV, runner.MATMUL,
+                                   runner.FUSED_PREFIX + "triton", runner.FUSED_PREFIX + "cuda"}
