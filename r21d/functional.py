@@ -67,7 +67,7 @@ def _byte_range(t: Tensor) -> tuple[int, int]:
 def _check_in_place(running_mean: Tensor, running_var: Tensor, others: dict) -> None:
     """Training writes the running statistics (vectors of shape (C,), validated) in place: each
     must hold distinct elements and share no memory with the other or with another argument
-    (else one write clobbers another read). Kept cheap (~15 us here): it runs on every training call."""
+    (else one write clobbers another read). Kept cheap: it runs on every training call."""
     if torch.compiler.is_compiling():  # fake tensors have no addresses; functionalization copes
         return
     running = (("running_mean", running_mean), ("running_var", running_var))

@@ -49,7 +49,7 @@ UNIT_KERNELS = (UNIT_KERNEL, UNIT_TRAIN_KERNEL)
 # The one kernel recomputes the spatial conv for every UNIT_BLOCK_N output channels (its
 # programs' output tile on a GPU); the two sites instead write the intermediate and read it
 # back. It runs where the recompute costs less than that round trip at an H100's balance
-# (docs/benchmarks.md: 688 TFLOP/s bf16 against 2.97 TB/s, ~230 FLOP per byte): in r2plus1d_18, the
+# (FLOPS_PER_BYTE: its bf16 tensor-core rate over its copy bandwidth, docs/benchmarks.md): in r2plus1d_18, the
 # stem and the layer1 units (64 output channels, the largest intermediates).
 UNIT_BLOCK_N = 64
 FLOPS_PER_BYTE = 230

@@ -146,7 +146,7 @@ class SpatioTemporalConv(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """One kernel in eval mode, two chained kernels in training (r21d.fused_unit)."""
-        m = self._modules  # (self.spatial_conv etc. cost ~0.6 us each through __getattr__)
+        m = self._modules  # (self.spatial_conv etc. each go through nn.Module.__getattr__)
         return run_unit(m["spatial_conv"], m["bn1"], m["relu"], m["temporal_conv"], m["bn2"],
                         m["relu"], x, slot=plan_cache.slot(self))
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-# Whether autocast is on for any device type (one check, ~0.15 us, instead of the device's type
-# and its state, ~0.45 us); the public per-device check where torch lacks it.
+# Whether autocast is on for any device type (one check, instead of the device's type and its
+# state; host times in benchmarks/NOTES.md); the public per-device check where torch lacks it.
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (lambda: True)
 
 
@@ -36,7 +36,7 @@ def autocast_state(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 # The fast path reads a site's tensors from ``_parameters`` / ``_buffers`` (``conv.weight``
-# costs ~0.6 us through nn.Module.__getattr__): only for classes that keep them there, see
+# goes through nn.Module.__getattr__, a Python call): only for classes that keep them there, see
 # :func:`conv_kind` and :func:`plain_bn`; any other (a parametrized conv, whose ``weight`` is a
 # property, say) always takes the checked path.
 _TENSOR_NAMES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
