@@ -114,3 +114,17 @@ def test_every_doc_link_resolves():
     notes = (ROOT / "benchmarks" / "NOTES.md").read_text()
     for anchor in re.findall(r"docs/kernels\.md#([\w-]+)", notes):
         assert anchor in _anchors(DOCS / "kernels.md"), anchor
+
+
+def test_every_file_path_the_docs_cite_exists():
+    """Paths to the repository's files in docs/, README.md and NOTES.md's pointers (``tests/...py``,
+    ``r21d/...``, ``csrc/...``): moving a file means updating what points at it."""
+    pattern = r"(?<![\w/.])((?:tests|r21d|triton_kernels|csrc|benchmarks|docs|examples)/[\w/.{},*<>-]*[\w*])"
+    missing = []
+    for page in [*DOCS.glob("*.md"), ROOT / "README.md"]:
+        for path in set(re.findall(pattern, page.read_text())):
+            if "{" in path or "<" in path or "*" in path:  # a pattern, not a file
+                continue
+            if not (ROOT / path).exists():
+                missing.append((page.name, path))
+    assert not missing, sorted(missing)
