@@ -130,7 +130,9 @@ def bn_momentum(bn: _BatchNorm) -> float | Tensor:
     count.add_(1)
     if bn.momentum is None:
         running_mean = buffers["running_mean"] if buffers is not None else bn.running_mean
-        return torch.reciprocal(count.to(running_mean.dtype))
+        # (running statistics removed by hand: the factor updates nothing, its dtype is moot)
+        dtype = running_mean.dtype if running_mean is not None else torch.float32
+        return torch.reciprocal(count.to(dtype))
     return bn.momentum
 
 
