@@ -82,7 +82,12 @@ def test_forward_backward_matches_oracle(backend, device, dtype, name, training)
     assert y.is_contiguous(memory_format=fmt), "the output follows the input's memory format"
 
 
-@pytest.mark.parametrize("backend,device,dtype", BACKEND_DEVICE_DTYPES)
+# Where the dtype changes nothing a test checks (momentum, summation order), the interpreter runs
+# fp32 only: its fp16 runs cost CI time and cover what the oracle tests cover.
+NO_CPU_FP16 = [p for p in BACKEND_DEVICE_DTYPES if p.id != "triton-cpu-fp16"]
+
+
+@pytest.mark.parametrize("backend,device,dtype", NO_CPU_FP16)
 def test_training_without_running_stats_and_other_momentum(backend, device, dtype):
     _check(backend, device, dtype, depthwise(C=6, running=False), training=True)
     _check(backend, device, dtype, depthwise(C=6, layout="cl3d"), training=True, momentum=0.7)
@@ -116,9 +121,9 @@ def test_empty_batch(backend, device, dtype):
         assert grads["weight"].shape == args["weight"].shape
 
 
-@pytest.mark.parametrize("backend,device,dtype", BACKEND_DEVICE_DTYPES)
+@pytest.mark.parametrize("backend,device,dtype", NO_CPU_FP16)
 def test_weight_gradient_is_deterministic(backend, device, dtype):
-    case = depthwise(C=6, T=4, H=6, W=5, layout="cl3d")
+    case = depthwise(C=6, T=2, H=4, W=5, layout="cl3d")  # 80 input rows: 3 row splits interpreted
     args = make_inputs(case, dtype, device)
     grad_out = torch.randn(case.output_shape(), dtype=dtype, device=device)
     previous = torch.are_deterministic_algorithms_enabled()
