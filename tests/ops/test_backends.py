@@ -105,16 +105,3 @@ def test_torch_backend_never_warns(strict):
     dense = POINTWISE_CPU.__class__(**{**POINTWISE_CPU.__dict__, "family": "dense"})
     with r21d.use_backend("torch"):
         assert dispatch.choose(dense) == "torch"
-
-
-@pytest.mark.parametrize("kernel,groups,cin,cout,family", [
-    ((1, 1, 1), 1, 64, 256, "pointwise"),
-    ((3, 3, 3), 64, 64, 64, "depthwise"),
-    ((1, 1, 1), 64, 64, 64, "depthwise"),
-    ((3, 3, 3), 4, 64, 64, "grouped"),
-    ((1, 3, 3), 1, 64, 144, "spatial"),
-    ((3, 1, 1), 1, 144, 64, "temporal"),
-    ((3, 7, 7), 1, 3, 64, "dense"),
-])
-def test_conv_family(kernel, groups, cin, cout, family):
-    assert dispatch.conv_family(kernel, groups, cin, cout) == family

@@ -56,6 +56,15 @@ def temporal(**changes) -> dispatch.FusedConfig:
 
 # ---------------------------------------------------------------------------- conv_family
 @pytest.mark.parametrize("kernel,groups,cin,cout,family", [
+    # r2plus1d's, r3d's and X3D's convs
+    ((1, 1, 1), 1, 64, 256, "pointwise"),
+    ((3, 3, 3), 64, 64, 64, "depthwise"),
+    ((1, 1, 1), 64, 64, 64, "depthwise"),
+    ((3, 3, 3), 4, 64, 64, "grouped"),
+    ((1, 3, 3), 1, 64, 144, "spatial"),
+    ((3, 1, 1), 1, 144, 64, "temporal"),
+    ((3, 7, 7), 1, 3, 64, "dense"),
+    # edges
     ((3, 3, 3), 4, 4, 8, "grouped"),  # a depthwise multiplier is no depthwise kernel's problem
     ((3, 3, 3), 4, 8, 4, "grouped"),
     ((1, 1, 1), 2, 8, 8, "grouped"),  # grouped 1x1x1 is not pointwise
@@ -67,9 +76,8 @@ def temporal(**changes) -> dispatch.FusedConfig:
     ((3, 1, 3), 1, 4, 6, "dense"),
     ((3, 3, 1), 1, 4, 6, "dense"),
 ])
-def test_conv_family_edges(kernel, groups, cin, cout, family):
-    """Beyond r2plus1d's convs (test_backends.py): groups decide first, then the kernel's shape;
-    depthwise needs groups == C_in == C_out."""
+def test_conv_family(kernel, groups, cin, cout, family):
+    """Groups decide first, then the kernel's shape; depthwise needs groups == C_in == C_out."""
     assert dispatch.conv_family(kernel, groups, cin, cout) == family
 
 
