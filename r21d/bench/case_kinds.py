@@ -64,9 +64,10 @@ class ConvBNActCase:
 
     kind: ClassVar[str] = "conv_bn_act"
 
-    @property
+    @functools.cached_property
     def problem(self) -> ConvProblem:
-        """The case as the tests and the static report describe a problem (r21d.problem)."""
+        """The case as the tests and the static report describe a problem (r21d.problem); built
+        once per case (family, shapes and rows all read it)."""
         return ConvProblem(
             N=self.batch, C_in=self.in_channels, C_out=self.out_channels, T=self.frames,
             H=self.height, W=self.width, kernel=self.kernel_size, stride=self.stride,
