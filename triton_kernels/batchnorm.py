@@ -59,7 +59,8 @@ def fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask,
     return scale, shift
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['num_tiles', 'rows_per_tile', 'M'])
 def _bn_stats_finalize_kernel(
     part_mean_ptr, part_m2_ptr, part_count_ptr, mean_ptr, invstd_ptr, rmean_ptr, rvar_ptr,
     new_rmean_ptr, new_rvar_ptr, m2_ptr, num_tiles, rows_per_tile, M, Mf, C, momentum, eps,
@@ -141,7 +142,8 @@ def finalize_stats(part_mean, part_m2, rows_per_tile: int | None, M: int, runnin
     return mean, invstd, new_rm, new_rv
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T', 'szn', 'srn', 'son'])
 def _bn_act_normalize_kernel(
     z_ptr, res_ptr, out_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     M, C, T, H, W,
@@ -194,7 +196,8 @@ def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torc
     return out
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T', 'sdn', 'szn', 'srn', 'sgn'])
 def _bn_act_bwd_reduce_kernel(
     dy_ptr, z_ptr, res_ptr, dres_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     part_g_ptr, part_gx_ptr,
@@ -241,7 +244,8 @@ def _bn_act_bwd_reduce_kernel(
     tl.store(part_gx_ptr + part, cm.sum_positions(g * xhat, CL), mask=cmask)
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['num_tiles'])
 def _bn_bwd_finalize_kernel(
     part_g_ptr, part_gx_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
     coef_ptr, dgamma_ptr, dbeta_ptr, dbias_ptr,

@@ -84,7 +84,8 @@ def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
     return acc
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sxn', 'son', 'srn', 'szn'])
 def _depthwise_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr,

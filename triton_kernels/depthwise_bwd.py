@@ -35,7 +35,8 @@ _INTERPRET = {"cl": dict(BLOCK_P=16, BLOCK_C=8, num_warps=1), "ncdhw": dict(BLOC
 _INTERPRET["cl-fp32"] = _INTERPRET["cl"]
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sdn', 'szn', 'srn', 'sxn', 'sgn'])
 def _depthwise_bwd_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr,
     M_in, C, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,

@@ -112,7 +112,8 @@ def _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask, T_in, 
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sxn', 'son', 'srn'])
 def _igemm_fwd_kernel(
     x_ptr, w_ptr, pre_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,

@@ -60,7 +60,9 @@ def _first_tap(r, p, d, s, K):
     return first
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md); the batch
+# strides stay specialised here (without them the dx store lost its vectors and spilled)
+@triton.jit(do_not_specialize_on_alignment=['T_in', 'T_out', 'QT'])
 def _igemm_dgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
     R, C_in_g, C_out_g, C_out, T_in, H_in, W_in, T_out, H_out, W_out, QT, QH, QW, KT, KH, KW,
@@ -151,7 +153,10 @@ def _igemm_dgrad_kernel(
     tl.store(dx_ptr + x_rows[:, None] + ci[None, :], acc, mask=rmask[:, None] & cimask[None, :])
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md); conv strides
+# as plain values: stride-1 and stride-2 layers share a compile
+@triton.jit(do_not_specialize=['st', 'sh', 'sw'],
+            do_not_specialize_on_alignment=['T_out', 'T_in', 'sdn', 'szn', 'srn', 'sxn'])
 def _igemm_wgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, pre_ptr, dw_ptr,
     M, C_in_g, C_out_g, C_out, T_out, H_out, W_out, T_in, H_in, W_in, TAPS, KH, KW, rows_per_split,
@@ -335,8 +340,8 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     if need_dw:
         x = channels_contiguous(x)
         K = geom.taps * geom.C_in_g
-        splits = splitk.row_splits(geom.M, cdiv(geom.C_out, 128) * cdiv(K, 128), x.device)
-        rows_per_split = cdiv(geom.M, splits)
+        splits, rows_per_split = splitk.row_splits(geom.M, cdiv(geom.C_out, 128) * cdiv(K, 128),
+                                                   x.device)
         partial = alloc((splits, geom.C_out, K), dtype=torch.float32, device=x.device)
         x_align = _alignment(x, geom, geom.C_in_g)
         variant = cls + ("-flat" if geom.flat else _unaligned(x.dtype, *dz_aligns, x_align))

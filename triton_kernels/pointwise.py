@@ -49,7 +49,8 @@ def _fully_aligned(*tensors) -> bool:
 # ----------------------------------------------------------------------------- forward
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sxn', 'son', 'srn'])
 def _pointwise_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
@@ -195,7 +196,8 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
 # ----------------------------------------------------------------------------- backward
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T_in', 'T_out', 'sdn', 'szn', 'srn', 'sxn'])
 def _pointwise_dgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
     M_in, C_in, C_out, T_in, H_in, W_in, T_out, H_out, W_out,
@@ -249,7 +251,8 @@ def _pointwise_dgrad_kernel(
     tl.store(dx_ptr + x_off, acc, mask=rmask[:, None] & cmask[None, :])
 
 
-@triton.jit
+# not on divisibility: what varies with clip length and batch (docs/kernels.md)
+@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sdn', 'szn', 'srn', 'sxn'])
 def _pointwise_wgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, dw_ptr,
     M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
@@ -366,8 +369,7 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         dx = in_format_of(dx, x_in)
     if need_dw:
         x = channels_contiguous(x)
-        splits = splitk.row_splits(M, cdiv(C_out, 128) * cdiv(C_in, 128), x.device)
-        rows_per_split = cdiv(M, splits)
+        splits, rows_per_split = splitk.row_splits(M, cdiv(C_out, 128) * cdiv(C_in, 128), x.device)
         partial = alloc((splits, C_out, C_in), dtype=torch.float32, device=x.device)
         aligned = unaligned or ("" if _fully_aligned(x) else "-unaligned")
         kernel, meta = _WGRAD.select(gm.operand_class(x.dtype, prec) + aligned)
