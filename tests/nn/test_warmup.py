@@ -87,9 +87,9 @@ _COUNT_SCRIPT = textwrap.dedent("""
 
 def test_r2plus1d_18_compiles_within_the_issue_targets():
     """What a first fused r2plus1d_18 step compiles (B16 bf16 112x112, sm_90; counted, not
-    compiled): the eval forward at most 26 specialisations, a training step at most 80 (103 before
-    frame counts and batch strides stopped being specialised on divisibility, docs/kernels.md), and
-    a longer clip after it recompiles almost nothing (24 of 87 before)."""
+    compiled): the eval forward at most 26 specialisations, a training step at most 80 (103 while
+    frame counts and batch strides were specialised on divisibility, docs/kernels.md), and a
+    24-frame training step after a 16-frame one at most 2 new ones (24 then)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", _COUNT_SCRIPT], env=env, capture_output=True,
                           text=True, timeout=600)
