@@ -12,7 +12,9 @@ each tensor the call creates):
 - its launches, resolved: the JIT function, its meta arguments and grid, its arguments with each
   tensor replaced by its slot;
 - every other torch op (views, placeholders, small torch computations), seen by a
-  ``TorchDispatchMode``.
+  ``TorchDispatchMode``; a view (or a chain of views) is replayed as one ``as_strided`` of the
+  tensor it views, and an allocation as ``torch.empty_strided`` (each a third of the aten op's
+  host cost from Python).
 
 A later call with the same signature replays the tape with the new tensors: the same allocations
 (counted and poisoned as ever), the same launches, the same ops; the steps nothing returned or
@@ -67,6 +69,12 @@ def disabled() -> Iterator[None]:
 # What a plan may hold and replay: tensor subclasses (fake, functional, user-defined) are never
 # planned. r21d._op_common calls an op's implementation directly for the same types only.
 PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+# View ops a replay rebuilds with one ``as_strided`` (their result's size, strides and offset are
+# fixed by the signature's shapes and strides).
+_VIEW_OPS = frozenset(getattr(torch.ops.aten, name) for name in (
+    "view", "_unsafe_view", "_reshape_alias", "permute", "unsqueeze", "squeeze", "expand", "t",
+    "transpose", "select", "slice", "narrow", "as_strided", "alias"))
 
 
 def _signature(args: tuple):
@@ -142,6 +150,7 @@ class _Recorder(TorchDispatchMode):
         self.broken: str | None = None
         self._quiet = 0
         self._launch: _Launch | None = None  # the launch step just recorded, until it has run
+        self.view_roots: dict[int, tuple[int, torch.Tensor]] = {}  # a view's slot -> what it views
         for i, a in enumerate(args):
             if isinstance(a, torch.Tensor):
                 self.slots.setdefault(id(a), i)
@@ -183,7 +192,8 @@ class _Recorder(TorchDispatchMode):
 
     def allocated(self, t, shape, dtype, device, memory_format) -> None:
         if not self._quiet:
-            self.steps.append(_Alloc(self._new_slot(t), tuple(shape), dtype, device, memory_format))
+            self.steps.append(_Alloc(self._new_slot(t), tuple(shape), t.stride(), dtype, device,
+                                     memory_format))
 
     def relaid(self, out, t, memory_format) -> None:
         if self._quiet:
@@ -241,6 +251,12 @@ class _Recorder(TorchDispatchMode):
         out_slots = [self._new_slot(v) if isinstance(v, torch.Tensor) else None for v in flat_out]
         if func is torch.ops.aten.new_empty.default:  # the placeholders of absent outputs
             self.steps.append(_NewEmpty(out_slots[0], self.slots[id(args[0])], args[1], kwargs))
+        elif func.overloadpacket in _VIEW_OPS and isinstance(out, torch.Tensor) and not nested \
+                and len(template) == 1 and template[0][0] == 0 and out.dtype == args[0].dtype:
+            root_slot, root = self.view_roots.get(template[0][1], (template[0][1], args[0]))
+            self.view_roots[out_slots[0]] = (root_slot, root)
+            self.steps.append(_View(out_slots[0], root_slot, out.shape, out.stride(),
+                                    out.storage_offset() - root.storage_offset()))
         elif nested:
             self.steps.append(_NestedOp(func, template, out_slots))
         else:
@@ -298,14 +314,19 @@ def _slots(template) -> list[int]:
 class _Alloc:
     always = False
 
-    def __init__(self, out, shape, dtype, device, memory_format):
+    def __init__(self, out, shape, stride, dtype, device, memory_format):
         self.outputs, self.inputs = (out,), ()
         self.spec = (shape, dtype, device, memory_format)
+        self.stride = stride
 
     def run(self, values):
         shape, dtype, device, memory_format = self.spec
-        values[self.outputs[0]] = _launch.alloc(shape, dtype=dtype, device=device,
-                                                memory_format=memory_format)
+        if _launch._active or _launch._poison:  # counted, poisoned: the launchers' own path
+            values[self.outputs[0]] = _launch.alloc(shape, dtype=dtype, device=device,
+                                                    memory_format=memory_format)
+        else:
+            values[self.outputs[0]] = torch.empty_strided(shape, self.stride, dtype=dtype,
+                                                          device=device)
 
 
 class _Relayout:
@@ -364,6 +385,21 @@ class _Launch:
             _launch.launch_compiled(self.name, self.runner, args)
         else:
             _launch.launch(self.kernel, self.grid, *args, **self.kwargs)
+
+
+class _View:
+    """A view of a tensor of the call (or of one it created), however many view ops made it."""
+
+    always = False
+
+    def __init__(self, out, root, size, stride, offset: int):
+        self.outputs, self.inputs = (out,), (root,)
+        self.size, self.stride, self.offset = tuple(size), tuple(stride), offset
+
+    def run(self, values):
+        root = values[self.inputs[0]]
+        values[self.outputs[0]] = root.as_strided(self.size, self.stride,
+                                                  root.storage_offset() + self.offset)
 
 
 class _NewEmpty:
