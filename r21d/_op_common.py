@@ -1,5 +1,7 @@
 """Helpers the op modules share (r21d.ops for the per-conv families, r21d.unit_ops for the (2+1)D
-unit): output shapes, the device guard, the activation argument and gradient buffers.
+unit) and r21d.direct_calls: output shapes, the device guard, the activation argument, gradient
+buffers, the test for calling an implementation directly, and the running statistics' one
+copy-back.
 
 A leaf module (it imports nothing of r21d but r21d.triton_kernels), so the op modules depend on it
 one way. A conv's output size along one axis has one definition,
@@ -20,7 +22,8 @@ from .triton_kernels._layout import out_size, output_memory_format
 from .triton_kernels._replay import PLAIN_TENSORS
 
 __all__ = ["activation_arg", "custom_op", "differentiable", "grad_shaped", "implementation",
-           "needs_grad", "on_device", "out_shape", "out_size"]
+           "needs_grad", "on_device", "op_momentum", "out_shape", "out_size", "unobserved",
+           "update_running_stats"]
 
 
 def out_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
@@ -93,17 +96,24 @@ def implementation(name: str, *tensors: Optional[Tensor]) -> Callable:
     implementation is what its CPU/CUDA kernel runs. torch.compile traces the op: while
     compiling, and in the csrc ops (C++ implementations), the op is called."""
     impl = _IMPLEMENTATIONS.get(name)
-    if impl is not None and not (
-            torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
-            or torch._C._len_torch_dispatch_stack()
-            or torch._C._is_torch_function_mode_enabled()
-            or torch._C._are_functorch_transforms_active()
-            or torch.autograd.profiler._is_profiler_enabled) \
-            and all(t is None or type(t) in PLAIN_TENSORS for t in tensors):
+    if impl is not None and unobserved(*tensors):
         return impl
     # (looked up each time: a cache filled here would be a global mutation inside the autograd
     # Functions that torch.compile traces, which it refuses)
     return getattr(torch.ops.r21d, name.split("::")[1])
+
+
+def unobserved(*tensors: Optional[Tensor]) -> bool:
+    """Whether nothing could tell a direct call of an op's implementation (or of its launcher)
+    from a dispatched call of the op: eager, not compiled or traced by torch.jit, plain tensors,
+    no dispatch or function mode, functorch transform or profiler (see :func:`implementation`)."""
+    return not (
+        torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+        or torch._C._len_torch_dispatch_stack()
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+        or torch.autograd.profiler._is_profiler_enabled) \
+        and all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
 
 
 def differentiable(name: str, setup_context, backward) -> type[torch.autograd.Function]:
@@ -127,3 +137,28 @@ def differentiable(name: str, setup_context, backward) -> type[torch.autograd.Fu
 def needs_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether autograd would record a call on ``tensors``."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def op_momentum(momentum: float | Tensor) -> float:
+    """The factor an op gets: a device-side factor (a tensor) is applied by
+    :func:`update_running_stats` after the op, which then returns the batch statistics (1.0)."""
+    return 1.0 if isinstance(momentum, Tensor) else float(momentum)
+
+
+def update_running_stats(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:
+    """Copy an op's updated running statistic back, or, for a factor that lives on the device
+    (the cumulative average's 1 / num_batches_tracked), blend the op's batch statistic in on the
+    device: running + factor * (batch - running), no host sync. Not recorded by autograd (``new``
+    never requires grad; a ``running`` that does is updated under no_grad)."""
+    if running.requires_grad:
+        with torch.no_grad():
+            _update(running, new, momentum)
+    else:
+        _update(running, new, momentum)
+
+
+def _update(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:
+    if isinstance(momentum, Tensor):
+        running.lerp_(new, momentum.to(running.dtype))
+    else:
+        running.copy_(new)

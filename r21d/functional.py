@@ -226,7 +226,7 @@ def run(p: Plan, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
         residual=None) -> Tensor:
     """Execute a :class:`Plan` on a fused backend (``p.backend`` must not be ``torch``).
     ``momentum``: the exponential-average factor, a float or a 0-dim tensor on the device (see
-    r21d.ops.update_running_stats)."""
+    r21d._op_common.update_running_stats)."""
     cfg = p.config
     if p.cast_dtype is not None:  # autocast casts the conv's inputs like F.conv3d does
         x, weight = x.to(p.cast_dtype), weight.to(p.cast_dtype)

@@ -119,7 +119,7 @@ def bn_momentum(bn: _BatchNorm) -> float | Tensor:
     """The exponential-average factor, counting the batch like _BatchNorm.forward does. For the
     cumulative average (momentum=None) that is 1 / num_batches_tracked, kept on the BN's device
     as a 0-dim tensor: reading the count on the host would wait for the GPU and break CUDA-graph
-    capture (r21d.ops.update_running_stats applies it)."""
+    capture (r21d._op_common.update_running_stats applies it)."""
     if not (bn.training and bn.track_running_stats):
         return 0.0 if bn.momentum is None else bn.momentum
     # (a plain BatchNorm's buffers, read without nn.Module.__getattr__)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, dispatch, functional, unit_ops
-from ._op_common import implementation, needs_grad, out_size
+from ._op_common import implementation, needs_grad, op_momentum, out_size, update_running_stats
 from .fused_site import (
     activation_name,
     bn_momentum,
@@ -39,7 +39,6 @@ from .fused_site import (
     sync_group,
     uses_batch_stats,
 )
-from .ops import op_momentum, update_running_stats
 from .plan_cache import PlanSlot, autocast_state, byte_span, conv_kind, hooked, overlaps, plain_bn
 
 UNIT_KERNEL = "conv2plus1d"

@@ -46,6 +46,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import direct_calls
 from ._op_common import (
     activation_arg,
     custom_op,
@@ -54,7 +55,10 @@ from ._op_common import (
     implementation,
     needs_grad,
     on_device,
+    op_momentum,
     out_shape,
+    unobserved,
+    update_running_stats,
 )
 from .dispatch import CSRC_OPS, FUSED_CALLS, IMPLICIT_GEMM_FAMILIES, csrc_ops_available
 from .triton_kernels._layout import output_memory_format
@@ -66,6 +70,9 @@ class _OpFamily:
     backward: str
     z_channels_last: bool  # z is channels_last_3d (else in x's memory format)
     sync_group: bool = True  # the schemas end with ``str sync_group`` (the Triton families)
+    # (forward, backward) launchers with the ops' arguments in the launchers' form (tuples, None
+    # for activation "none"): what the ops run, and r21d's eager calls directly (Triton families)
+    launchers: tuple[Callable, Callable] | None = None
 
 
 def _fake_forward(family: _OpFamily):
@@ -151,7 +158,8 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
     """The forward and backward custom ops of a Triton kernel family, with fake implementations
     and autograd. The launchers get the op's arguments with tuples for the geometry and None for
     activation "none"; the backward launcher a tuple ``needs`` for ``output_mask``."""
-    family = _OpFamily(f"r21d::{name}", f"r21d::{name}_backward", z_channels_last)
+    family = _OpFamily(f"r21d::{name}", f"r21d::{name}_backward", z_channels_last,
+                       launchers=(forward_launcher, backward_launcher))
 
     def forward(
         x: Tensor, weight: Tensor, bias: Optional[Tensor], bn_weight: Optional[Tensor],
@@ -190,11 +198,12 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
 
 
 def _pointwise_forward(x, weight, bias, gamma, beta, rm, rv, residual, stride, padding, _dilation,
-                       training, momentum, eps, activation, save):
+                       training, momentum, eps, activation, save, running_in_place=False):
     from .triton_kernels import pointwise
 
     return pointwise.conv_bn_act_fwd(x, weight, bias, gamma, beta, rm, rv, residual, stride,
-                                     padding, training, momentum, eps, activation, save)
+                                     padding, training, momentum, eps, activation, save,
+                                     running_in_place)
 
 
 def _pointwise_backward(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
@@ -255,31 +264,6 @@ def _register_csrc(family: _OpFamily) -> None:
 _register_csrc(DEPTHWISE_CUDA)
 
 
-def op_momentum(momentum: float | Tensor) -> float:
-    """The factor an op gets: a device-side factor (a tensor) is applied by
-    :func:`update_running_stats` after the op, which then returns the batch statistics (1.0)."""
-    return 1.0 if isinstance(momentum, Tensor) else float(momentum)
-
-
-def update_running_stats(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:
-    """Copy an op's updated running statistic back, or, for a factor that lives on the device
-    (the cumulative average's 1 / num_batches_tracked), blend the op's batch statistic in on the
-    device: running + factor * (batch - running), no host sync. Not recorded by autograd (``new``
-    never requires grad; a ``running`` that does is updated under no_grad)."""
-    if running.requires_grad:
-        with torch.no_grad():
-            _update(running, new, momentum)
-    else:
-        _update(running, new, momentum)
-
-
-def _update(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:
-    if isinstance(momentum, Tensor):
-        running.lerp_(new, momentum.to(running.dtype))
-    else:
-        running.copy_(new)
-
-
 class FusedCall:
     """The call r21d.functional.run makes: the op, then the running statistics copied back.
     ``bn_float32``: the kernels take float32 BN vectors (others are cast, differentiably).
@@ -296,18 +280,29 @@ class FusedCall:
         self.op_name = family.forward.split("::")[1]
 
     def static_args(self, *, stride, padding, dilation, training, activation, save,
-                    sync_group="") -> tuple[tuple, tuple]:
+                    sync_group="") -> tuple[tuple, tuple, tuple | None]:
         """The op's arguments before the momentum (geometry, training) and after the eps
-        (activation, save_for_backward, sync_group where the schema has it)."""
+        (activation, save_for_backward, sync_group where the schema has it), and the same in
+        the launchers' form where the family has launchers (r21d.direct_calls)."""
         if sync_group and not self.family.sync_group:
             raise RuntimeError(f"r21d::{self.op_name} cannot reduce statistics across processes")
         head = (list(stride), list(padding), list(dilation), bool(training))
         tail = (activation or "none", bool(save), *([sync_group] if self.family.sync_group else []))
-        return head, tail
+        launch = None
+        if self.family.launchers is not None:
+            launch = direct_calls.launch_form(stride, padding, dilation, training, activation,
+                                              save, sync_group)
+        return head, tail, launch
 
-    def run(self, static: tuple[tuple, tuple], x, weight, bias, bn_weight, bn_bias, running_mean,
-            running_var, residual, momentum, eps: float) -> Tensor:
-        head, tail = static
+    def run(self, static: tuple[tuple, tuple, tuple | None], x, weight, bias, bn_weight, bn_bias,
+            running_mean, running_var, residual, momentum, eps: float) -> Tensor:
+        """One call: eager and unobserved, the family's launchers directly (r21d.direct_calls);
+        else the op (under an autograd.Function where a gradient is wanted)."""
+        head, tail, launch = static
+        if launch is not None and unobserved(x, weight, bias, bn_weight, bn_bias, running_mean,
+                                             running_var, residual):
+            return direct_calls.run(self.family, launch, x, weight, bias, bn_weight, bn_bias,
+                                    running_mean, running_var, residual, momentum, eps)
         if self.bn_float32:
             bn_weight, bn_bias, rm, rv = (
                 t.float() if t is not None and t.dtype != torch.float32 else t

@@ -65,7 +65,8 @@ def operand_class(dtype: torch.dtype, prec: str) -> str:
 
 def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual, out_shape,
                         training: bool, momentum: float, eps: float, activation: str | None,
-                        save: bool, select, launch_gemm, normalize: bool = True):
+                        save: bool, select, launch_gemm, normalize: bool = True,
+                        running_in_place: bool = False):
     """The forward launcher of a GEMM-shaped conv family: buffers, the conv GEMM, and in training
     the statistics merge and the normalise + activation pass.
 
@@ -73,7 +74,8 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
     format; ``z`` (the conv output incl. bias, channels_last_3d) and the (mean, invstd) the BN
     used, for autograd, when ``save`` is set (else empty); in training with running statistics,
     their values updated with ``momentum`` (the exponential-average factor) as new tensors (else
-    empty). Nothing is modified in place.
+    empty). Nothing is modified in place, but with ``running_in_place`` (r21d's eager calls, not
+    the functional ops): the running statistics are updated in place and returned themselves.
 
     ``normalize=False`` (training only) stops after the statistics: no normalise pass, and ``out``
     is ``z`` itself (channels_last_3d), for a consumer that applies the BN as it loads it.
@@ -122,7 +124,8 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
     launch_gemm(kernel, meta, x, residual, out, pointers)
     if training:
         mean, invstd, rm, rv = bn.finalize_stats(part_mean, part_m2, block_m, M, running_mean,
-                                                 running_var, momentum, eps)
+                                                 running_var, momentum, eps,
+                                                 running_in_place=running_in_place)
         if running_mean is not None:
             new_rm, new_rv = rm, rv
         if not normalize:

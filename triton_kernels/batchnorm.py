@@ -110,11 +110,14 @@ def _bn_stats_finalize_kernel(
 
 
 def finalize_stats(part_mean, part_m2, rows_per_tile: int | None, M: int, running_mean, running_var,
-                   momentum: float, eps: float, part_count=None):
+                   momentum: float, eps: float, part_count=None, running_in_place: bool = False):
     """Batch (mean, invstd) from per-tile partials, and the running statistics updated with
-    ``momentum`` as new tensors (None when ``running_mean`` is None). Tile i holds the rows
+    ``momentum`` as new tensors (None when ``running_mean`` is None), or, with
+    ``running_in_place``, written over ``running_mean`` and ``running_var`` (returned as such) as
+    eager BatchNorm does: no buffers and no copy-back launches. Tile i holds the rows
     [i * rows_per_tile, (i + 1) * rows_per_tile), or ``part_count[i]`` rows when given. Inside
-    ``sync_stats.over(group)``, the statistics are those of every rank's rows together."""
+    ``sync_stats.over(group)``, the statistics are those of every rank's rows together (and the
+    running statistics new tensors)."""
     num_tiles, C = part_mean.shape
     dev = part_mean.device
     group = sync_stats.current()
@@ -123,7 +126,9 @@ def finalize_stats(part_mean, part_m2, rows_per_tile: int | None, M: int, runnin
     m2 = alloc((C,), dtype=torch.float32, device=dev) if group is not None else None
     update = running_mean is not None and group is None
     new_rm = new_rv = None
-    if update:
+    if update and running_in_place:  # (each program reads a channel's values, then writes them)
+        new_rm, new_rv = running_mean, running_var
+    elif update:
         new_rm = alloc((C,), dtype=running_mean.dtype, device=dev)
         new_rv = alloc((C,), dtype=running_var.dtype, device=dev)
     block_c = min(triton.next_power_of_2(C), 16 if interpreted() else 64)

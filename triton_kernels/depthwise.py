@@ -253,11 +253,12 @@ def _select(tuned: Tuned, cl: bool, dtype: torch.dtype | None = None):
 @planned
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
-                    activation: str | None, save: bool):
+                    activation: str | None, save: bool, running_in_place: bool = False):
     """Depthwise conv + BN + activation forward; x in any layout and strides, weight (C, 1, kT, kH,
     kW). Returns (out, z, mean, invstd, new_running_mean, new_running_var) like
     pointwise.conv_bn_act_fwd, with ``out`` and ``z`` (conv output incl. bias, saved for autograd
-    when ``save``) in ``x``'s memory format. Nothing is modified in place.
+    when ``save``) in ``x``'s memory format. Nothing is modified in place (but the running
+    statistics with ``running_in_place``, as batchnorm.finalize_stats documents).
     """
     N, C, T_in, H_in, W_in = x.shape
     KT, KH, KW = weight.shape[2:]
@@ -325,7 +326,8 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
     part_count = alloc((num_tiles,), dtype=torch.float32, device=dev)
     run(stats, MODE_STATS, some, some, (part_mean, part_m2, part_count), False)
     bmean, binvstd, rm, rv = bn.finalize_stats(part_mean, part_m2, None, M, running_mean,
-                                               running_var, momentum, eps, part_count=part_count)
+                                               running_var, momentum, eps, part_count=part_count,
+                                               running_in_place=running_in_place)
     run(_select(_FWD, cl, x.dtype), MODE_APPLY, bmean, binvstd, (some,) * 3, save)
     if save:
         mean, invstd = bmean, binvstd

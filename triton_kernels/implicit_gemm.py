@@ -304,10 +304,10 @@ def _check_pre(pre: torch.Tensor | None, geom: _Geometry) -> None:
 @planned
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
-                    activation: str | None, save: bool, *, pre: torch.Tensor | None = None,
-                    normalize: bool = True):
+                    activation: str | None, save: bool, running_in_place: bool = False, *,
+                    pre: torch.Tensor | None = None, normalize: bool = True):
     """Implicit-GEMM conv + BN + activation forward (groups = C_in / weight.shape[1]); returns what
-    _gemm.conv_bn_act_forward documents (``normalize`` as there).
+    _gemm.conv_bn_act_forward documents (``normalize`` and ``running_in_place`` as there).
 
     ``pre`` (float32, [2 * C_in]: scale then shift): x is the conv output of a previous BN + ReLU,
     applied per input channel as x is loaded, ``relu(x * scale + shift)``, so that the normalised
@@ -353,4 +353,5 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
 
     return gm.conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual,
                                   geom.out_shape, training, momentum, eps, activation, save,
-                                  select, launch_gemm, normalize=normalize)
+                                  select, launch_gemm, normalize=normalize,
+                                  running_in_place=running_in_place)

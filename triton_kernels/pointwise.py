@@ -157,8 +157,9 @@ _FWD_STATS = Tuned(
 @planned
 def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
                     stride, padding, training: bool, momentum: float, eps: float,
-                    activation: str | None, save: bool):
-    """Pointwise conv + BN + activation forward; returns what _gemm.conv_bn_act_forward documents."""
+                    activation: str | None, save: bool, running_in_place: bool = False):
+    """Pointwise conv + BN + activation forward; returns what _gemm.conv_bn_act_forward documents
+    (``running_in_place`` as there)."""
     N, C_in, T_in, H_in, W_in = x.shape
     C_out = weight.shape[0]
     (st, sh, sw), (pt, ph, pw) = stride, padding
@@ -190,7 +191,8 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
 
     return gm.conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual,
                                   (N, C_out, T_out, H_out, W_out), training, momentum, eps,
-                                  activation, save, select, launch_gemm)
+                                  activation, save, select, launch_gemm,
+                                  running_in_place=running_in_place)
 
 
 # ----------------------------------------------------------------------------- backward

@@ -1,7 +1,7 @@
 """A fused training step reads nothing back to the host: no tensor becomes a Python number or
 bool, so a GPU never waits and the step can be captured in a CUDA graph. That includes
 BatchNorm's cumulative average (momentum=None), whose factor 1 / num_batches_tracked stays on the
-device (r21d.fused_site.bn_momentum, r21d.ops.update_running_stats).
+device (r21d.fused_site.bn_momentum, r21d._op_common.update_running_stats).
 
 On the CPU (interpreter) every way a tensor reaches the host is made to raise during the fused
 forward; on a GPU, CUDA's own sync detection does the same.

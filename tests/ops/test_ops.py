@@ -198,21 +198,21 @@ def test_modules_call_the_ops_through_their_autograd_function(monkeypatch):
     assert not calls
 
 
-def test_eager_calls_run_the_implementation_unless_something_would_see_the_op(monkeypatch):
-    """Eager and with no gradient recorded, a fused site calls its op's Python implementation
-    itself (r21d._op_common.implementation); a dispatch mode, the profiler and torch.jit.trace
-    still see the op (the first two get the same result)."""
+def test_eager_calls_run_the_launchers_unless_something_would_see_the_op(monkeypatch):
+    """Eager, a fused site calls its family's launchers itself (r21d.direct_calls); a dispatch
+    mode, the profiler and torch.jit.trace still see the op (the first two get the same
+    result)."""
     import collections
 
     from torch import nn
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from r21d import _op_common
+    from r21d import direct_calls
 
     direct = collections.Counter()
-    for name, fn in list(_op_common._IMPLEMENTATIONS.items()):
-        monkeypatch.setitem(_op_common._IMPLEMENTATIONS, name,
-                            lambda *a, _fn=fn, _name=name: direct.update([_name]) or _fn(*a))
+    run = direct_calls.run
+    monkeypatch.setattr(direct_calls, "run", lambda family, *a: direct.update([family.forward])
+                        or run(family, *a))
     torch.manual_seed(0)
     model = r21d.fuse(nn.Sequential(nn.Conv3d(3, 4, (1, 3, 3), padding=(0, 1, 1), bias=False),
                                     nn.BatchNorm3d(4), nn.ReLU()).eval())
