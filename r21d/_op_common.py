@@ -116,17 +116,23 @@ def unobserved(*tensors: Optional[Tensor]) -> bool:
         and all(t is None or type(t) in PLAIN_TENSORS for t in tensors)
 
 
-def differentiable(name: str, setup_context, backward) -> type[torch.autograd.Function]:
+def differentiable(name: str, setup_context, backward,
+                   run: Optional[Callable] = None) -> type[torch.autograd.Function]:
     """An autograd.Function that runs the op ``name`` ("r21d::<op>") with the formula registered
     as the op's autograd (``setup_context``, ``backward``): what r21d's modules call when a
     gradient is wanted. The op's own autograd wrapper rebuilds the schema's default arguments on
     every call (``torch._library.utils.fill_defaults``, quadratic in the argument count: several
     times a launch's host cost for the 27-argument training unit); under this Function the op
     needs no gradient and the wrapper steps aside (and, eager, :func:`implementation` runs).
-    torch.compile traces it as it traces the op."""
+    torch.compile traces it as it traces the op. ``run``: what an unobserved call runs in place
+    of the op's implementation (with the op's arguments and results)."""
 
     def forward(ctx, *inputs):
-        output = implementation(name, *(t for t in inputs if isinstance(t, Tensor)))(*inputs)
+        tensors = [t for t in inputs if isinstance(t, Tensor)]
+        if run is not None and unobserved(*tensors):
+            output = run(*inputs)
+        else:
+            output = implementation(name, *tensors)(*inputs)
         setup_context(ctx, inputs, output)
         return output
 

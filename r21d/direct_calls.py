@@ -8,7 +8,7 @@ from the op:
 
 - the running statistics are updated in place by the statistics kernel, as eager BatchNorm does,
   where the op returns new tensors for the caller to copy back (two copy launches per site);
-- the autograd node keeps only what its backward reads, and none of the op's placeholders.
+- the autograd node returns only the output, and none of the op's placeholders.
 
 Under torch.compile, torch.jit tracing, a dispatch or function mode, a functorch transform or the
 profiler, r21d.ops.FusedCall calls the op instead (so that they see it), and so does the backward
@@ -88,15 +88,15 @@ class _Training(torch.autograd.Function):
                 *geometry, op_momentum(momentum), eps, activation, True,
                 not isinstance(momentum, Tensor))
         _copy_back(running_mean, running_var, new_rm, new_rv, momentum)
-        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, residual)
-        ctx.kept = (z, mean, invstd)  # made here, seen nowhere else: kept as they are
+        # z, mean and invstd too, though made here: saved-tensor hooks (checkpointing, offload)
+        # see everything the backward keeps
+        ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd)
         ctx.family, ctx.launch = family, launch
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, bias, bn_weight, bn_bias, residual = ctx.saved_tensors
-        z, mean, invstd = ctx.kept
+        x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
         mask = tuple(needs[i] for i in _GRAD_INPUTS)
         inputs = (x, weight, bias, bn_weight, bn_bias, residual)

@@ -27,7 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, dispatch, functional, unit_ops
-from ._op_common import implementation, needs_grad, op_momentum, out_size, update_running_stats
+from ._op_common import (
+    implementation,
+    needs_grad,
+    op_momentum,
+    out_size,
+    unobserved,
+    update_running_stats,
+)
 from .fused_site import (
     activation_name,
     bn_momentum,
@@ -293,8 +300,13 @@ class UnitPlan:
         rm2, rv2 = (rm2, rv2) if track2 else (None, None)
         momentum1, momentum2 = bn_momentum(bn1), bn_momentum(bn2)
         geometry, tail = self.static
+        # float momenta: the statistics kernels may update the running statistics in place
+        in_place = not (isinstance(momentum1, torch.Tensor) or isinstance(momentum2, torch.Tensor))
         if needs_grad(x, w1, b1, g1, be1, w2, b2, g2, be2, residual):
-            op = unit_ops.TRAIN_DIFFERENTIABLE.apply
+            op = (unit_ops.TRAIN_IN_PLACE if in_place else unit_ops.TRAIN_DIFFERENTIABLE).apply
+        elif in_place and unobserved(x, w1, b1, g1, be1, rm1, rv1, w2, b2, g2, be2, rm2, rv2,
+                                     residual):
+            op = unit_ops.train_in_place
         else:
             op = implementation("r21d::conv2plus1d_bn_act_train", x, w1, b1, g1, be1, rm1, rv1,
                                 w2, b2, g2, be2, rm2, rv2, residual)

@@ -93,6 +93,35 @@ def conv2plus1d_bn_act_train(
             activation_arg(activation), save_for_backward)
 
 
+def train_in_place(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean,
+                   bn1_running_var, bn1_momentum, bn1_eps, temporal_weight, temporal_bias,
+                   bn2_weight, bn2_bias, bn2_running_mean, bn2_running_var, bn2_momentum, bn2_eps,
+                   residual, spatial_stride, spatial_padding, spatial_dilation, temporal_stride,
+                   temporal_padding, temporal_dilation, activation, save_for_backward, sync_group):
+    """conv2plus1d_bn_act_train for r21d's eager calls (nothing observes the op, float momenta):
+    the statistics kernels update both BNs' running statistics in place, as eager BatchNorm does,
+    and the new ones come back empty (nothing to copy back; where they could not be updated in
+    place, across a process group, they come back as the op returns them)."""
+    from .triton_kernels import conv2plus1d_train
+
+    running = (bn1_running_mean, bn1_running_var, bn2_running_mean, bn2_running_var)
+    with on_device(x, sync_group):
+        *kept, new_rm1, new_rv1, new_rm2, new_rv2 = conv2plus1d_train.unit_train_fwd(
+            x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_running_mean,
+            bn1_running_var, bn1_momentum, bn1_eps, temporal_weight, temporal_bias, bn2_weight,
+            bn2_bias, bn2_running_mean, bn2_running_var, bn2_momentum, bn2_eps, residual,
+            tuple(spatial_stride), tuple(spatial_padding), tuple(spatial_dilation),
+            tuple(temporal_stride), tuple(temporal_padding), tuple(temporal_dilation),
+            activation_arg(activation), save_for_backward, True)
+    new = []
+    for given, updated in zip(running, (new_rm1, new_rv1, new_rm2, new_rv2)):
+        if updated is given:  # autograd learns it changed, as from an in-place op
+            torch.autograd.graph.increment_version(given)
+            updated = x.new_empty(0, dtype=torch.float32)
+        new.append(updated)
+    return (*kept, *new)
+
+
 def _updated(running: Optional[Tensor], like: Tensor) -> Tensor:
     if running is None:
         return like.new_empty(0, dtype=torch.float32)
@@ -198,6 +227,9 @@ def _train_backward(ctx, grad_out, *_non_differentiable):
 
 torch.library.register_autograd("r21d::conv2plus1d_bn_act_train", _train_backward,
                                 setup_context=_train_setup_context)
-# the same formula as a Function, for r21d's own calls (_op_common.differentiable)
+# the same formula as a Function, for r21d's own calls (_op_common.differentiable); and one whose
+# unobserved calls update the running statistics in place (train_in_place: float momenta only)
 TRAIN_DIFFERENTIABLE = differentiable("r21d::conv2plus1d_bn_act_train", _train_setup_context,
                                       _train_backward)
+TRAIN_IN_PLACE = differentiable("r21d::conv2plus1d_bn_act_train", _train_setup_context,
+                                _train_backward, run=train_in_place)

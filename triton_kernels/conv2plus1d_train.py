@@ -41,18 +41,20 @@ def bn_relu_prologue(mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tens
 def unit_train_fwd(x, w1, bias1, gamma1, beta1, rmean1, rvar1, momentum1, eps1,
                    w2, bias2, gamma2, beta2, rmean2, rvar2, momentum2, eps2, residual,
                    stride1, padding1, dilation1, stride2, padding2, dilation2,
-                   activation: str | None, save: bool):
+                   activation: str | None, save: bool, running_in_place: bool = False):
     """The unit's training forward. Returns (out, z1, mean1, invstd1, z2, mean2, invstd2,
     new_rmean1, new_rvar1, new_rmean2, new_rvar2): z1 and its statistics always (the temporal
     conv's input); z2 and its statistics when ``save`` (else empty); the running statistics
-    updated as new tensors where given (else empty). ``out`` follows x's memory format."""
+    updated as new tensors where given (else empty), or with ``running_in_place`` written over
+    the given ones and returned themselves (batchnorm.finalize_stats). ``out`` follows x's
+    memory format."""
     z1, _, mean1, invstd1, new_rm1, new_rv1 = ig.conv_bn_act_fwd(
         x, w1, bias1, gamma1, beta1, rmean1, rvar1, None, stride1, padding1, dilation1, True,
-        momentum1, eps1, "relu", True, normalize=False)
+        momentum1, eps1, "relu", True, running_in_place, normalize=False)
     pre = bn_relu_prologue(mean1, invstd1, gamma1, beta1)
     out, z2, mean2, invstd2, new_rm2, new_rv2 = ig.conv_bn_act_fwd(
         z1, w2, bias2, gamma2, beta2, rmean2, rvar2, residual, stride2, padding2, dilation2, True,
-        momentum2, eps2, activation, save, pre=pre)
+        momentum2, eps2, activation, save, running_in_place, pre=pre)
     # the temporal conv's input is z1 (channels-last): the unit's output follows x instead
     return in_format_of(out, x), z1, mean1, invstd1, z2, mean2, invstd2, new_rm1, new_rv1, new_rm2, new_rv2
 

@@ -121,3 +121,48 @@ def test_launch_form_is_what_the_ops_give_their_launchers():
         ((1, 2, 2), (0, 1, 1), (1, 1, 1), True), (None, False), "g")
     assert direct_calls.launch_form((1, 1, 1), (0, 0, 0), (1, 1, 1), False, "relu", True, "")[1] \
         == ("relu", True)
+
+
+def test_an_eager_training_unit_updates_both_running_statistics_in_place():
+    """The (2+1)D unit's training op (r21d.unit_ops.train_in_place): the same outputs, gradients
+    and running statistics as the op's call, in four fewer allocations."""
+    import copy
+
+    from tests.utils import perturb_batchnorm
+
+    torch.manual_seed(0)
+    unit = r21d.fuse(perturb_batchnorm(r21d.SpatioTemporalConv(3, 5, 3, padding=1))).train()
+    results = []
+    for observed in (False, True):
+        model = copy.deepcopy(unit)
+        buffers = [b for name, b in model.named_buffers() if "running" in name]
+        versions = [b._version for b in buffers]
+        x = torch.randn(1, 3, 2, 3, 4, generator=torch.Generator().manual_seed(2),
+                        requires_grad=True)
+        with r21d.use_backend("triton"), _launch.count() as counter:
+            with _Observer() if observed else contextlib.nullcontext():
+                y = model(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(3)))
+        assert all(b._version > v for b, v in zip(buffers, versions))
+        results.append(([y.detach(), x.grad, *[p.grad for p in model.parameters()], *buffers],
+                        counter.allocations))
+    (got, allocations), (want, op_allocations) = results
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+    assert allocations == op_allocations - 4
+
+
+def test_saved_tensor_hooks_see_everything_the_backward_keeps():
+    """Activation checkpointing and CPU offload work through saved-tensor hooks: a direct
+    call's autograd node packs what the op's does, its conv output and statistics included."""
+    case = CASES["implicit-gemm"]
+    packed = {}
+    for observed in (False, True):
+        shapes = packed[observed] = []
+        args = clone_inputs(make_inputs(case, torch.float32, "cpu"), requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, s=shapes: s.append(t.shape) or t,
+                                                      lambda t: t):
+            with r21d.use_backend("triton"), _Observer() if observed else contextlib.nullcontext():
+                _call(args, case, 0.1)
+    assert sorted(packed[False]) == sorted(packed[True])
+    assert len(packed[False]) == 7  # x, weight, BN weight and bias, z, mean, invstd (no bias)
