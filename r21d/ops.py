@@ -265,8 +265,10 @@ _register_csrc(DEPTHWISE_CUDA)
 
 
 class FusedCall:
-    """The call r21d.functional.run makes: the op, then the running statistics copied back.
-    ``bn_float32``: the kernels take float32 BN vectors (others are cast, differentiably).
+    """The call r21d.functional.run makes: eager and unobserved, the family's launchers directly
+    (r21d.direct_calls, running statistics updated in place); else the op, then the running
+    statistics it returns copied back. ``bn_float32``: the kernels take float32 BN vectors
+    (others are cast, differentiably).
 
     :meth:`static_args` turns the arguments that stay the same from call to call of a site (its
     geometry and mode) into the op's; :meth:`run` makes one call with them (what a site's cached

@@ -8,6 +8,7 @@ import pathlib
 
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from r21d.problem import ConvProblem
 from r21d.reference import conv_bn_act3d_reference
@@ -299,3 +300,15 @@ def jit_functions(tree: ast.Module):
         if isinstance(node, ast.FunctionDef) and any(
                 "jit" in ast.unparse(d) or "autotune" in ast.unparse(d) for d in node.decorator_list):
             yield node
+
+
+class OpsSeen(torch.utils._python_dispatch.TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees (and changes nothing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(func.name())
+        return func(*args, **(kwargs or {}))

@@ -10,12 +10,11 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import r21d
 from r21d import direct_calls
 from r21d.triton_kernels import _launch
-from tests.utils import GRAD_NAMES, ConvProblem, clone_inputs, conv_kwargs, make_inputs
+from tests.utils import GRAD_NAMES, ConvProblem, OpsSeen, clone_inputs, conv_kwargs, make_inputs
 
 pytestmark = pytest.mark.usefixtures("strict")
 
@@ -94,16 +93,7 @@ def test_a_backward_something_observes_calls_the_backward_op():
     the gradients are the launcher's."""
     case = CASES["implicit-gemm"]
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    grads, seen = [], Seen()
+    grads, seen = [], OpsSeen()
     for observed in (False, True):
         args = clone_inputs(make_inputs(case, torch.float32, "cpu"), requires_grad=True)
         with r21d.use_backend("triton"):

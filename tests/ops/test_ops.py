@@ -205,9 +205,9 @@ def test_eager_calls_run_the_launchers_unless_something_would_see_the_op(monkeyp
     import collections
 
     from torch import nn
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     from r21d import direct_calls
+    from tests.utils import OpsSeen
 
     direct = collections.Counter()
     run = direct_calls.run
@@ -219,19 +219,10 @@ def test_eager_calls_run_the_launchers_unless_something_would_see_the_op(monkeyp
     x = torch.randn(1, 3, 2, 3, 3)
     name = "r21d::implicit_gemm_conv_bn_act"
 
-    class Seen(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.name())
-            return func(*args, **(kwargs or {}))
-
     with r21d.use_backend("triton"), torch.no_grad():
         y = model(x)
         assert direct == {name: 1}
-        with Seen() as seen:
+        with OpsSeen() as seen:
             torch.testing.assert_close(model(x), y, rtol=0, atol=0)
         assert name + ".default" in seen.ops or name in seen.ops
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
