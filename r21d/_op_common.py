@@ -23,7 +23,7 @@ from .triton_kernels._replay import PLAIN_TENSORS
 
 __all__ = ["activation_arg", "custom_op", "differentiable", "grad_shaped", "implementation",
            "needs_grad", "on_device", "op_momentum", "out_shape", "out_size", "unobserved",
-           "update_running_stats"]
+           "update_running_stats", "updated_in_place", "zero_grads"]
 
 
 def out_shape(x_shape, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
@@ -68,6 +68,12 @@ def grad_shaped(t: Optional[Tensor], wanted: bool, x: Tensor, zero: bool) -> Ten
     fmt = output_memory_format(t) if t.dim() == 5 else torch.contiguous_format
     g = torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
     return g.zero_() if zero else g
+
+
+def zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask) -> tuple:
+    """The gradients of a fused conv + BN call over an empty batch: zeros where ``mask`` asks."""
+    inputs = (x, weight, bias, bn_weight, bn_bias, residual)
+    return tuple(grad_shaped(t, m, x, zero=True) for t, m in zip(inputs, mask))
 
 
 _IMPLEMENTATIONS: dict[str, Callable] = {}  # "r21d::<op>" -> its Python implementation
@@ -161,6 +167,16 @@ def update_running_stats(running: Tensor, new: Tensor, momentum: float | Tensor)
             _update(running, new, momentum)
     else:
         _update(running, new, momentum)
+
+
+def updated_in_place(running: Optional[Tensor], new: Optional[Tensor]) -> bool:
+    """Whether a launcher called with ``running_in_place`` wrote ``running`` itself (it returns
+    the same tensor; across a process group it returns a new one to copy back); if so, autograd
+    learns that it changed, as from an in-place op."""
+    if running is None or new is not running:
+        return False
+    torch.autograd.graph.increment_version(running)
+    return True
 
 
 def _update(running: Tensor, new: Tensor, momentum: float | Tensor) -> None:

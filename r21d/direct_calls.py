@@ -24,13 +24,14 @@ import torch
 from torch import Tensor
 
 from ._op_common import (
-    grad_shaped,
     implementation,
     needs_grad,
     on_device,
     op_momentum,
     unobserved,
     update_running_stats,
+    updated_in_place,
+    zero_grads,
 )
 
 # Positions of the differentiable tensors among _Training.forward's inputs (after ctx).
@@ -49,29 +50,32 @@ def run(family, launch: tuple, x: Tensor, weight: Tensor, bias, bn_weight, bn_bi
         running_var, residual, momentum: float | Tensor, eps: float) -> Tensor:
     """``act(bn(conv(x)) + residual)`` through ``family``'s launchers, the running statistics
     updated with ``momentum`` (a float, or the 0-dim device tensor of the cumulative average)."""
-    geometry, (activation, save), sync_group = launch
     if needs_grad(x, weight, bias, bn_weight, bn_bias, residual):
         return _Training.apply(family, launch, momentum, eps, x, weight, bias, bn_weight, bn_bias,
                                running_mean, running_var, residual)
+    _, (_, save), _ = launch
+    return _forward(family, launch, save, x, weight, bias, bn_weight, bn_bias, running_mean,
+                    running_var, residual, momentum, eps)[0]
+
+
+def _forward(family, launch, save, x, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+             residual, momentum, eps) -> tuple:
+    """The forward launcher's (out, z, mean, invstd, ...), the running statistics updated: in
+    place by the statistics kernel where the factor is a float, else copied back after it."""
+    geometry, (activation, _), sync_group = launch
     with on_device(x, sync_group):
-        out, _z, _mean, _invstd, new_rm, new_rv = family.launchers[0](
+        result = family.launchers[0](
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual, *geometry,
             op_momentum(momentum), eps, activation, save, not isinstance(momentum, Tensor))
-    _copy_back(running_mean, running_var, new_rm, new_rv, momentum)
-    return out
-
-
-def _copy_back(running_mean, running_var, new_rm, new_rv, momentum) -> None:
-    """What the launcher left to do for the running statistics: nothing where it updated them in
-    place but telling autograd they changed (as an in-place op does); else the copy-back."""
-    if new_rm is None or not new_rm.numel():
-        return
-    if new_rm is running_mean:
-        torch.autograd.graph.increment_version(running_mean)
-        torch.autograd.graph.increment_version(running_var)
-        return
-    update_running_stats(running_mean, new_rm, momentum)
-    update_running_stats(running_var, new_rv, momentum)
+    new_rm, new_rv = result[4:]
+    if new_rm is None or not new_rm.numel():  # eval, or no running statistics
+        return result
+    if updated_in_place(running_mean, new_rm):  # and so running_var, by the same kernel
+        updated_in_place(running_var, new_rv)
+    else:
+        update_running_stats(running_mean, new_rm, momentum)
+        update_running_stats(running_var, new_rv, momentum)
+    return result
 
 
 class _Training(torch.autograd.Function):
@@ -81,13 +85,9 @@ class _Training(torch.autograd.Function):
     @staticmethod
     def forward(ctx, family, launch, momentum, eps, x, weight, bias, bn_weight, bn_bias,
                 running_mean, running_var, residual):
-        geometry, (activation, _save), sync_group = launch
-        with on_device(x, sync_group):
-            out, z, mean, invstd, new_rm, new_rv = family.launchers[0](
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
-                *geometry, op_momentum(momentum), eps, activation, True,
-                not isinstance(momentum, Tensor))
-        _copy_back(running_mean, running_var, new_rm, new_rv, momentum)
+        out, z, mean, invstd, _, _ = _forward(family, launch, True, x, weight, bias, bn_weight,
+                                              bn_bias, running_mean, running_var, residual,
+                                              momentum, eps)
         # z, mean and invstd too, though made here: saved-tensor hooks (checkpointing, offload)
         # see everything the backward keeps
         ctx.save_for_backward(x, weight, bias, bn_weight, bn_bias, residual, z, mean, invstd)
@@ -101,7 +101,7 @@ class _Training(torch.autograd.Function):
         mask = tuple(needs[i] for i in _GRAD_INPUTS)
         inputs = (x, weight, bias, bn_weight, bn_bias, residual)
         if z.numel() == 0:  # an empty batch: nothing flows back
-            grads = tuple(grad_shaped(t, m, x, zero=True) for t, m in zip(inputs, mask))
+            grads = zero_grads(*inputs, mask)
         elif unobserved(grad_out, *inputs):
             geometry, (activation, _save), sync_group = ctx.launch
             with on_device(x, sync_group):

@@ -59,6 +59,7 @@ from ._op_common import (
     out_shape,
     unobserved,
     update_running_stats,
+    zero_grads,
 )
 from .dispatch import CSRC_OPS, FUSED_CALLS, IMPLICIT_GEMM_FAMILIES, csrc_ops_available
 from .triton_kernels._layout import output_memory_format
@@ -103,11 +104,6 @@ def _fake_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bia
     return tuple(grad_shaped(t, m, x, zero=False) for t, m in zip(inputs, output_mask))
 
 
-def _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask):
-    inputs = (x, weight, bias, bn_weight, bn_bias, residual)
-    return tuple(grad_shaped(t, m, x, zero=True) for t, m in zip(inputs, mask))
-
-
 # Positions of the differentiable inputs of a forward op.
 _GRAD_INPUTS = (0, 1, 2, 3, 4, 7)
 
@@ -139,7 +135,7 @@ def _register_autograd(family: _OpFamily) -> None:
                 f"r21d::{op_name} ran with save_for_backward=False, so it kept nothing to "
                 "differentiate; call it through r21d.functional.conv_bn_act3d")
         if z.numel() == 0:  # an empty batch: nothing flows back
-            grads = _zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask)
+            grads = zero_grads(x, weight, bias, bn_weight, bn_bias, residual, mask)
         else:
             backward_op = implementation(family.backward, grad_out, x, weight, bias, z, mean,
                                          invstd, bn_weight, bn_bias, residual)

@@ -27,6 +27,7 @@ from ._op_common import (
     on_device,
     out_shape,
     out_size,
+    updated_in_place,
 )
 from .triton_kernels._layout import output_memory_format
 
@@ -113,12 +114,8 @@ def train_in_place(x, spatial_weight, spatial_bias, bn1_weight, bn1_bias, bn1_ru
             tuple(spatial_stride), tuple(spatial_padding), tuple(spatial_dilation),
             tuple(temporal_stride), tuple(temporal_padding), tuple(temporal_dilation),
             activation_arg(activation), save_for_backward, True)
-    new = []
-    for given, updated in zip(running, (new_rm1, new_rv1, new_rm2, new_rv2)):
-        if updated is given:  # autograd learns it changed, as from an in-place op
-            torch.autograd.graph.increment_version(given)
-            updated = x.new_empty(0, dtype=torch.float32)
-        new.append(updated)
+    new = tuple(x.new_empty(0, dtype=torch.float32) if updated_in_place(given, updated) else updated
+                for given, updated in zip(running, (new_rm1, new_rv1, new_rm2, new_rv2)))
     return (*kept, *new)
 
 
