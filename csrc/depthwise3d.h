@@ -68,13 +68,13 @@ struct Params {
   Geom g;
   const T* x;  // input
   Strides5 sx;
-  const T* w;          // weight, contiguous (C, KK)
-  const T* bias;       // conv bias (C) or null
-  const float* gamma;  // bn weight (C) or null (affine=False)
-  const float* beta;   // bn bias (C) or null
-  const float* rmean;  // running mean (C) (eval forward)
-  const float* rvar;   // running var (C) (eval forward)
-  const T* res;        // residual (output shape) or null
+  const T* w;              // weight, contiguous (C, KK)
+  const T* bias;           // conv bias (C) or null
+  const float* bn_weight;  // bn weight (C) or null (affine=False)
+  const float* bn_bias;    // bn bias (C) or null
+  const float* rmean;      // running mean (C) (eval forward)
+  const float* rvar;       // running var (C) (eval forward)
+  const T* res;            // residual (output shape) or null
   Strides5 sr;
   T* out;  // forward output
   Strides5 so;
@@ -258,12 +258,12 @@ struct Affine {
 };
 
 // BN folded onto the bias-free conv sum: pre = conv * scale + shift
-//   = ((conv + bias) - mean) * invstd * gamma + beta.
-R21D_HOST_DEVICE R21D_FORCEINLINE Affine bn_fold(float mean, float invstd, const float* gamma, const float* beta,
+//   = ((conv + bias) - mean) * invstd * bn_weight + bn_bias.
+R21D_HOST_DEVICE R21D_FORCEINLINE Affine bn_fold(float mean, float invstd, const float* bn_weight, const float* bn_bias,
                                                  int64_t c, float bias) {
   Affine a;
-  a.scale = invstd * (gamma ? gamma[c] : 1.f);
-  a.shift = (beta ? beta[c] : 0.f) + (bias - mean) * a.scale;
+  a.scale = invstd * (bn_weight ? bn_weight[c] : 1.f);
+  a.shift = (bn_bias ? bn_bias[c] : 0.f) + (bias - mean) * a.scale;
   return a;
 }
 
@@ -343,11 +343,11 @@ R21D_HOST_DEVICE R21D_FORCEINLINE void fwd_finalize_channel(const float* partial
 
 // ------------------------------------------------------------------ backward
 
-// g = dy * act'(pre), pre = xhat * gamma + beta + r, xhat = (z - mean) * invstd.
-R21D_HOST_DEVICE R21D_FORCEINLINE float bwd_g(float dy, float zc, float invstd, float gamma, float beta, float r,
+// g = dy * act'(pre), pre = xhat * bn_weight + bn_bias + r, xhat = (z - mean) * invstd.
+R21D_HOST_DEVICE R21D_FORCEINLINE float bwd_g(float dy, float zc, float invstd, float bn_weight, float bn_bias, float r,
                                               int act, float& xhat) {
   xhat = zc * invstd;
-  const float pre = xhat * gamma + beta + r;
+  const float pre = xhat * bn_weight + bn_bias + r;
   // ReLU selects as torch's threshold_backward: 0 where pre <= 0 (an infinite dy gives 0, not
   // the NaN of a multiply), dy elsewhere, also where pre is NaN (pre > 0 would give 0 there).
   if (act == kActRelu) return pre <= 0.f ? 0.f : dy;
@@ -359,9 +359,9 @@ struct Coef {
   float kg, kz, k0;
 };
 
-R21D_HOST_DEVICE R21D_FORCEINLINE Coef bwd_coef(float sum_g, float sum_gx, int64_t M, float invstd, float gamma,
+R21D_HOST_DEVICE R21D_FORCEINLINE Coef bwd_coef(float sum_g, float sum_gx, int64_t M, float invstd, float bn_weight,
                                                 bool train) {
-  const float a = invstd * gamma;
+  const float a = invstd * bn_weight;
   Coef k;
   k.kg = a;
   if (train) {
@@ -377,17 +377,17 @@ R21D_HOST_DEVICE R21D_FORCEINLINE Coef bwd_coef(float sum_g, float sum_gx, int64
 
 // Per-channel constants of the backward pass.
 struct ChanBwd {
-  float mean, invstd, gamma, beta;
+  float mean, invstd, bn_weight, bn_bias;
   Coef k;
 };
 
-R21D_HOST_DEVICE R21D_FORCEINLINE ChanBwd load_chan_bwd(const float* mean, const float* invstd, const float* gamma,
-                                                        const float* beta, const float* coef, int64_t c) {
+R21D_HOST_DEVICE R21D_FORCEINLINE ChanBwd load_chan_bwd(const float* mean, const float* invstd, const float* bn_weight,
+                                                        const float* bn_bias, const float* coef, int64_t c) {
   ChanBwd cb;
   cb.mean = mean[c];
   cb.invstd = invstd[c];
-  cb.gamma = gamma ? gamma[c] : 1.f;
-  cb.beta = beta ? beta[c] : 0.f;
+  cb.bn_weight = bn_weight ? bn_weight[c] : 1.f;
+  cb.bn_bias = bn_bias ? bn_bias[c] : 0.f;
   if (coef != nullptr) {
     cb.k.kg = coef[c * 3 + 0];
     cb.k.kz = coef[c * 3 + 1];
@@ -399,13 +399,13 @@ R21D_HOST_DEVICE R21D_FORCEINLINE ChanBwd load_chan_bwd(const float* mean, const
 }
 
 // dz at one output element, rebuilt from dy, z, r (dz is never stored). In eval (train false,
-// running statistics) only k_g * g, PyTorch's dy * act' * gamma * invstd: k_z and k_0 are 0 there,
+// running statistics) only k_g * g, PyTorch's dy * act' * bn_weight * invstd: k_z and k_0 are 0 there,
 // but k_z * (z - mean) would be 0 * Inf = NaN where z is infinite or NaN, where PyTorch's dz is
 // finite. train is kernel-wide (a uniform branch).
 R21D_HOST_DEVICE R21D_FORCEINLINE float rebuild_dz(float dy, float z, float r, const ChanBwd& cb, int act, bool train) {
   const float zc = z - cb.mean;
   float xhat;
-  const float g = bwd_g(dy, zc, cb.invstd, cb.gamma, cb.beta, r, act, xhat);
+  const float g = bwd_g(dy, zc, cb.invstd, cb.bn_weight, cb.bn_bias, r, act, xhat);
   if (!train) return cb.k.kg * g;
   return cb.k.kg * g + cb.k.kz * zc + cb.k.k0;
 }
@@ -423,23 +423,23 @@ R21D_HOST_DEVICE R21D_FORCEINLINE void sum_partials3(const float* partial, int64
 }
 
 // Backward finalize of channel c from the sums (sum_g, sum_gx, sum_zc) [nb][C][3]
-// (partial may be null: all sums 0): coefficient table, dgamma = sum_gx, dbeta = sum_g,
+// (partial may be null: all sums 0): coefficient table, dbn_weight = sum_gx, dbn_bias = sum_g,
 // dbias = sum of dz = k_g sum_g + k_z sum_zc + k_0 M (eval: k_g sum_g, as rebuild_dz; sum_zc is
 // infinite or NaN where z is). Outputs that are null are skipped.
 template <typename T>
 R21D_HOST_DEVICE R21D_FORCEINLINE void bwd_finalize_channel(const float* partial, int64_t nb, int64_t C, int64_t c,
                                                             int64_t M, bool train, const float* mean,
-                                                            const float* invstd, const float* gamma, float* coef,
-                                                            float* dgamma, float* dbeta, T* dbias) {
+                                                            const float* invstd, const float* bn_weight, float* coef,
+                                                            float* dbn_weight, float* dbn_bias, T* dbias) {
   float s[3] = {0.f, 0.f, 0.f};
   if (partial != nullptr) sum_partials3(partial, nb, C, c, s);
   (void)mean;
-  const Coef k = bwd_coef(s[0], s[1], M, invstd[c], gamma ? gamma[c] : 1.f, train);
+  const Coef k = bwd_coef(s[0], s[1], M, invstd[c], bn_weight ? bn_weight[c] : 1.f, train);
   coef[c * 3 + 0] = k.kg;
   coef[c * 3 + 1] = k.kz;
   coef[c * 3 + 2] = k.k0;
-  if (dgamma != nullptr) dgamma[c] = s[1];
-  if (dbeta != nullptr) dbeta[c] = s[0];
+  if (dbn_weight != nullptr) dbn_weight[c] = s[1];
+  if (dbn_bias != nullptr) dbn_bias[c] = s[0];
   if (dbias != nullptr) dbias[c] = static_cast<T>(train ? k.kg * s[0] + k.kz * s[2] + k.k0 * float(M) : k.kg * s[0]);
 }
 

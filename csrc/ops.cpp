@@ -143,7 +143,7 @@ TORCH_LIBRARY(r21d, m) {
       "Tensor? running_mean, Tensor? running_var, Tensor? residual, int[] stride, int[] padding, "
       "int[] dilation, bool training, float momentum, float eps, str activation, bool save_for_backward) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Backward returns (dx, dweight, dbias, dgamma, dbeta, dresidual).
+  // Backward returns (dx, dweight, dbias, dbn_weight, dbn_bias, dresidual).
   m.def(
       "depthwise3d_conv_bn_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor z, "
       "Tensor mean, Tensor invstd, Tensor? bn_weight, Tensor? bn_bias, Tensor? residual, int[] stride, "

@@ -111,8 +111,8 @@ class _Training(torch.autograd.Function):
         else:
             grads = _backward_op(ctx.family, ctx.launch, grad_out, x, weight, bias, z, mean,
                                  invstd, bn_weight, bn_bias, residual, mask)
-        dx, dw, db, dg, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
-        return None, None, None, None, dx, dw, db, dg, dbeta, None, None, dres
+        dx, dw, db, dbn_weight, dbn_bias, dres = (g if m else None for g, m in zip(grads, mask))
+        return None, None, None, None, dx, dw, db, dbn_weight, dbn_bias, None, None, dres
 
 
 def _backward_op(family, launch, grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,

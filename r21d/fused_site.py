@@ -198,7 +198,7 @@ def site_signature(conv, bn, act, x, residual) -> tuple[tuple, tuple] | None:
     params, bn_params, buffers = conv._parameters, bn._parameters, bn._buffers
     try:
         w, b = params["weight"], params["bias"]
-        g, beta = bn_params["weight"], bn_params["bias"]
+        bn_weight, bn_bias = bn_params["weight"], bn_params["bias"]
         rm, rv = buffers["running_mean"], buffers["running_var"]
     except KeyError:  # a removed parameter (weight_norm's, say): not a plain module any more
         return None
@@ -213,8 +213,8 @@ def site_signature(conv, bn, act, x, residual) -> tuple[tuple, tuple] | None:
         x.shape, x.stride(), x.dtype, device,
         w.shape, w.dtype, w.device,
         None if b is None else (b.shape, b.dtype, b.device),
-        None if g is None else (g.shape, g.dtype, g.device),
-        None if beta is None else (beta.shape, beta.dtype, beta.device),
+        None if bn_weight is None else (bn_weight.shape, bn_weight.dtype, bn_weight.device),
+        None if bn_bias is None else (bn_bias.shape, bn_bias.dtype, bn_bias.device),
         None if rm is None else (rm.shape, rm.dtype, rm.device),
         None if rv is None else (rv.shape, rv.dtype, rv.device),
         None if residual is None else (residual.shape, residual.stride(), residual.dtype,
@@ -224,12 +224,13 @@ def site_signature(conv, bn, act, x, residual) -> tuple[tuple, tuple] | None:
     )
     if grad:  # requires_grad decides whether the op keeps what backward needs
         key += (x.requires_grad, w.requires_grad, b is not None and b.requires_grad,
-                g is not None and g.requires_grad, beta is not None and beta.requires_grad,
+                bn_weight is not None and bn_weight.requires_grad,
+                bn_bias is not None and bn_bias.requires_grad,
                 residual is not None and residual.requires_grad)
     if training and track and rm is not None:
         key += tuple((t.data_ptr(), t.stride()) if t is not None else None
-                     for t in (w, b, g, beta, rm, rv))
-    return key, (w, b, g, beta, rm, rv)
+                     for t in (w, b, bn_weight, bn_bias, rm, rv))
+    return key, (w, b, bn_weight, bn_bias, rm, rv)
 
 
 class SitePlan:
@@ -274,7 +275,7 @@ class SitePlan:
             if residual is not None:
                 y = y + residual
             return act(y) if act is not None else y
-        w, b, g, beta, rm, rv = tensors
+        w, b, bn_weight, bn_bias, rm, rv = tensors
         if self.two_d:
             x, w = x.unsqueeze(2), w.unsqueeze(2)
             residual = residual.unsqueeze(2) if residual is not None else None
@@ -289,10 +290,10 @@ class SitePlan:
             b = b.to(cast) if b is not None else None
         if self.autocast:
             with torch.autocast(x.device.type, enabled=False):
-                y = self.call.run(self.static, x, w, b, g, beta, rm, rv, residual, momentum,
+                y = self.call.run(self.static, x, w, b, bn_weight, bn_bias, rm, rv, residual, momentum,
                                   float(bn.eps))
         else:
-            y = self.call.run(self.static, x, w, b, g, beta, rm, rv, residual, momentum,
+            y = self.call.run(self.static, x, w, b, bn_weight, bn_bias, rm, rv, residual, momentum,
                               float(bn.eps))
         return y.squeeze(2) if self.two_d else y
 
@@ -305,7 +306,7 @@ def _plan_site(conv, bn, act, x, residual, tensors, key) -> SitePlan:
     if two_d and x.dim() != 4:
         raise ValueError(f"{type(conv).__name__} site expects a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
     lift = _as_3d if two_d else (lambda t: t)
-    w, b, g, beta, rm, rv = tensors
+    w, b, bn_weight, bn_bias, rm, rv = tensors
     stride, padding, dilation, blocker = site_geometry(conv)
     if blocker is None and hooked(conv, bn, act):
         blocker = "hooks are registered on its modules"
@@ -314,7 +315,7 @@ def _plan_site(conv, bn, act, x, residual, tensors, key) -> SitePlan:
     running_mean, running_var = (rm, rv) if track else (None, None)
     x3, residual3 = lift(x), lift(residual)
     p = functional.plan(
-        x3, lift(w), b, g, beta, running_mean, running_var,
+        x3, lift(w), b, bn_weight, bn_bias, running_mean, running_var,
         stride=stride, padding=padding, dilation=dilation, groups=conv.groups,
         training=training, activation=activation_name(act), residual=residual3, blocker=blocker,
         sync_group=sync_group(bn),
@@ -328,7 +329,7 @@ def _plan_site(conv, bn, act, x, residual, tensors, key) -> SitePlan:
     static = call.static_args(
         stride=cfg.stride, padding=cfg.padding, dilation=cfg.dilation, training=cfg.training,
         activation=cfg.activation,
-        save=functional.save_for_backward(x, w, b, g, beta, residual), sync_group=p.sync_group)
+        save=functional.save_for_backward(x, w, b, bn_weight, bn_bias, residual), sync_group=p.sync_group)
     spans = x_extent = residual_extent = None
     if key is not None and cfg.training and running_mean is not None:
         # the addresses functional.plan checked (for the cached plan to check each call; none

@@ -15,7 +15,7 @@ Every fused conv family has a forward op and a backward op with one shared schem
 ``r21d::<family>_conv_bn_act_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight,
     bn_bias, residual, stride, padding, dilation, training, activation, output_mask, deterministic,
     sync_group)``
-    the gradients (dx, dw, dbias, dgamma, dbeta, dresidual); those not asked for in
+    the gradients (dx, dw, dbias, dbn_weight, dbn_bias, dresidual); those not asked for in
     ``output_mask`` come back empty.
 
 Ops:
@@ -142,8 +142,8 @@ def _register_autograd(family: _OpFamily) -> None:
             grads = backward_op(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,
                                 residual, stride, padding, dilation, training, activation, mask,
                                 torch.are_deterministic_algorithms_enabled(), *ctx.sync_group)
-        dx, dw, db, dg, dbeta, dres = (g if m else None for g, m in zip(grads, mask))
-        return dx, dw, db, dg, dbeta, None, None, dres, *([None] * (ctx.num_inputs - 8))
+        dx, dw, db, dbn_weight, dbn_bias, dres = (g if m else None for g, m in zip(grads, mask))
+        return dx, dw, db, dbn_weight, dbn_bias, None, None, dres, *([None] * (ctx.num_inputs - 8))
 
     torch.library.register_autograd(family.forward, backward, setup_context=setup_context)
     _DIFFERENTIABLE[family.forward] = differentiable(family.forward, setup_context, backward)
@@ -193,20 +193,20 @@ def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Ca
     return family
 
 
-def _pointwise_forward(x, weight, bias, gamma, beta, rm, rv, residual, stride, padding, _dilation,
+def _pointwise_forward(x, weight, bias, bn_weight, bn_bias, rm, rv, residual, stride, padding, _dilation,
                        training, momentum, eps, activation, save, running_in_place=False):
     from .triton_kernels import pointwise
 
-    return pointwise.conv_bn_act_fwd(x, weight, bias, gamma, beta, rm, rv, residual, stride,
+    return pointwise.conv_bn_act_fwd(x, weight, bias, bn_weight, bn_bias, rm, rv, residual, stride,
                                      padding, training, momentum, eps, activation, save,
                                      running_in_place)
 
 
-def _pointwise_backward(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+def _pointwise_backward(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride,
                         padding, _dilation, training, activation, needs):
     from .triton_kernels import pointwise
 
-    return pointwise.conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta,
+    return pointwise.conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias,
                                      residual, stride, padding, training, activation, needs)
 
 

@@ -273,7 +273,7 @@ def randomize_batchnorm(model: torch.nn.Module, seed: int = 0) -> torch.nn.Modul
 
 def perturb_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """``model`` with every BatchNorm3d's parameters and running statistics moved away from their
-    defaults (1, 0, 0, 1), which would hide mistakes in gamma, beta, mean or var; from the global
+    defaults (1, 0, 0, 1), which would hide mistakes in bn_weight, bn_bias, mean or var; from the global
     RNG, after the caller's seed."""
     with torch.no_grad():
         for m in model.modules():

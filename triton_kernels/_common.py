@@ -1,8 +1,8 @@
 """Device helpers shared by the kernel families: activations and row addressing.
 
 Every activation tensor is addressed as rows x channels: a row is one (n, t, h, w) position,
-flattened in that order, at ``n*sN + t*sT + h*sH + w*sW``; channels are contiguous (the
-launchers guarantee it, see _layout.py), so a channel adds ``c``.
+flattened in that order, at ``n*stride_n + t*stride_t + h*stride_h + w*stride_w``; channels are
+contiguous (the launchers guarantee it, see _layout.py), so a channel adds ``c``.
 """
 
 import triton
@@ -50,10 +50,11 @@ def split_rows(rows, T, H, W):
 
 
 @triton.jit
-def row_offsets(n, t, h, w, sN, sT, sH, sW, ALIGN: tl.constexpr):
+def row_offsets(n, t, h, w, stride_n, stride_t, stride_h, stride_w, ALIGN: tl.constexpr):
     """64-bit element offsets of rows; every offset is a multiple of ALIGN elements (the launcher
     checks the strides), which lets channel vectors of ALIGN elements move at once."""
-    off = n.to(tl.int64) * sN + t.to(tl.int64) * sT + h.to(tl.int64) * sH + w.to(tl.int64) * sW
+    off = (n.to(tl.int64) * stride_n + t.to(tl.int64) * stride_t
+           + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w)
     if ALIGN > 1:
         off = tl.multiple_of(off, ALIGN)
     return off
@@ -98,9 +99,10 @@ def sum_positions(v, CL: tl.constexpr):
 
 
 @triton.jit
-def position_offsets(n, t, h, w, sN, sT, sH, sW):
+def position_offsets(n, t, h, w, stride_n, stride_t, stride_h, stride_w):
     """64-bit element offsets of positions (n, t, h, w) under the given strides."""
-    return n.to(tl.int64) * sN + t.to(tl.int64) * sT + h.to(tl.int64) * sH + w.to(tl.int64) * sW
+    return (n.to(tl.int64) * stride_n + t.to(tl.int64) * stride_t
+            + h.to(tl.int64) * stride_h + w.to(tl.int64) * stride_w)
 
 
 @triton.jit

@@ -63,7 +63,7 @@ def operand_class(dtype: torch.dtype, prec: str) -> str:
     return prec  # "tf32" or "ieee"
 
 
-def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual, out_shape,
+def conv_bn_act_forward(x, bias, bn_weight, bn_bias, running_mean, running_var, residual, out_shape,
                         training: bool, momentum: float, eps: float, activation: str | None,
                         save: bool, select, launch_gemm, normalize: bool = True,
                         running_in_place: bool = False):
@@ -83,7 +83,7 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
     The family gives ``select(x, out, residual, training, heavy) -> (kernel, meta)``, its kernel
     variant (``heavy``: an eval epilogue that also adds a residual or saves z), and
     ``launch_gemm(kernel, meta, x, residual, out, pointers)``, which launches it with
-    ``pointers`` = (bias, gamma, beta, running_mean, running_var, residual, out, z, mean,
+    ``pointers`` = (bias, bn_weight, bn_bias, running_mean, running_var, residual, out, z, mean,
     invstd, part_mean, part_m2) after x and the weight (absent ones stand in by ``x``).
     ``x`` and ``residual`` come with contiguous channels (converted at the boundary).
     """
@@ -119,7 +119,7 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
             mean = alloc((C_out,), dtype=torch.float32, device=dev)
             invstd = alloc((C_out,), dtype=torch.float32, device=dev)
     pointers = tuple(t if t is not None and t.numel() else x for t in (
-        bias, gamma, beta, running_mean, running_var, residual, out, z, mean, invstd, part_mean,
+        bias, bn_weight, bn_bias, running_mean, running_var, residual, out, z, mean, invstd, part_mean,
         part_m2))
     launch_gemm(kernel, meta, x, residual, out, pointers)
     if training:
@@ -130,7 +130,7 @@ def conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residua
             new_rm, new_rv = rm, rv
         if not normalize:
             return z, z, mean, invstd, new_rm, new_rv
-        bn.normalize_act(z, mean, invstd, gamma, beta, residual, act, out)
+        bn.normalize_act(z, mean, invstd, bn_weight, bn_bias, residual, act, out)
         if not save:
             z, mean, invstd = absent(x.dtype), absent(), absent()
     return in_format_of(out, x_in), z, mean, invstd, new_rm, new_rv
@@ -173,10 +173,10 @@ def dot(a, b, acc, PREC: tl.constexpr):
 @triton.jit
 def bn_act_epilogue(
     acc, pid_m, M, n, t, h, w, rmask, cols, cmask, C_out,
-    bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+    bias_ptr, bn_weight_ptr, bn_bias_ptr, rmean_ptr, rvar_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
-    son, sot, soh, sow, srn, srt, srh, srw, eps,
-    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    stride_on, stride_ot, stride_oh, stride_ow, stride_rn, stride_rt, stride_rh, stride_rw, eps,
+    HAS_BIAS: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
     O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
@@ -192,7 +192,8 @@ def bn_act_epilogue(
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     mask = rmask[:, None] & cmask[None, :]
-    o_off = cm.row_offsets(n, t, h, w, son, sot, soh, sow, O_ALIGN)[:, None] + cols[None, :]
+    o_off = cm.row_offsets(n, t, h, w, stride_on, stride_ot, stride_oh, stride_ow,
+                           O_ALIGN)[:, None] + cols[None, :]
 
     if STATS:
         acc += bias[None, :]
@@ -208,7 +209,8 @@ def bn_act_epilogue(
         mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         var = tl.load(rvar_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
         invstd = 1.0 / tl.sqrt(var + eps)
-        scale, shift = bn.fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask, HAS_GAMMA, HAS_BETA)
+        scale, shift = bn.fold(mean, invstd, bias, bn_weight_ptr, bn_bias_ptr, cols, cmask, HAS_BN_WEIGHT,
+                               HAS_BN_BIAS)
         if SAVE:
             tl.store(z_ptr + o_off, acc + bias[None, :], mask=mask)
             if pid_m == 0:
@@ -216,7 +218,8 @@ def bn_act_epilogue(
                 tl.store(save_invstd_ptr + cols, invstd, mask=cmask)
         v = acc * scale[None, :] + shift[None, :]
         if HAS_RES:
-            r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
+            r_off = cm.row_offsets(n, t, h, w, stride_rn, stride_rt, stride_rh, stride_rw,
+                                   R_ALIGN)[:, None] + cols[None, :]
             v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
         v = cm.activation(v, ACT)
         tl.store(out_ptr + o_off, v, mask=mask)
@@ -232,11 +235,11 @@ def dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, 
     cmask = chans < C
     mean = tl.load(coef_ptr + bn.COEF_MEAN * C + chans, mask=cmask, other=0.0)
     a = tl.load(coef_ptr + bn.COEF_A * C + chans, mask=cmask, other=0.0)
-    beta = tl.load(coef_ptr + bn.COEF_BETA * C + chans, mask=cmask, other=0.0)
+    bn_bias = tl.load(coef_ptr + bn.COEF_BN_BIAS * C + chans, mask=cmask, other=0.0)
     k_g = tl.load(coef_ptr + bn.COEF_KG * C + chans, mask=cmask, other=0.0)
     dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
     zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
-    pre = zc * a[None, :] + beta[None, :]
+    pre = zc * a[None, :] + bn_bias[None, :]
     if HAS_RES:
         pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     g = cm.activation_grad(pre, dy, ACT)
@@ -250,12 +253,16 @@ def dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, 
 
 @triton.jit
 def dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, t, h, w, chans, mask, C,
-               sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
+               stride_dn, stride_dt, stride_dh, stride_dw, stride_zn, stride_zt, stride_zh, stride_zw,
+               stride_rn, stride_rt, stride_rh, stride_rw,
                HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
                D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr):
     """:func:`dz_tile` at output positions (n, t, h, w) x channels ``chans``."""
-    d_off = cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGN)[:, None] + chans[None, :]
-    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN)[:, None] + chans[None, :]
-    r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + chans[None, :]
+    d_off = cm.row_offsets(n, t, h, w, stride_dn, stride_dt, stride_dh, stride_dw,
+                           D_ALIGN)[:, None] + chans[None, :]
+    z_off = cm.row_offsets(n, t, h, w, stride_zn, stride_zt, stride_zh, stride_zw,
+                           Z_ALIGN)[:, None] + chans[None, :]
+    r_off = cm.row_offsets(n, t, h, w, stride_rn, stride_rt, stride_rh, stride_rw,
+                           R_ALIGN)[:, None] + chans[None, :]
     return dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_off, z_off, r_off, chans, mask, C,
                    HAS_RES, ACT, TRAINING)

@@ -1,19 +1,19 @@
 """BatchNorm passes shared by every conv family: batch statistics, normalise + activation, and the
-backward reduction that yields dgamma, dbeta and the coefficients of the conv backward prologue.
+backward reduction that yields dbn_weight, dbn_bias and the coefficients of the conv backward prologue.
 
 Training forward (after a conv kernel that wrote the conv output ``z`` and, per tile of rows,
 each channel's tile mean and sum of squared deviations):
   1. ``finalize_stats``: merge the per-tile (count, mean, M2) triples with Chan's formula and
      return (mean, invstd) and the updated running statistics, computed like ``nn.BatchNorm3d``
      but written to new tensors (the ops stay functional; the caller copies them back);
-  2. ``normalize_act``: y = act((z - mean) * invstd * gamma + beta [+ residual]).
+  2. ``normalize_act``: y = act((z - mean) * invstd * bn_weight + bn_bias [+ residual]).
 
 Backward (training or eval, with ``mean``/``invstd`` those the forward normalised with):
   1. ``bwd_reduce``: g = dy * act'(pre) per element; per channel sum(g) and sum(g * xhat) per tile
      of rows (and g itself as the residual's gradient when asked);
-  2. ``bwd_finalize``: dgamma = sum(g * xhat), dbeta = sum(g), dbias, and the coefficient table
+  2. ``bwd_finalize``: dbn_weight = sum(g * xhat), dbn_bias = sum(g), dbias, and the coefficient table
      COEF (6 x C, fp32) with which the dgrad / wgrad GEMM prologues rebuild the conv-output
-     gradient as they load: pre = (z - mean) * a + beta [+ r];  g = dy * act'(pre);
+     gradient as they load: pre = (z - mean) * a + bn_bias [+ r];  g = dy * act'(pre);
      dz = k_g * g + k_z * (z - mean) + k_0.
 """
 
@@ -29,7 +29,7 @@ from ._launch import alloc, interpreted, launch
 from ._layout import alloc_like, cdiv, channel_vector, channels_last, pc_strides, rows_alignment, rows_strides
 
 # Row of the coefficient table (COEF[i * C + c]).
-COEF_MEAN, COEF_A, COEF_BETA, COEF_KG, COEF_KZ, COEF_K0 = range(6)
+COEF_MEAN, COEF_A, COEF_BN_BIAS, COEF_KG, COEF_KZ, COEF_K0 = range(6)
 NUM_COEF = 6
 
 
@@ -46,16 +46,16 @@ def _elementwise_blocks(C: int, channels_innermost: bool = True) -> tuple[int, i
 
 
 @triton.jit
-def fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask,
-         HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr):
+def fold(mean, invstd, bias, bn_weight_ptr, bn_bias_ptr, cols, cmask,
+         HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr):
     """(scale, shift) per channel with bn(conv + bias) = conv * scale + shift: BN and the conv
     bias folded for a conv epilogue."""
     scale = invstd
-    if HAS_GAMMA:
-        scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BN_WEIGHT:
+        scale = scale * tl.load(bn_weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     shift = (bias - mean) * scale
-    if HAS_BETA:
-        shift += tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BN_BIAS:
+        shift += tl.load(bn_bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     return scale, shift
 
 
@@ -148,14 +148,14 @@ def finalize_stats(part_mean, part_m2, rows_per_tile: int | None, M: int, runnin
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T', 'szn', 'srn', 'son'])
+@triton.jit(do_not_specialize_on_alignment=['T', 'stride_zn', 'stride_rn', 'stride_on'])
 def _bn_act_normalize_kernel(
-    z_ptr, res_ptr, out_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    z_ptr, res_ptr, out_ptr, mean_ptr, invstd_ptr, bn_weight_ptr, bn_bias_ptr,
     M, C, T, H, W,
-    szn, szt, szh, szw,
-    srn, srt, srh, srw,
-    son, sot, soh, sow,
-    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    stride_zn, stride_zt, stride_zh, stride_zw,
+    stride_rn, stride_rt, stride_rh, stride_rw,
+    stride_on, stride_ot, stride_oh, stride_ow,
+    HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -165,25 +165,28 @@ def _bn_act_normalize_kernel(
     cmask = cols < C
     mask = rmask[:, None] & cmask[None, :]
     n, t, h, w = cm.split_rows(rows, T, H, W)
-    z_off = cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN)[:, None] + cols[None, :]
+    z_off = cm.row_offsets(n, t, h, w, stride_zn, stride_zt, stride_zh, stride_zw,
+                           Z_ALIGN)[:, None] + cols[None, :]
     z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     scale = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
-    if HAS_GAMMA:
-        scale = scale * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BN_WEIGHT:
+        scale = scale * tl.load(bn_weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     v = (z - mean[None, :]) * scale[None, :]
-    if HAS_BETA:
-        v = v + tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BN_BIAS:
+        v = v + tl.load(bn_bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     if HAS_RES:
-        r_off = cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN)[:, None] + cols[None, :]
+        r_off = cm.row_offsets(n, t, h, w, stride_rn, stride_rt, stride_rh, stride_rw,
+                               R_ALIGN)[:, None] + cols[None, :]
         v = v + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     v = cm.activation(v, ACT)
-    o_off = cm.row_offsets(n, t, h, w, son, sot, soh, sow, O_ALIGN)[:, None] + cols[None, :]
+    o_off = cm.row_offsets(n, t, h, w, stride_on, stride_ot, stride_oh, stride_ow,
+                           O_ALIGN)[:, None] + cols[None, :]
     tl.store(out_ptr + o_off, v, mask=mask)
 
 
-def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torch.Tensor:
-    """out = act((z - mean) * invstd * gamma + beta [+ residual]); ``out`` may be ``z`` itself.
+def normalize_act(z, mean, invstd, bn_weight, bn_bias, residual, act: int, out) -> torch.Tensor:
+    """out = act((z - mean) * invstd * bn_weight + bn_bias [+ residual]); ``out`` may be ``z`` itself.
     All three have contiguous channels (see _layout.py)."""
     N, C, T, H, W = z.shape
     M = N * T * H * W
@@ -191,10 +194,10 @@ def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torc
     launch(
         _bn_act_normalize_kernel, (cdiv(M, block_m), cdiv(C, block_c)),
         z, residual if residual is not None else z, out, mean, invstd,
-        gamma if gamma is not None else mean, beta if beta is not None else mean,
+        bn_weight if bn_weight is not None else mean, bn_bias if bn_bias is not None else mean,
         M, C, T, H, W,
         *rows_strides(z), *rows_strides(residual), *rows_strides(out),
-        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RES=residual is not None,
+        HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, HAS_RES=residual is not None,
         ACT=act, Z_ALIGN=rows_alignment(z), R_ALIGN=rows_alignment(residual),
         O_ALIGN=rows_alignment(out), BLOCK_M=block_m, BLOCK_C=block_c,
     )
@@ -202,16 +205,16 @@ def normalize_act(z, mean, invstd, gamma, beta, residual, act: int, out) -> torc
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T', 'sdn', 'szn', 'srn', 'sgn'])
+@triton.jit(do_not_specialize_on_alignment=['T', 'stride_dn', 'stride_zn', 'stride_rn', 'stride_gn'])
 def _bn_act_bwd_reduce_kernel(
-    dy_ptr, z_ptr, res_ptr, dres_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
+    dy_ptr, z_ptr, res_ptr, dres_ptr, mean_ptr, invstd_ptr, bn_weight_ptr, bn_bias_ptr,
     part_g_ptr, part_gx_ptr,
     M, C, T, H, W,
-    sdn, sdc, sdt, sdh, sdw,
-    szn, szc, szt, szh, szw,
-    srn, src, srt, srh, srw,
-    sgn, sgc, sgt, sgh, sgw,
-    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
+    stride_dn, stride_dc, stride_dt, stride_dh, stride_dw,
+    stride_zn, stride_zc, stride_zt, stride_zh, stride_zw,
+    stride_rn, stride_rc, stride_rt, stride_rh, stride_rw,
+    stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
+    HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr, HAS_RES: tl.constexpr,
     WRITE_DRES: tl.constexpr, ACT: tl.constexpr, CL: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     G_ALIGN: tl.constexpr, C_VEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -225,24 +228,28 @@ def _bn_act_bwd_reduce_kernel(
     mask = cm.pc_mask(rmask, cmask, CL)
     n, t, h, w = cm.split_rows(rows, T, H, W)
     c64 = cols.to(tl.int64)
-    d_off = cm.pc_tile(cm.row_offsets(n, t, h, w, sdn, sdt, sdh, sdw, D_ALIGN), c64 * sdc, CL)
-    z_off = cm.pc_tile(cm.row_offsets(n, t, h, w, szn, szt, szh, szw, Z_ALIGN), c64 * szc, CL)
+    d_off = cm.pc_tile(cm.row_offsets(n, t, h, w, stride_dn, stride_dt, stride_dh, stride_dw, D_ALIGN),
+                       c64 * stride_dc, CL)
+    z_off = cm.pc_tile(cm.row_offsets(n, t, h, w, stride_zn, stride_zt, stride_zh, stride_zw, Z_ALIGN),
+                       c64 * stride_zc, CL)
     dy = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
     z = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     xhat = (z - cm.per_channel(mean, CL)) * cm.per_channel(invstd, CL)
     pre = xhat
-    if HAS_GAMMA:
-        pre = pre * cm.per_channel(tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
-    if HAS_BETA:
-        pre = pre + cm.per_channel(tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
+    if HAS_BN_WEIGHT:
+        pre = pre * cm.per_channel(tl.load(bn_weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
+    if HAS_BN_BIAS:
+        pre = pre + cm.per_channel(tl.load(bn_bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32), CL)
     if HAS_RES:
-        r_off = cm.pc_tile(cm.row_offsets(n, t, h, w, srn, srt, srh, srw, R_ALIGN), c64 * src, CL)
+        r_off = cm.pc_tile(cm.row_offsets(n, t, h, w, stride_rn, stride_rt, stride_rh, stride_rw, R_ALIGN),
+                           c64 * stride_rc, CL)
         pre = pre + tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     g = tl.where(mask, cm.activation_grad(pre, dy, ACT), 0.0)
     if WRITE_DRES:
-        g_off = cm.pc_tile(cm.row_offsets(n, t, h, w, sgn, sgt, sgh, sgw, G_ALIGN), c64 * sgc, CL)
+        g_off = cm.pc_tile(cm.row_offsets(n, t, h, w, stride_gn, stride_gt, stride_gh, stride_gw, G_ALIGN),
+                           c64 * stride_gc, CL)
         tl.store(dres_ptr + g_off, g, mask=mask)
     part = pid_m.to(tl.int64) * C + cols
     tl.store(part_g_ptr + part, cm.sum_positions(g, CL), mask=cmask)
@@ -252,11 +259,11 @@ def _bn_act_bwd_reduce_kernel(
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
 @triton.jit(do_not_specialize_on_alignment=['num_tiles'])
 def _bn_bwd_finalize_kernel(
-    part_g_ptr, part_gx_ptr, mean_ptr, invstd_ptr, gamma_ptr, beta_ptr,
-    coef_ptr, dgamma_ptr, dbeta_ptr, dbias_ptr,
+    part_g_ptr, part_gx_ptr, mean_ptr, invstd_ptr, bn_weight_ptr, bn_bias_ptr,
+    coef_ptr, dbn_weight_ptr, dbn_bias_ptr, dbias_ptr,
     num_tiles, Mf, C,
-    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, TRAINING: tl.constexpr,
-    WRITE_DGAMMA: tl.constexpr, WRITE_DBETA: tl.constexpr, WRITE_DBIAS: tl.constexpr,
+    HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr, TRAINING: tl.constexpr,
+    WRITE_DBN_WEIGHT: tl.constexpr, WRITE_DBN_BIAS: tl.constexpr, WRITE_DBIAS: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -272,11 +279,11 @@ def _bn_bwd_finalize_kernel(
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
     invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0)
     a = invstd
-    if HAS_GAMMA:
-        a = a * tl.load(gamma_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
-    beta = tl.zeros((BLOCK_C,), tl.float32)
-    if HAS_BETA:
-        beta = tl.load(beta_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    if HAS_BN_WEIGHT:
+        a = a * tl.load(bn_weight_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    bn_bias = tl.zeros((BLOCK_C,), tl.float32)
+    if HAS_BN_BIAS:
+        bn_bias = tl.load(bn_bias_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     k_g = a
     if TRAINING:
         # d/dz of the batch statistics: dz = a * (g - mean(g) - xhat * mean(g * xhat)).
@@ -287,31 +294,32 @@ def _bn_bwd_finalize_kernel(
         k_0 = tl.zeros((BLOCK_C,), tl.float32)
     tl.store(coef_ptr + 0 * C + cols, mean, mask=cmask)
     tl.store(coef_ptr + 1 * C + cols, a, mask=cmask)
-    tl.store(coef_ptr + 2 * C + cols, beta, mask=cmask)
+    tl.store(coef_ptr + 2 * C + cols, bn_bias, mask=cmask)
     tl.store(coef_ptr + 3 * C + cols, k_g, mask=cmask)
     tl.store(coef_ptr + 4 * C + cols, k_z, mask=cmask)
     tl.store(coef_ptr + 5 * C + cols, k_0, mask=cmask)
-    if WRITE_DGAMMA:
-        tl.store(dgamma_ptr + cols, s_gx, mask=cmask)
-    if WRITE_DBETA:
-        tl.store(dbeta_ptr + cols, s_g, mask=cmask)
+    if WRITE_DBN_WEIGHT:
+        tl.store(dbn_weight_ptr + cols, s_gx, mask=cmask)
+    if WRITE_DBN_BIAS:
+        tl.store(dbn_bias_ptr + cols, s_g, mask=cmask)
     if WRITE_DBIAS:
         # sum over rows of dz; the k_z term drops: sum(z - mean) = 0 for batch statistics, and
         # k_z = 0 in eval.
         tl.store(dbias_ptr + cols, k_g * s_g + k_0 * Mf, mask=cmask)
 
 
-def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: int, training: bool,
-                        need_dgamma: bool, need_dbeta: bool, need_dbias: bool, need_dres: bool,
+def bwd_reduce_finalize(grad_out, z, mean, invstd, bn_weight, bn_bias, residual, act: int, training: bool,
+                        need_dbn_weight: bool, need_dbn_bias: bool, need_dbias: bool, need_dres: bool,
                         bias_dtype: torch.dtype | None = None):
     """Runs the backward reduction and finalisation.
 
     ``grad_out``, ``z`` and ``residual`` have any strides (tiled channels-innermost when ``z``'s
-    channels are contiguous); ``dres`` comes back in the residual's memory format. Returns (coef, dgamma, dbeta, dbias, dres); unrequested gradients are None. ``coef`` is the
-    6 x C fp32 table of the module docstring, for the conv backward prologues; dbias (the conv
-    bias's gradient, in ``bias_dtype``) is the row sum of dz, which needs no pass of its own.
+    channels are contiguous); ``dres`` comes back in the residual's memory format. Returns (coef,
+    dbn_weight, dbn_bias, dbias, dres); unrequested gradients are None. ``coef`` is the 6 x C fp32
+    table of the module docstring, for the conv backward prologues; dbias (the conv bias's
+    gradient, in ``bias_dtype``) is the row sum of dz, which needs no pass of its own.
     Inside ``sync_stats.over(group)`` in training, the batch statistics' terms of COEF span every
-    rank's rows; dgamma, dbeta and dbias stay this rank's sums.
+    rank's rows; dbn_weight, dbn_bias and dbias stay this rank's sums.
     """
     N, C, T, H, W = z.shape
     M = N * T * H * W
@@ -327,11 +335,11 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
     launch(
         _bn_act_bwd_reduce_kernel, (num_tiles, cdiv(C, block_c)),
         grad_out, z, residual if residual is not None else z, dres if dres is not None else z,
-        mean, invstd, gamma if gamma is not None else mean, beta if beta is not None else mean,
+        mean, invstd, bn_weight if bn_weight is not None else mean, bn_bias if bn_bias is not None else mean,
         part_g, part_gx,
         M, C, T, H, W,
         *pc_strides(grad_out), *pc_strides(z), *pc_strides(residual), *pc_strides(dres),
-        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, HAS_RES=residual is not None,
+        HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, HAS_RES=residual is not None,
         WRITE_DRES=dres is not None, ACT=act, CL=cl,
         D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
         R_ALIGN=rows_alignment(residual), G_ALIGN=rows_alignment(dres),
@@ -340,27 +348,27 @@ def bwd_reduce_finalize(grad_out, z, mean, invstd, gamma, beta, residual, act: i
     )
     group = sync_stats.current() if training else None
     if group is not None:  # the batch statistics span every rank's rows
-        coef, dgamma, dbeta, dbias = sync_stats.backward_coefficients(
-            group, M, part_g, part_gx, mean, invstd, gamma, beta, z if need_dbias else None)
-        dgamma = dgamma.to(gamma.dtype) if need_dgamma else None
-        dbeta = dbeta.to(beta.dtype) if need_dbeta else None
+        coef, dbn_weight, dbn_bias, dbias = sync_stats.backward_coefficients(
+            group, M, part_g, part_gx, mean, invstd, bn_weight, bn_bias, z if need_dbias else None)
+        dbn_weight = dbn_weight.to(bn_weight.dtype) if need_dbn_weight else None
+        dbn_bias = dbn_bias.to(bn_bias.dtype) if need_dbn_bias else None
         dbias = dbias.to(bias_dtype) if need_dbias else None
-        return coef, dgamma, dbeta, dbias, dres
+        return coef, dbn_weight, dbn_bias, dbias, dres
     coef = alloc((NUM_COEF, C), dtype=torch.float32, device=dev)
-    dgamma = alloc((C,), dtype=gamma.dtype, device=dev) if need_dgamma else None
-    dbeta = alloc((C,), dtype=beta.dtype, device=dev) if need_dbeta else None
+    dbn_weight = alloc((C,), dtype=bn_weight.dtype, device=dev) if need_dbn_weight else None
+    dbn_bias = alloc((C,), dtype=bn_bias.dtype, device=dev) if need_dbn_bias else None
     dbias = alloc((C,), dtype=bias_dtype, device=dev) if need_dbias else None
     fin_c = min(triton.next_power_of_2(C), 16 if interpreted() else 64)
     launch(
         _bn_bwd_finalize_kernel, (cdiv(C, fin_c),),
         part_g, part_gx, mean, invstd,
-        gamma if gamma is not None else mean, beta if beta is not None else mean,
-        coef, dgamma if dgamma is not None else coef, dbeta if dbeta is not None else coef,
+        bn_weight if bn_weight is not None else mean, bn_bias if bn_bias is not None else mean,
+        coef, dbn_weight if dbn_weight is not None else coef, dbn_bias if dbn_bias is not None else coef,
         dbias if dbias is not None else coef,
         num_tiles, float(M), C,
-        HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, TRAINING=training,
-        WRITE_DGAMMA=need_dgamma, WRITE_DBETA=need_dbeta, WRITE_DBIAS=need_dbias,
+        HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None, TRAINING=training,
+        WRITE_DBN_WEIGHT=need_dbn_weight, WRITE_DBN_BIAS=need_dbn_bias, WRITE_DBIAS=need_dbias,
         BLOCK_T=16 if interpreted() else 64, BLOCK_C=fin_c,
     )
-    return coef, dgamma, dbeta, dbias, dres
+    return coef, dbn_weight, dbn_bias, dbias, dres
 

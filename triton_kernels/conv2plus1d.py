@@ -45,14 +45,14 @@ _TARGET_PROGRAMS = 264
 
 
 @triton.jit
-def _temporal_tap(acc_a, acc_b, acc_c, mid, w2_ptr, mids, mmask, w2_cols, comask, s2i, s2t,
+def _temporal_tap(acc_a, acc_b, acc_c, mid, w2_ptr, mids, mmask, w2_cols, comask, stride_w2i, stride_w2t,
                   R: tl.constexpr, KT: tl.constexpr, ST: tl.constexpr, NSLOT: tl.constexpr,
                   PREC: tl.constexpr):
     """Multiply intermediate frame ``mid`` (the R-th of this step's ST frames) into every open
     output frame it feeds: slot s holds the output frame whose tap s * ST + R this frame is."""
     for s in tl.static_range(NSLOT):
         if s * ST + R < KT:
-            b = tl.load(w2_ptr + (mids * s2i)[:, None] + w2_cols[None, :] + (s * ST + R) * s2t,
+            b = tl.load(w2_ptr + (mids * stride_w2i)[:, None] + w2_cols[None, :] + (s * ST + R) * stride_w2t,
                         mask=mmask[:, None] & comask[None, :], other=0.0)
             if s == 0:
                 acc_a = gm.dot(mid, b, acc_a, PREC)
@@ -66,15 +66,16 @@ def _temporal_tap(acc_a, acc_b, acc_c, mid, w2_ptr, mids, mmask, w2_cols, comask
 @triton.jit
 def _unit_eval_kernel(
     x_ptr, w1_ptr, w2_ptr,
-    bias1_ptr, gamma1_ptr, beta1_ptr, rmean1_ptr, rvar1_ptr,
-    bias2_ptr, gamma2_ptr, beta2_ptr, rmean2_ptr, rvar2_ptr,
+    bias1_ptr, bn1_weight_ptr, bn1_bias_ptr, rmean1_ptr, rvar1_ptr,
+    bias2_ptr, bn2_weight_ptr, bn2_bias_ptr, rmean2_ptr, rvar2_ptr,
     res_ptr, out_ptr,
     HW, C_in, C_mid, C_out, T_in, H_in, W_in, T_out, H_out, W_out, KH, KW, frames_per_program,
-    sxn, sxt, sxh, sxw, s1o, s1i, s1h, s1w, s2o, s2i, s2t,
-    son, sot, soh, sow, srn, srt, srh, srw,
+    stride_xn, stride_xt, stride_xh, stride_xw, stride_w1o, stride_w1i, stride_w1h, stride_w1w, stride_w2o,
+    stride_w2i, stride_w2t,
+    stride_on, stride_ot, stride_oh, stride_ow, stride_rn, stride_rt, stride_rh, stride_rw,
     sh, sw, ph, pw, pt, eps1, eps2,
-    HAS_BIAS1: tl.constexpr, HAS_GAMMA1: tl.constexpr, HAS_BETA1: tl.constexpr,
-    HAS_BIAS2: tl.constexpr, HAS_GAMMA2: tl.constexpr, HAS_BETA2: tl.constexpr,
+    HAS_BIAS1: tl.constexpr, HAS_BN1_WEIGHT: tl.constexpr, HAS_BN1_BIAS: tl.constexpr,
+    HAS_BIAS2: tl.constexpr, HAS_BN2_WEIGHT: tl.constexpr, HAS_BN2_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, KT: tl.constexpr, ST: tl.constexpr,
     NSLOT: tl.constexpr, X_ALIGN: tl.constexpr, W1_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr,
     R_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr,
@@ -99,10 +100,11 @@ def _unit_eval_kernel(
     h0 = ho * sh - ph  # the input position of spatial tap (0, 0)
     w0 = wo * sw - pw
     n_rows = tl.zeros_like(rows) + n
-    x_plane = cm.position_offsets(n_rows, tl.zeros_like(rows), h0, w0, sxn, sxt, sxh, sxw)
+    x_plane = cm.position_offsets(n_rows, tl.zeros_like(rows), h0, w0, stride_xn, stride_xt, stride_xh,
+                                  stride_xw)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     comask = co < C_out
-    w2_cols = co * s2o
+    w2_cols = co * stride_w2o
     ks = tl.arange(0, BLOCK_K)
     num_cb = tl.cdiv(C_in, BLOCK_K)
     # the last intermediate frame any of this program's output frames reads
@@ -117,11 +119,11 @@ def _unit_eval_kernel(
         for r in tl.static_range(ST):
             t = i * ST - pt + r
             if (t >= 0) & (t <= t_last):
-                x_rows = x_plane + cm.as_int64(t) * sxt
+                x_rows = x_plane + cm.as_int64(t) * stride_xt
                 for m0 in range(0, C_mid, BLOCK_MID):
                     mids = m0 + tl.arange(0, BLOCK_MID)
                     mmask = mids < C_mid
-                    w1_cols = mids * s1o
+                    w1_cols = mids * stride_w1o
                     acc1 = tl.zeros((BLOCK_M, BLOCK_MID), dtype=tl.float32)
                     for step in range(0, KH * KW * num_cb):
                         tap = step // num_cb
@@ -130,12 +132,13 @@ def _unit_eval_kernel(
                         kh = tap // KW
                         kw = tap - kh * KW
                         a = ig._gather_tap(x_ptr, x_rows, t, h0, w0, rmask, 0, kh, kw, cc, kmask,
-                                           T_in, H_in, W_in, sxt, sxh, sxw, 1, 1, 1, x_ptr, 0,
+                                           T_in, H_in, W_in, stride_xt, stride_xh, stride_xw, 1, 1, 1,
+                                           x_ptr, 0,
                                            X_ALIGN, False)
-                        b_cols = w1_cols + (kh * s1h + kw * s1w)
+                        b_cols = w1_cols + (kh * stride_w1h + kw * stride_w1w)
                         if W1_ALIGN > 1:
                             b_cols = tl.multiple_of(b_cols, W1_ALIGN)
-                        b = tl.load(w1_ptr + cc[:, None] * s1i + b_cols[None, :],
+                        b = tl.load(w1_ptr + cc[:, None] * stride_w1i + b_cols[None, :],
                                     mask=kmask[:, None] & mmask[None, :], other=0.0)
                         acc1 = gm.dot(a, b, acc1, PREC)
                     # BN1 (folded with the spatial bias) + ReLU, in the dtype the next GEMM reads
@@ -145,15 +148,15 @@ def _unit_eval_kernel(
                     mean1 = tl.load(rmean1_ptr + mids, mask=mmask, other=0.0).to(tl.float32)
                     var1 = tl.load(rvar1_ptr + mids, mask=mmask, other=1.0).to(tl.float32)
                     scale1, shift1 = bn.fold(mean1, 1.0 / tl.sqrt(var1 + eps1), bias1,
-                                             gamma1_ptr, beta1_ptr, mids, mmask,
-                                             HAS_GAMMA1, HAS_BETA1)
+                                             bn1_weight_ptr, bn1_bias_ptr, mids, mmask,
+                                             HAS_BN1_WEIGHT, HAS_BN1_BIAS)
                     mid = cm.activation(acc1 * scale1[None, :] + shift1[None, :], 1)  # ReLU
                     # channels past C_mid are 0 (an Inf in x would make them 0 * Inf = NaN, and
                     # the temporal GEMM would spread it)
                     mid = tl.where(mmask[None, :], mid, 0.0)
                     acc_a, acc_b, acc_c = _temporal_tap(
                         acc_a, acc_b, acc_c, mid.to(x_ptr.dtype.element_ty), w2_ptr, mids, mmask,
-                        w2_cols, comask, s2i, s2t, r, KT, ST, NSLOT, PREC)
+                        w2_cols, comask, stride_w2i, stride_w2t, r, KT, ST, NSLOT, PREC)
         # Output frame i - (NSLOT - 1) has had all its taps.
         o = i - (NSLOT - 1)
         if NSLOT == 3:
@@ -165,10 +168,10 @@ def _unit_eval_kernel(
         if o >= o_first:
             gm.bn_act_epilogue(
                 done, pid_m, HW, n_rows, tl.zeros_like(rows) + o, ho, wo, rmask, co, comask, C_out,
-                bias2_ptr, gamma2_ptr, beta2_ptr, rmean2_ptr, rvar2_ptr, res_ptr,
+                bias2_ptr, bn2_weight_ptr, bn2_bias_ptr, rmean2_ptr, rvar2_ptr, res_ptr,
                 out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
-                son, sot, soh, sow, srn, srt, srh, srw, eps2,
-                HAS_BIAS2, HAS_GAMMA2, HAS_BETA2, HAS_RES, ACT, False, False, O_ALIGN, R_ALIGN,
+                stride_on, stride_ot, stride_oh, stride_ow, stride_rn, stride_rt, stride_rh, stride_rw, eps2,
+                HAS_BIAS2, HAS_BN2_WEIGHT, HAS_BN2_BIAS, HAS_RES, ACT, False, False, O_ALIGN, R_ALIGN,
                 BLOCK_M)
         acc_c = acc_b
         acc_b = acc_a
@@ -227,8 +230,8 @@ def _alignment_class(dtype: torch.dtype, *aligns: int) -> str:
 
 
 @planned
-def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
-              w2, bias2, gamma2, beta2, rmean2, rvar2, eps2, residual,
+def unit_eval(x, w1, bias1, bn1_weight, bn1_bias, rmean1, rvar1, eps1,
+              w2, bias2, bn2_weight, bn2_bias, rmean2, rvar2, eps2, residual,
               spatial_stride, spatial_padding, temporal_stride, temporal_padding,
               activation: str | None) -> torch.Tensor:
     """act(bn2(conv_t(relu(bn1(conv_s(x))))) [+ residual]) with both BNs in eval mode.
@@ -273,16 +276,16 @@ def unit_eval(x, w1, bias1, gamma1, beta1, rmean1, rvar1, eps1,
     absent = x  # stands in for the optional vectors that are not given
     launch(
         kernel, grid, x, w1, w2,
-        *(t if t is not None else absent for t in (bias1, gamma1, beta1)), rmean1, rvar1,
-        *(t if t is not None else absent for t in (bias2, gamma2, beta2)), rmean2, rvar2,
+        *(t if t is not None else absent for t in (bias1, bn1_weight, bn1_bias)), rmean1, rvar1,
+        *(t if t is not None else absent for t in (bias2, bn2_weight, bn2_bias)), rmean2, rvar2,
         residual if residual is not None else absent, out,
         HW, C_in, C_mid, C_out, T_in, H_in, W_in, T_out, H_out, W_out, KH, KW, frames,
         *rows_strides(x), w1.stride(0), w1.stride(1), w1.stride(3), w1.stride(4),
         w2.stride(0), w2.stride(1), w2.stride(2),
         *rows_strides(out), *rows_strides(residual),
         sh, sw, ph, pw, temporal_padding, float(eps1), float(eps2),
-        HAS_BIAS1=bias1 is not None, HAS_GAMMA1=gamma1 is not None, HAS_BETA1=beta1 is not None,
-        HAS_BIAS2=bias2 is not None, HAS_GAMMA2=gamma2 is not None, HAS_BETA2=beta2 is not None,
+        HAS_BIAS1=bias1 is not None, HAS_BN1_WEIGHT=bn1_weight is not None, HAS_BN1_BIAS=bn1_bias is not None,
+        HAS_BIAS2=bias2 is not None, HAS_BN2_WEIGHT=bn2_weight is not None, HAS_BN2_BIAS=bn2_bias is not None,
         HAS_RES=residual is not None, ACT=cm.ACTIVATIONS[activation], KT=KT, ST=temporal_stride,
         NSLOT=slots, X_ALIGN=x_align, W1_ALIGN=rows_alignment(w1),
         O_ALIGN=o_align, R_ALIGN=r_align, CI_VEC=channel_vector(C_in, x), PREC=prec, **meta,

@@ -26,20 +26,20 @@ from ._layout import in_format_of
 from ._replay import planned
 
 
-def bn_relu_prologue(mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor | None,
-                     beta: torch.Tensor | None) -> torch.Tensor:
+def bn_relu_prologue(mean: torch.Tensor, invstd: torch.Tensor, bn_weight: torch.Tensor | None,
+                     bn_bias: torch.Tensor | None) -> torch.Tensor:
     """[scale; shift] (float32, 2 * C) with relu(z * scale + shift) = relu(bn(z)) for the batch
     statistics (mean, invstd) and the affine parameters (None: 1 and 0)."""
-    scale = invstd if gamma is None else invstd * gamma.float()
+    scale = invstd if bn_weight is None else invstd * bn_weight.float()
     shift = -mean * scale
-    if beta is not None:
-        shift = shift + beta.float()
+    if bn_bias is not None:
+        shift = shift + bn_bias.float()
     return torch.cat([scale, shift]).contiguous()
 
 
 @planned
-def unit_train_fwd(x, w1, bias1, gamma1, beta1, rmean1, rvar1, momentum1, eps1,
-                   w2, bias2, gamma2, beta2, rmean2, rvar2, momentum2, eps2, residual,
+def unit_train_fwd(x, w1, bias1, bn1_weight, bn1_bias, rmean1, rvar1, momentum1, eps1,
+                   w2, bias2, bn2_weight, bn2_bias, rmean2, rvar2, momentum2, eps2, residual,
                    stride1, padding1, dilation1, stride2, padding2, dilation2,
                    activation: str | None, save: bool, running_in_place: bool = False):
     """The unit's training forward. Returns (out, z1, mean1, invstd1, z2, mean2, invstd2,
@@ -49,33 +49,33 @@ def unit_train_fwd(x, w1, bias1, gamma1, beta1, rmean1, rvar1, momentum1, eps1,
     the given ones and returned themselves (batchnorm.finalize_stats). ``out`` follows x's
     memory format."""
     z1, _, mean1, invstd1, new_rm1, new_rv1 = ig.conv_bn_act_fwd(
-        x, w1, bias1, gamma1, beta1, rmean1, rvar1, None, stride1, padding1, dilation1, True,
+        x, w1, bias1, bn1_weight, bn1_bias, rmean1, rvar1, None, stride1, padding1, dilation1, True,
         momentum1, eps1, "relu", True, running_in_place, normalize=False)
-    pre = bn_relu_prologue(mean1, invstd1, gamma1, beta1)
+    pre = bn_relu_prologue(mean1, invstd1, bn1_weight, bn1_bias)
     out, z2, mean2, invstd2, new_rm2, new_rv2 = ig.conv_bn_act_fwd(
-        z1, w2, bias2, gamma2, beta2, rmean2, rvar2, residual, stride2, padding2, dilation2, True,
+        z1, w2, bias2, bn2_weight, bn2_bias, rmean2, rvar2, residual, stride2, padding2, dilation2, True,
         momentum2, eps2, activation, save, running_in_place, pre=pre)
     # the temporal conv's input is z1 (channels-last): the unit's output follows x instead
     return in_format_of(out, x), z1, mean1, invstd1, z2, mean2, invstd2, new_rm1, new_rv1, new_rm2, new_rv2
 
 
 @planned
-def unit_train_bwd(grad_out, x, w1, bias1, gamma1, beta1, z1, mean1, invstd1,
-                   w2, bias2, gamma2, beta2, z2, mean2, invstd2, residual,
+def unit_train_bwd(grad_out, x, w1, bias1, bn1_weight, bn1_bias, z1, mean1, invstd1,
+                   w2, bias2, bn2_weight, bn2_bias, z2, mean2, invstd2, residual,
                    stride1, padding1, dilation1, stride2, padding2, dilation2,
                    activation: str | None, needs):
-    """Gradients (dx, dw1, dbias1, dgamma1, dbeta1, dw2, dbias2, dgamma2, dbeta2, dresidual) of
+    """Gradients (dx, dw1, dbias1, dbn1_weight, dbn1_bias, dw2, dbias2, dbn2_weight, dbn2_bias, dresidual) of
     :func:`unit_train_fwd` from what it saved; ``needs`` says which are wanted (others None)."""
     need_x, need_w1, need_b1, need_g1, need_be1, need_w2, need_b2, need_g2, need_be2, need_res = needs
     first = (need_x, need_w1, need_b1, need_g1, need_be1)
-    pre = bn_relu_prologue(mean1, invstd1, gamma1, beta1)
+    pre = bn_relu_prologue(mean1, invstd1, bn1_weight, bn1_bias)
     d_mid, dw2, db2, dg2, dbe2, dres = ig_bwd.conv_bn_act_bwd(
-        grad_out, z1, w2, bias2, z2, mean2, invstd2, gamma2, beta2, residual, stride2, padding2,
+        grad_out, z1, w2, bias2, z2, mean2, invstd2, bn2_weight, bn2_bias, residual, stride2, padding2,
         dilation2, True, activation, (any(first), need_w2, need_b2, need_g2, need_be2, need_res),
         pre=pre)
     dx = dw1 = db1 = dg1 = dbe1 = None
     if any(first):
         dx, dw1, db1, dg1, dbe1, _ = ig_bwd.conv_bn_act_bwd(
-            d_mid, x, w1, bias1, z1, mean1, invstd1, gamma1, beta1, None, stride1, padding1,
+            d_mid, x, w1, bias1, z1, mean1, invstd1, bn1_weight, bn1_bias, None, stride1, padding1,
             dilation1, True, "relu", (*first, False))
     return dx, dw1, db1, dg1, dbe1, dw2, db2, dg2, dbe2, dres

@@ -39,9 +39,11 @@ def _zero_tile(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
 
 
 @triton.jit
-def _offsets(n, t, h, w, cols64, sn, sc, st, sh, sw, ALIGN: tl.constexpr, CL: tl.constexpr):
-    return cm.pc_tile(cm.row_offsets(cm.as_int64(n), cm.as_int64(t), h, w, sn, st, sh, sw, ALIGN),
-                      cols64 * sc, CL)
+def _offsets(n, t, h, w, cols64, stride_n, stride_c, stride_t, stride_h, stride_w, ALIGN: tl.constexpr,
+             CL: tl.constexpr):
+    return cm.pc_tile(cm.row_offsets(cm.as_int64(n), cm.as_int64(t), h, w, stride_n, stride_t, stride_h,
+                                     stride_w, ALIGN),
+                      cols64 * stride_c, CL)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -49,7 +51,8 @@ def _offsets(n, t, h, w, cols64, sn, sc, st, sh, sw, ALIGN: tl.constexpr, CL: tl
 
 @triton.jit
 def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
-               T_in, H_in, W_in, sxn, sxt, sxh, sxw, swc, swt, swh, sww, pt, ph, pw, dt, dh, dw,
+               T_in, H_in, W_in, stride_xn, stride_xt, stride_xh, stride_xw, stride_wc, stride_wt, stride_wh,
+               stride_ww, pt, ph, pw, dt, dh, dw,
                KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, X_ALIGN: tl.constexpr,
                CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -62,7 +65,7 @@ def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
     # bounded (fully unrolled, a 3x3x3 stencil hoists 27 loads and spills).
     for kt in range(KT):
         ti = t0 + kt * dt
-        x_t = cm.as_int64(n) * sxn + cm.as_int64(ti) * sxt
+        x_t = cm.as_int64(n) * stride_xn + cm.as_int64(ti) * stride_xt
         ok_t = (ti >= 0) & (ti < T_in)  # a scalar: one frame
         for kh in range(KH):
             hi = h0 + kh * dh
@@ -73,32 +76,34 @@ def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
             for kw in tl.static_range(KW):
                 wi = w0 + kw * dw
                 ok = ok_h & (wi >= 0) & (wi < W_in)
-                x_off = x_t + hi.to(tl.int64) * sxh + wi.to(tl.int64) * sxw
+                x_off = x_t + hi.to(tl.int64) * stride_xh + wi.to(tl.int64) * stride_xw
                 if X_ALIGN > 1:
                     x_off = tl.multiple_of(x_off, X_ALIGN)
                 xv = tl.load(x_ptr + cm.pc_tile(x_off, x_c, CL), mask=cm.pc_mask(ok, cmask, CL),
                              other=0.0)
-                wv = tl.load(w_ptr + cols * swc + (kt * swt + kh * swh + kw * sww), mask=cmask,
+                wv = tl.load(w_ptr + cols * stride_wc + (kt * stride_wt + kh * stride_wh + kw * stride_ww),
+                             mask=cmask,
                              other=0.0)
                 acc += xv.to(tl.float32) * cm.per_channel(wv.to(tl.float32), CL)
     return acc
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sxn', 'son', 'srn', 'szn'])
+@triton.jit(do_not_specialize_on_alignment=[
+    'T_out', 'T_in', 'stride_xn', 'stride_on', 'stride_rn', 'stride_zn'])
 def _depthwise_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, mean_ptr, var_ptr, res_ptr,
+    x_ptr, w_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, mean_ptr, var_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr, part_count_ptr,
     C, T_out, H_out, W_out, T_in, H_in, W_in, t_chunk,
-    sxn, sxc, sxt, sxh, sxw,
-    swc, swt, swh, sww,
-    son, soc, sot, soh, sow,
-    srn, src, srt, srh, srw,
-    szn, szc, szt, szh, szw,
+    stride_xn, stride_xc, stride_xt, stride_xh, stride_xw,
+    stride_wc, stride_wt, stride_wh, stride_ww,
+    stride_on, stride_oc, stride_ot, stride_oh, stride_ow,
+    stride_rn, stride_rc, stride_rt, stride_rh, stride_rw,
+    stride_zn, stride_zc, stride_zt, stride_zh, stride_zw,
     pt, ph, pw, dt, dh, dw, eps,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, MODE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, SAVE: tl.constexpr, CL: tl.constexpr,
     X_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr,
     C_VEC: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -122,7 +127,7 @@ def _depthwise_fwd_kernel(
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = cm.channel_mask(cols, C, C_VEC)
     cols64 = cols.to(tl.int64)
-    x_c = cols64 * sxc
+    x_c = cols64 * stride_xc
     mask = cm.pc_mask(pmask, cmask, CL)
     bias = tl.zeros((BLOCK_C,), tl.float32)
     if HAS_BIAS:
@@ -137,7 +142,8 @@ def _depthwise_fwd_kernel(
         m2_a = tl.zeros((BLOCK_C,), tl.float32)
         for to in range(t_start, t_end):
             z = _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c, T_in, H_in, W_in,
-                           sxn, sxt, sxh, sxw, swc, swt, swh, sww, pt, ph, pw, dt, dh, dw,
+                           stride_xn, stride_xt, stride_xh, stride_xw, stride_wc, stride_wt, stride_wh,
+                           stride_ww, pt, ph, pw, dt, dh, dw,
                            KT, KH, KW, ST, SH, SW, X_ALIGN, CL, BLOCK_P, BLOCK_C)
             z += cm.per_channel(bias, CL)
             # this frame's mean and M2, merged into the running triple (Chan et al.); divisions
@@ -168,20 +174,25 @@ def _depthwise_fwd_kernel(
         else:  # MODE_APPLY: the batch statistics (var_ptr holds invstd)
             mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
             invstd = tl.load(var_ptr + cols, mask=cmask, other=0.0)
-        scale, shift = bn.fold(mean, invstd, bias, gamma_ptr, beta_ptr, cols, cmask, HAS_GAMMA, HAS_BETA)
+        scale, shift = bn.fold(mean, invstd, bias, bn_weight_ptr, bn_bias_ptr, cols, cmask, HAS_BN_WEIGHT,
+                               HAS_BN_BIAS)
         for to in range(t_start, t_end):
             acc = _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c, T_in, H_in, W_in,
-                             sxn, sxt, sxh, sxw, swc, swt, swh, sww, pt, ph, pw, dt, dh, dw,
+                             stride_xn, stride_xt, stride_xh, stride_xw, stride_wc, stride_wt, stride_wh,
+                             stride_ww, pt, ph, pw, dt, dh, dw,
                              KT, KH, KW, ST, SH, SW, X_ALIGN, CL, BLOCK_P, BLOCK_C)
             if SAVE:  # autograd needs z (conv + bias)
-                z_off = _offsets(n, to, ho, wo, cols64, szn, szc, szt, szh, szw, Z_ALIGN, CL)
+                z_off = _offsets(n, to, ho, wo, cols64, stride_zn, stride_zc, stride_zt, stride_zh,
+                                 stride_zw, Z_ALIGN, CL)
                 tl.store(z_ptr + z_off, acc + cm.per_channel(bias, CL), mask=mask)
             v = acc * cm.per_channel(scale, CL) + cm.per_channel(shift, CL)
             if HAS_RES:
-                r_off = _offsets(n, to, ho, wo, cols64, srn, src, srt, srh, srw, R_ALIGN, CL)
+                r_off = _offsets(n, to, ho, wo, cols64, stride_rn, stride_rc, stride_rt, stride_rh,
+                                 stride_rw, R_ALIGN, CL)
                 v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
             v = cm.activation(v, ACT)
-            o_off = _offsets(n, to, ho, wo, cols64, son, soc, sot, soh, sow, O_ALIGN, CL)
+            o_off = _offsets(n, to, ho, wo, cols64, stride_on, stride_oc, stride_ot, stride_oh, stride_ow,
+                             O_ALIGN, CL)
             tl.store(out_ptr + o_off, v, mask=mask)
 
 
@@ -251,7 +262,7 @@ def _select(tuned: Tuned, cl: bool, dtype: torch.dtype | None = None):
 
 
 @planned
-def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+def conv_bn_act_fwd(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool, running_in_place: bool = False):
     """Depthwise conv + BN + activation forward; x in any layout and strides, weight (C, 1, kT, kH,
@@ -295,7 +306,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
         launch(
             kernel, grid,
             x, weight, bias if bias is not None else some,
-            gamma if gamma is not None else some, beta if beta is not None else some,
+            bn_weight if bn_weight is not None else some, bn_bias if bn_bias is not None else some,
             mean_arg, var_arg, residual if residual is not None else some,
             out, z if z.numel() else out, mean if mean.numel() else some,
             invstd if invstd.numel() else some, *parts,
@@ -304,7 +315,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             *pc_strides(out), *pc_strides(residual), *pc_strides(z if z.numel() else None),
             pt, ph, pw, dt, dh, dw, float(eps),
             KT=KT, KH=KH, KW=KW, ST=st, SH=sh, SW=sw, MODE=mode, HAS_BIAS=bias is not None,
-            HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+            HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None,
             HAS_RES=residual is not None and mode != MODE_STATS, ACT=act, SAVE=save_here, CL=cl,
             X_ALIGN=rows_alignment(x), O_ALIGN=rows_alignment(out),
             R_ALIGN=rows_alignment(residual), Z_ALIGN=rows_alignment(z if z.numel() else None),

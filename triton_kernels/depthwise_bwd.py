@@ -36,16 +36,17 @@ _INTERPRET["cl-fp32"] = _INTERPRET["cl"]
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sdn', 'szn', 'srn', 'sxn', 'sgn'])
+@triton.jit(do_not_specialize_on_alignment=[
+    'T_out', 'T_in', 'stride_dn', 'stride_zn', 'stride_rn', 'stride_xn', 'stride_gn'])
 def _depthwise_bwd_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, w_ptr, dx_ptr, dw_part_ptr,
     M_in, C, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
-    sdn, sdc, sdt, sdh, sdw,
-    szn, szc, szt, szh, szw,
-    srn, src, srt, srh, srw,
-    sxn, sxc, sxt, sxh, sxw,
-    sgn, sgc, sgt, sgh, sgw,
-    swc, swt, swh, sww,
+    stride_dn, stride_dc, stride_dt, stride_dh, stride_dw,
+    stride_zn, stride_zc, stride_zt, stride_zh, stride_zw,
+    stride_rn, stride_rc, stride_rt, stride_rh, stride_rw,
+    stride_xn, stride_xc, stride_xt, stride_xh, stride_xw,
+    stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
+    stride_wc, stride_wt, stride_wh, stride_ww,
     pt, ph, pw, dt, dh, dw,
     KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
     ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
@@ -60,10 +61,10 @@ def _depthwise_bwd_kernel(
     cmask = cm.channel_mask(cols, C, C_VEC)
     cols64 = cols.to(tl.int64)
     # dz = k_g * g [+ k_z * (z - mean) + k_0 in TRAINING, see _gemm.dz_tile],
-    # g = dy * act'((z - mean) * a + beta [+ r])
+    # g = dy * act'((z - mean) * a + bn_bias [+ r])
     mean = cm.per_channel(tl.load(coef_ptr + bn.COEF_MEAN * C + cols, mask=cmask, other=0.0), CL)
     a = cm.per_channel(tl.load(coef_ptr + bn.COEF_A * C + cols, mask=cmask, other=0.0), CL)
-    beta = cm.per_channel(tl.load(coef_ptr + bn.COEF_BETA * C + cols, mask=cmask, other=0.0), CL)
+    bn_bias = cm.per_channel(tl.load(coef_ptr + bn.COEF_BN_BIAS * C + cols, mask=cmask, other=0.0), CL)
     k_g = cm.per_channel(tl.load(coef_ptr + bn.COEF_KG * C + cols, mask=cmask, other=0.0), CL)
     k_z = k_g  # stand-ins, used only in TRAINING
     k_0 = k_g
@@ -80,7 +81,8 @@ def _depthwise_bwd_kernel(
         pmask = rows < row_end
         n, ti, hi, wi = cm.split_rows(rows, T_in, H_in, W_in)
         if NEED_DW:
-            x_off = _offsets(n, ti, hi, wi, cols64, sxn, sxc, sxt, sxh, sxw, X_ALIGN, CL)
+            x_off = _offsets(n, ti, hi, wi, cols64, stride_xn, stride_xc, stride_xt, stride_xh, stride_xw,
+                             X_ALIGN, CL)
             xv = tl.load(x_ptr + x_off, mask=cm.pc_mask(pmask, cmask, CL), other=0.0).to(tl.float32)
         dx = _zero_tile(BLOCK_P, BLOCK_C, CL)
         for kt in range(KT):  # not unrolled: each tap holds dy, z (and r) tiles and a dz
@@ -96,13 +98,16 @@ def _depthwise_bwd_kernel(
                     wo = wp // SW
                     ok = ok_h & (wp >= 0) & (wp % SW == 0) & (wo < W_out)
                     mask = cm.pc_mask(ok, cmask, CL)
-                    d_off = _offsets(n, to, ho, wo, cols64, sdn, sdc, sdt, sdh, sdw, D_ALIGN, CL)
-                    z_off = _offsets(n, to, ho, wo, cols64, szn, szc, szt, szh, szw, Z_ALIGN, CL)
+                    d_off = _offsets(n, to, ho, wo, cols64, stride_dn, stride_dc, stride_dt, stride_dh,
+                                     stride_dw, D_ALIGN, CL)
+                    z_off = _offsets(n, to, ho, wo, cols64, stride_zn, stride_zc, stride_zt, stride_zh,
+                                     stride_zw, Z_ALIGN, CL)
                     dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
                     zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean
-                    pre = zc * a + beta
+                    pre = zc * a + bn_bias
                     if HAS_RES:
-                        r_off = _offsets(n, to, ho, wo, cols64, srn, src, srt, srh, srw, R_ALIGN, CL)
+                        r_off = _offsets(n, to, ho, wo, cols64, stride_rn, stride_rc, stride_rt, stride_rh,
+                                         stride_rw, R_ALIGN, CL)
                         pre += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
                     g = cm.activation_grad(pre, dyv, ACT)
                     dz = k_g * g
@@ -110,8 +115,8 @@ def _depthwise_bwd_kernel(
                         dz += k_z * zc + k_0
                     dz = tl.where(mask, dz, 0.0)
                     if NEED_DX:
-                        wv = tl.load(w_ptr + cols * swc + (kt * swt + kh * swh + kw * sww),
-                                     mask=cmask, other=0.0).to(tl.float32)
+                        w_tap = kt * stride_wt + kh * stride_wh + kw * stride_ww
+                        wv = tl.load(w_ptr + cols * stride_wc + w_tap, mask=cmask, other=0.0).to(tl.float32)
                         dx += dz * cm.per_channel(wv, CL)
                     if NEED_DW:
                         # only the pairs this tap connects: a NaN or Inf x must not meet the
@@ -120,7 +125,8 @@ def _depthwise_bwd_kernel(
                         tap = (kt * KH + kh) * KW + kw
                         dw_acc += tl.where(taps[:, None] == tap, s[None, :], 0.0)
         if NEED_DX:
-            g_off = _offsets(n, ti, hi, wi, cols64, sgn, sgc, sgt, sgh, sgw, G_ALIGN, CL)
+            g_off = _offsets(n, ti, hi, wi, cols64, stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
+                             G_ALIGN, CL)
             tl.store(dx_ptr + g_off, dx, mask=cm.pc_mask(pmask, cmask, CL))
 
     if NEED_DW:  # partial[split, c, tap]: summed over splits it is the (C, 1, kT, kH, kW) gradient
@@ -158,22 +164,23 @@ def _rows_per_split(M_in: int, C: int) -> int:
 
 
 @planned
-def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride,
                     padding, dilation, training: bool, activation: str | None, needs):
-    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, given the
+    """Gradients (dx, dweight, dbias, dbn_weight, dbn_bias, dresidual) of conv_bn_act_fwd, given the
     ``z``, ``mean`` and ``invstd`` it saved; dx and dresidual in the memory formats of x and
     residual. ``needs`` says which of the six are wanted; the others come back as None. The
     weight gradient is deterministic (fixed-order partial sums)."""
-    need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
+    need_dx, need_dw, need_db, need_dbn_weight, need_dbn_bias, need_dres = needs
     N, C, T_in, H_in, W_in = x.shape
     KT, KH, KW = weight.shape[2:]
     _, _, T_out, H_out, W_out = z.shape
     (st, sh, sw), (pt, ph, pw), (dt, dh, dw_) = stride, padding, dilation
     M_in = N * T_in * H_in * W_in
     act = cm.ACTIVATIONS[activation]
-    coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
-        grad_out, z, mean, invstd, gamma, beta, residual, act, training,
-        need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
+    coef, dbn_weight, dbn_bias, dbias, dres = bn.bwd_reduce_finalize(
+        grad_out, z, mean, invstd, bn_weight, bn_bias, residual, act, training,
+        need_dbn_weight, need_dbn_bias, need_db, need_dres,
+        bias_dtype=bias.dtype if bias is not None else None)
     dx = dw = None
     if need_dx or need_dw:
         cl = channels_last(x)
@@ -197,7 +204,8 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
             *pc_strides(grad_out), *pc_strides(z), *pc_strides(residual), *pc_strides(x),
             *pc_strides(dx), *weight.stride()[:1], *weight.stride()[2:],
             pt, ph, pw, dt, dh, dw_,
-            KT=KT, KH=KH, KW=KW, TAPS=triton.next_power_of_2(K), ST=st, SH=sh, SW=sw, HAS_RES=residual is not None,
+            KT=KT, KH=KH, KW=KW, TAPS=triton.next_power_of_2(K), ST=st, SH=sh, SW=sw,
+            HAS_RES=residual is not None,
             ACT=act, TRAINING=training, NEED_DX=need_dx, NEED_DW=need_dw, CL=cl,
             D_ALIGN=rows_alignment(grad_out), Z_ALIGN=rows_alignment(z),
             R_ALIGN=rows_alignment(residual), X_ALIGN=rows_alignment(x), G_ALIGN=rows_alignment(dx),
@@ -205,4 +213,4 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         )
         if need_dw:
             dw = splitk.sum_splits(partial, weight.dtype).view(weight.shape)
-    return dx, dw, dbias, dgamma, dbeta, dres
+    return dx, dw, dbias, dbn_weight, dbn_bias, dres

@@ -76,14 +76,14 @@ def _bn_relu_prologue(v, ok, pre_ptr, chans, cmask, C):
 
 @triton.jit
 def _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, chans, cmask, T_in, H_in, W_in,
-                sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_pre, X_ALIGN: tl.constexpr,
+                stride_xt, stride_xh, stride_xw, dt, dh, dw, pre_ptr, C_pre, X_ALIGN: tl.constexpr,
                 PRE: tl.constexpr):
     """[rows, channels] of x: for each row (tap (0, 0, 0) at input position (t0, h0, w0), offset
     ``x_rows``) the position tap (kt, kh, kw) reads, channels ``chans``; 0 outside the input.
     PRE: x is the pre-BN input of a BN + ReLU applied on load (:func:`_bn_relu_prologue`)."""
     ok = rmask & _inside(t0 + kt * dt, h0 + kh * dh, w0 + kw * dw, T_in, H_in, W_in)
-    rows = x_rows + (cm.as_int64(kt * dt) * sxt + cm.as_int64(kh * dh) * sxh
-                     + cm.as_int64(kw * dw) * sxw)
+    rows = x_rows + (cm.as_int64(kt * dt) * stride_xt + cm.as_int64(kh * dh) * stride_xh
+                     + cm.as_int64(kw * dw) * stride_xw)
     if X_ALIGN > 1:
         rows = tl.multiple_of(rows, X_ALIGN)
     mask = ok[:, None] & cmask[None, :]
@@ -95,14 +95,14 @@ def _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, chans, cmask, T_in
 
 @triton.jit
 def _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask, T_in, H_in, W_in,
-                 sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_pre, PRE: tl.constexpr):
+                 stride_xt, stride_xh, stride_xw, dt, dh, dw, pre_ptr, C_pre, PRE: tl.constexpr):
     """[rows, columns] of x where column j is tap (kt[j], kh[j], kw[j]), channel ci[j] (the flat
     K axis); 0 outside the input. PRE as in :func:`_gather_tap`."""
     ok = rmask[:, None] & kmask[None, :] & _inside(
         t0[:, None] + (kt * dt)[None, :], h0[:, None] + (kh * dh)[None, :],
         w0[:, None] + (kw * dw)[None, :], T_in, H_in, W_in)
-    cols = (kt * dt).to(tl.int64) * sxt + (kh * dh).to(tl.int64) * sxh \
-        + (kw * dw).to(tl.int64) * sxw + ci
+    cols = (kt * dt).to(tl.int64) * stride_xt + (kh * dh).to(tl.int64) * stride_xh \
+        + (kw * dw).to(tl.int64) * stride_xw + ci
     v = tl.load(x_ptr + x_rows[:, None] + cols[None, :], mask=ok, other=0.0)
     if PRE:
         v = _bn_relu_prologue(v, ok, pre_ptr, ci, kmask, C_pre)
@@ -113,16 +113,16 @@ def _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask, T_in, 
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sxn', 'son', 'srn'])
+@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'stride_xn', 'stride_on', 'stride_rn'])
 def _igemm_fwd_kernel(
-    x_ptr, w_ptr, pre_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+    x_ptr, w_ptr, pre_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, rmean_ptr, rvar_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
     M, C_in_g, C_out_g, C_out, T_out, H_out, W_out, T_in, H_in, W_in, TAPS, KH, KW,
-    sxn, sxt, sxh, sxw, swo, swi, swt, swh, sww,
-    son, sot, soh, sow,
-    srn, srt, srh, srw,
+    stride_xn, stride_xt, stride_xh, stride_xw, stride_wo, stride_wi, stride_wt, stride_wh, stride_ww,
+    stride_on, stride_ot, stride_oh, stride_ow,
+    stride_rn, stride_rt, stride_rh, stride_rw,
     st, sh, sw, pt, ph, pw, dt, dh, dw, eps,
-    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
     GROUPED: tl.constexpr, FLAT_K: tl.constexpr, X_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
     O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CI_VEC: tl.constexpr, PREC: tl.constexpr,
@@ -138,7 +138,7 @@ def _igemm_fwd_kernel(
     t0 = to * st - pt  # the input position of tap (0, 0, 0)
     h0 = ho * sh - ph
     w0 = wo * sw - pw
-    x_rows = cm.position_offsets(n, t0, h0, w0, sxn, sxt, sxh, sxw)
+    x_rows = cm.position_offsets(n, t0, h0, w0, stride_xn, stride_xt, stride_xh, stride_xw)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     comask = co < C_out_g
     cols = co
@@ -146,7 +146,7 @@ def _igemm_fwd_kernel(
         g = tl.program_id(1)
         x_rows += tl.multiple_of(g * C_in_g, X_ALIGN)
         cols = tl.multiple_of(g * C_out_g, O_ALIGN) + co
-    w_cols = cols * swo
+    w_cols = cols * stride_wo
     ks = tl.arange(0, BLOCK_K)
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -159,8 +159,9 @@ def _igemm_fwd_kernel(
             ci = kk - tap * C_in_g
             kt, kh, kw = _tap(tap, KH, KW)
             a = _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
-                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g, PRE)
-            b_rows = ci * swi + kt * swt + kh * swh + kw * sww
+                             T_in, H_in, W_in, stride_xt, stride_xh, stride_xw, dt, dh, dw, pre_ptr, C_in_g,
+                             PRE)
+            b_rows = ci * stride_wi + kt * stride_wt + kh * stride_wh + kw * stride_ww
             b = tl.load(w_ptr + b_rows[:, None] + w_cols[None, :],
                         mask=kmask[:, None] & comask[None, :], other=0.0)
             acc = gm.dot(a, b, acc, PREC)
@@ -172,21 +173,21 @@ def _igemm_fwd_kernel(
             kmask = cm.channel_mask(cc, C_in_g, CI_VEC)
             kt, kh, kw = _tap(tap, KH, KW)
             a = _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, cc, kmask,
-                            T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g,
+                            T_in, H_in, W_in, stride_xt, stride_xh, stride_xw, dt, dh, dw, pre_ptr, C_in_g,
                             X_ALIGN, PRE)
-            b_cols = w_cols + (kt * swt + kh * swh + kw * sww)
+            b_cols = w_cols + (kt * stride_wt + kh * stride_wh + kw * stride_ww)
             if W_ALIGN > 1:
                 b_cols = tl.multiple_of(b_cols, W_ALIGN)
-            b = tl.load(w_ptr + cc[:, None] * swi + b_cols[None, :],
+            b = tl.load(w_ptr + cc[:, None] * stride_wi + b_cols[None, :],
                         mask=kmask[:, None] & comask[None, :], other=0.0)
             acc = gm.dot(a, b, acc, PREC)
 
     gm.bn_act_epilogue(
         acc, pid_m, M, n, to, ho, wo, rmask, cols, comask, C_out,
-        bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+        bias_ptr, bn_weight_ptr, bn_bias_ptr, rmean_ptr, rvar_ptr, res_ptr,
         out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
-        son, sot, soh, sow, srn, srt, srh, srw, eps,
-        HAS_BIAS, HAS_GAMMA, HAS_BETA, HAS_RES, ACT, STATS, SAVE, O_ALIGN, R_ALIGN, BLOCK_M)
+        stride_on, stride_ot, stride_oh, stride_ow, stride_rn, stride_rt, stride_rh, stride_rw, eps,
+        HAS_BIAS, HAS_BN_WEIGHT, HAS_BN_BIAS, HAS_RES, ACT, STATS, SAVE, O_ALIGN, R_ALIGN, BLOCK_M)
 
 
 # Tile sizes per variant (the pointwise tables' classes, see pointwise.py), kept to those that
@@ -302,7 +303,7 @@ def _check_pre(pre: torch.Tensor | None, geom: _Geometry) -> None:
 
 
 @planned
-def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+def conv_bn_act_fwd(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                     stride, padding, dilation, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool, running_in_place: bool = False, *,
                     pre: torch.Tensor | None = None, normalize: bool = True):
@@ -341,7 +342,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             geom.T_in, geom.H_in, geom.W_in, geom.taps, geom.KH, geom.KW,
             *rows_strides(x), w.stride(0), w.stride(1), *w.stride()[2:],
             *rows_strides(out), *rows_strides(residual), *geom.conv_args(), float(eps),
-            HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+            HAS_BIAS=bias is not None, HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None,
             HAS_RES=residual is not None and not training, ACT=cm.ACTIVATIONS[activation],
             STATS=training, SAVE=save, GROUPED=geom.groups > 1, FLAT_K=geom.flat,
             X_ALIGN=_alignment(x, geom, geom.C_in_g),
@@ -351,7 +352,7 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             CI_VEC=channel_vector(geom.C_in_g, x), PREC=prec, PRE=pre is not None, **meta,
         )
 
-    return gm.conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual,
+    return gm.conv_bn_act_forward(x, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                                   geom.out_shape, training, momentum, eps, activation, save,
                                   select, launch_gemm, normalize=normalize,
                                   running_in_place=running_in_place)

@@ -66,10 +66,10 @@ def _first_tap(r, p, d, s, K):
 def _igemm_dgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
     R, C_in_g, C_out_g, C_out, T_in, H_in, W_in, T_out, H_out, W_out, QT, QH, QW, KT, KH, KW,
-    sdn, sdt, sdh, sdw,
-    szn, szt, szh, szw,
-    srn, srt, srh, srw,
-    sxn, sxt, sxh, sxw, swo, swi, swt, swh, sww,
+    stride_dn, stride_dt, stride_dh, stride_dw,
+    stride_zn, stride_zt, stride_zh, stride_zw,
+    stride_rn, stride_rt, stride_rh, stride_rw,
+    stride_xn, stride_xt, stride_xh, stride_xw, stride_wo, stride_wi, stride_wt, stride_wh, stride_ww,
     st, sh, sw, pt, ph, pw, dt, dh, dw, jt_step, jh_step, jw_step,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, GROUPED: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr, CO_ALIGN: tl.constexpr,
@@ -99,10 +99,10 @@ def _igemm_dgrad_kernel(
     nt = (KT - ft + jt_step - 1) // jt_step
     nh = (KH - fh + jh_step - 1) // jh_step
     nw = (KW - fw + jw_step - 1) // jw_step
-    d_base = cm.position_offsets(n, qt, qh, qw, sdn, sdt, sdh, sdw)
-    z_base = cm.position_offsets(n, qt, qh, qw, szn, szt, szh, szw)
-    r_base = cm.position_offsets(n, qt, qh, qw, srn, srt, srh, srw)
-    x_rows = cm.position_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw)
+    d_base = cm.position_offsets(n, qt, qh, qw, stride_dn, stride_dt, stride_dh, stride_dw)
+    z_base = cm.position_offsets(n, qt, qh, qw, stride_zn, stride_zt, stride_zh, stride_zw)
+    r_base = cm.position_offsets(n, qt, qh, qw, stride_rn, stride_rt, stride_rh, stride_rw)
+    x_rows = cm.position_offsets(n, ti, hi, wi, stride_xn, stride_xt, stride_xh, stride_xw)
     ci = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cimask = ci < C_in_g
     co_base = 0
@@ -132,9 +132,12 @@ def _igemm_dgrad_kernel(
         oh = (rh + ph - kh * dh) // sh
         ow = (rw + pw - kw * dw) // sw
         ok = rmask & _inside(qt + ot, qh + oh, qw + ow, T_out, H_out, W_out)
-        d_rows = d_base + (cm.as_int64(ot) * sdt + cm.as_int64(oh) * sdh + cm.as_int64(ow) * sdw)
-        z_rows = z_base + (cm.as_int64(ot) * szt + cm.as_int64(oh) * szh + cm.as_int64(ow) * szw)
-        r_rows = r_base + (cm.as_int64(ot) * srt + cm.as_int64(oh) * srh + cm.as_int64(ow) * srw)
+        d_rows = d_base + (cm.as_int64(ot) * stride_dt + cm.as_int64(oh) * stride_dh
+                             + cm.as_int64(ow) * stride_dw)
+        z_rows = z_base + (cm.as_int64(ot) * stride_zt + cm.as_int64(oh) * stride_zh
+                             + cm.as_int64(ow) * stride_zw)
+        r_rows = r_base + (cm.as_int64(ot) * stride_rt + cm.as_int64(oh) * stride_rh
+                             + cm.as_int64(ow) * stride_rw)
         if D_ALIGN > 1:
             d_rows = tl.multiple_of(d_rows, D_ALIGN)
         if Z_ALIGN > 1:
@@ -144,8 +147,9 @@ def _igemm_dgrad_kernel(
         dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
                         z_rows[:, None] + kk[None, :], r_rows[:, None] + kk[None, :], co_base + kk,
                         ok[:, None] & kmask[None, :], C_out, HAS_RES, ACT, TRAINING)
-        b = tl.load(w_ptr + ((co_base + kk) * swo + (kt * swt + kh * swh + kw * sww))[:, None]
-                    + (ci * swi)[None, :], mask=kmask[:, None] & cimask[None, :], other=0.0)
+        w_tap = kt * stride_wt + kh * stride_wh + kw * stride_ww
+        b = tl.load(w_ptr + ((co_base + kk) * stride_wo + w_tap)[:, None] + (ci * stride_wi)[None, :],
+                    mask=kmask[:, None] & cimask[None, :], other=0.0)
         acc = gm.dot(dz.to(w_ptr.dtype.element_ty), b, acc, PREC)
 
     if X_ALIGN > 1:
@@ -156,14 +160,15 @@ def _igemm_dgrad_kernel(
 # not on divisibility: what varies with clip length and batch (docs/kernels.md); conv strides
 # as plain values: stride-1 and stride-2 layers share a compile
 @triton.jit(do_not_specialize=['st', 'sh', 'sw'],
-            do_not_specialize_on_alignment=['T_out', 'T_in', 'sdn', 'szn', 'srn', 'sxn'])
+            do_not_specialize_on_alignment=['T_out', 'T_in', 'stride_dn', 'stride_zn', 'stride_rn',
+                                            'stride_xn'])
 def _igemm_wgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, pre_ptr, dw_ptr,
     M, C_in_g, C_out_g, C_out, T_out, H_out, W_out, T_in, H_in, W_in, TAPS, KH, KW, rows_per_split,
-    sdn, sdt, sdh, sdw,
-    szn, szt, szh, szw,
-    srn, srt, srh, srw,
-    sxn, sxt, sxh, sxw,
+    stride_dn, stride_dt, stride_dh, stride_dw,
+    stride_zn, stride_zt, stride_zh, stride_zw,
+    stride_rn, stride_rt, stride_rh, stride_rw,
+    stride_xn, stride_xt, stride_xh, stride_xw,
     st, sh, sw, pt, ph, pw, dt, dh, dw,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr, GROUPED: tl.constexpr,
     FLAT_K: tl.constexpr,
@@ -213,18 +218,20 @@ def _igemm_wgrad_kernel(
         n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
         dz = gm.dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, to, ho, wo, chans,
                            rmask[:, None] & comask[None, :], C_out,
-                           sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
+                           stride_dn, stride_dt, stride_dh, stride_dw, stride_zn, stride_zt, stride_zh,
+                           stride_zw, stride_rn, stride_rt, stride_rh, stride_rw,
                            HAS_RES, ACT, TRAINING, D_ALIGN, Z_ALIGN, R_ALIGN)
         t0 = to * st - pt
         h0 = ho * sh - ph
         w0 = wo * sw - pw
-        x_rows = cm.position_offsets(n, t0, h0, w0, sxn, sxt, sxh, sxw) + ci_base
+        x_rows = cm.position_offsets(n, t0, h0, w0, stride_xn, stride_xt, stride_xh, stride_xw) + ci_base
         if FLAT_K:
             xa = _gather_flat(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
-                              T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g, PRE)
+                              T_in, H_in, W_in, stride_xt, stride_xh, stride_xw, dt, dh, dw, pre_ptr, C_in_g,
+                              PRE)
         else:
             xa = _gather_tap(x_ptr, x_rows, t0, h0, w0, rmask, kt, kh, kw, ci, kmask,
-                             T_in, H_in, W_in, sxt, sxh, sxw, dt, dh, dw, pre_ptr, C_in_g,
+                             T_in, H_in, W_in, stride_xt, stride_xh, stride_xw, dt, dh, dw, pre_ptr, C_in_g,
                              X_ALIGN, PRE)
         acc = gm.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, PREC)
 
@@ -281,24 +288,25 @@ _WGRAD = Tuned(
 
 
 @planned
-def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride,
                     padding, dilation, training: bool, activation: str | None, needs, *,
                     pre: torch.Tensor | None = None):
-    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, with ``z``,
+    """Gradients (dx, dweight, dbias, dbn_weight, dbn_bias, dresidual) of conv_bn_act_fwd, with ``z``,
     ``mean`` and ``invstd`` as it saved them; dx, dweight and dresidual in the memory formats of
     x, weight and residual. ``needs`` says which of the six are wanted (the others are None).
 
     With the forward's ``pre``, the wgrad applies it to x as it loads it (the conv's input was
     ``relu(x * scale + shift)``) and dx is the gradient of that input, not of x."""
-    need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
+    need_dx, need_dw, need_db, need_dbn_weight, need_dbn_bias, need_dres = needs
     geom = _Geometry(x.shape, weight.shape, stride, padding, dilation)
     _check_pre(pre, geom)
     act = cm.ACTIVATIONS[activation]
     x_in, residual_in = x, residual
     grad_out, residual = channels_contiguous(grad_out), channels_contiguous(residual)
-    coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
-        grad_out, z, mean, invstd, gamma, beta, residual, act, training,
-        need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
+    coef, dbn_weight, dbn_bias, dbias, dres = bn.bwd_reduce_finalize(
+        grad_out, z, mean, invstd, bn_weight, bn_bias, residual, act, training,
+        need_dbn_weight, need_dbn_bias, need_db, need_dres,
+        bias_dtype=bias.dtype if bias is not None else None)
     prec = gm.dot_precision(x.dtype)
     cls = gm.operand_class(x.dtype, prec)
     d_align, z_align = _alignment(grad_out, geom, geom.C_out_g), _alignment(z, geom, geom.C_out_g)
@@ -370,5 +378,5 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         dw = in_format_of(dw, weight)
     if dres is not None:
         dres = in_format_of(dres, residual_in)
-    return dx, dw, dbias, dgamma, dbeta, dres
+    return dx, dw, dbias, dbn_weight, dbn_bias, dres
 

@@ -50,16 +50,16 @@ def _fully_aligned(*tensors) -> bool:
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sxn', 'son', 'srn'])
+@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'stride_xn', 'stride_on', 'stride_rn'])
 def _pointwise_fwd_kernel(
-    x_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+    x_ptr, w_ptr, bias_ptr, bn_weight_ptr, bn_bias_ptr, rmean_ptr, rvar_ptr, res_ptr,
     out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
     M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in,
-    sxn, sxt, sxh, sxw, swo, swi,
-    son, sot, soh, sow,
-    srn, srt, srh, srw,
+    stride_xn, stride_xt, stride_xh, stride_xw, stride_wo, stride_wi,
+    stride_on, stride_ot, stride_oh, stride_ow,
+    stride_rn, stride_rt, stride_rh, stride_rw,
     st, sh, sw, pt, ph, pw, eps,
-    HAS_BIAS: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_BN_WEIGHT: tl.constexpr, HAS_BN_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, SAVE: tl.constexpr,
     X_ALIGN: tl.constexpr, O_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
     PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -75,7 +75,7 @@ def _pointwise_fwd_kernel(
     hi = ho * sh - ph
     wi = wo * sw - pw
     inside = rmask & (ti >= 0) & (ti < T_in) & (hi >= 0) & (hi < H_in) & (wi >= 0) & (wi < W_in)
-    x_rows = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)
+    x_rows = cm.row_offsets(n, ti, hi, wi, stride_xn, stride_xt, stride_xh, stride_xw, X_ALIGN)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C_out
     ks = tl.arange(0, BLOCK_K)
@@ -86,16 +86,16 @@ def _pointwise_fwd_kernel(
         kmask = kk < C_in
         a = tl.load(x_ptr + x_rows[:, None] + kk[None, :],
                     mask=inside[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(w_ptr + kk[:, None] * swi + cols[None, :] * swo,
+        b = tl.load(w_ptr + kk[:, None] * stride_wi + cols[None, :] * stride_wo,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = gm.dot(a, b, acc, PREC)
 
     gm.bn_act_epilogue(
         acc, pid_m, M, n, to, ho, wo, rmask, cols, cmask, C_out,
-        bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr,
+        bias_ptr, bn_weight_ptr, bn_bias_ptr, rmean_ptr, rvar_ptr, res_ptr,
         out_ptr, z_ptr, save_mean_ptr, save_invstd_ptr, part_mean_ptr, part_m2_ptr,
-        son, sot, soh, sow, srn, srt, srh, srw, eps,
-        HAS_BIAS, HAS_GAMMA, HAS_BETA, HAS_RES, ACT, STATS, SAVE, O_ALIGN, R_ALIGN, BLOCK_M)
+        stride_on, stride_ot, stride_oh, stride_ow, stride_rn, stride_rt, stride_rh, stride_rw, eps,
+        HAS_BIAS, HAS_BN_WEIGHT, HAS_BN_BIAS, HAS_RES, ACT, STATS, SAVE, O_ALIGN, R_ALIGN, BLOCK_M)
 
 
 # Tile sizes per variant, kept to those that compile without spills on sm_90 and sm_80
@@ -155,7 +155,7 @@ _FWD_STATS = Tuned(
 
 
 @planned
-def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, residual,
+def conv_bn_act_fwd(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                     stride, padding, training: bool, momentum: float, eps: float,
                     activation: str | None, save: bool, running_in_place: bool = False):
     """Pointwise conv + BN + activation forward; returns what _gemm.conv_bn_act_forward documents
@@ -183,13 +183,13 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
             *rows_strides(x), weight.stride(0), weight.stride(1),
             *rows_strides(out), *rows_strides(residual),
             st, sh, sw, pt, ph, pw, float(eps),
-            HAS_BIAS=bias is not None, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+            HAS_BIAS=bias is not None, HAS_BN_WEIGHT=bn_weight is not None, HAS_BN_BIAS=bn_bias is not None,
             HAS_RES=residual is not None and not training, ACT=cm.ACTIVATIONS[activation],
             STATS=training, SAVE=save, X_ALIGN=rows_alignment(x), O_ALIGN=rows_alignment(out),
             R_ALIGN=rows_alignment(residual), PREC=prec, **meta,
         )
 
-    return gm.conv_bn_act_forward(x, bias, gamma, beta, running_mean, running_var, residual,
+    return gm.conv_bn_act_forward(x, bias, bn_weight, bn_bias, running_mean, running_var, residual,
                                   (N, C_out, T_out, H_out, W_out), training, momentum, eps,
                                   activation, save, select, launch_gemm,
                                   running_in_place=running_in_place)
@@ -199,14 +199,15 @@ def conv_bn_act_fwd(x, weight, bias, gamma, beta, running_mean, running_var, res
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T_in', 'T_out', 'sdn', 'szn', 'srn', 'sxn'])
+@triton.jit(do_not_specialize_on_alignment=[
+    'T_in', 'T_out', 'stride_dn', 'stride_zn', 'stride_rn', 'stride_xn'])
 def _pointwise_dgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, w_ptr, dx_ptr,
     M_in, C_in, C_out, T_in, H_in, W_in, T_out, H_out, W_out,
-    sdn, sdt, sdh, sdw,
-    szn, szt, szh, szw,
-    srn, srt, srh, srw,
-    sxn, sxt, sxh, sxw, swo, swi,
+    stride_dn, stride_dt, stride_dh, stride_dw,
+    stride_zn, stride_zt, stride_zh, stride_zw,
+    stride_rn, stride_rt, stride_rh, stride_rw,
+    stride_xn, stride_xt, stride_xh, stride_xw, stride_wo, stride_wi,
     st, sh, sw, pt, ph, pw,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
@@ -230,9 +231,9 @@ def _pointwise_dgrad_kernel(
     wo = wp // sw
     feeds = rmask & (tp % st == 0) & (to < T_out) & (hp % sh == 0) & (ho < H_out) \
         & (wp % sw == 0) & (wo < W_out)
-    d_rows = cm.row_offsets(n, to, ho, wo, sdn, sdt, sdh, sdw, D_ALIGN)
-    z_rows = cm.row_offsets(n, to, ho, wo, szn, szt, szh, szw, Z_ALIGN)
-    r_rows = cm.row_offsets(n, to, ho, wo, srn, srt, srh, srw, R_ALIGN)
+    d_rows = cm.row_offsets(n, to, ho, wo, stride_dn, stride_dt, stride_dh, stride_dw, D_ALIGN)
+    z_rows = cm.row_offsets(n, to, ho, wo, stride_zn, stride_zt, stride_zh, stride_zw, Z_ALIGN)
+    r_rows = cm.row_offsets(n, to, ho, wo, stride_rn, stride_rt, stride_rh, stride_rw, R_ALIGN)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     cmask = cols < C_in
     ks = tl.arange(0, BLOCK_K)
@@ -244,24 +245,25 @@ def _pointwise_dgrad_kernel(
         dz = gm.dz_tile(dy_ptr, z_ptr, res_ptr, coef_ptr, d_rows[:, None] + kk[None, :],
                       z_rows[:, None] + kk[None, :], r_rows[:, None] + kk[None, :], kk,
                       feeds[:, None] & kmask[None, :], C_out, HAS_RES, ACT, TRAINING)
-        b = tl.load(w_ptr + kk[:, None] * swo + cols[None, :] * swi,
+        b = tl.load(w_ptr + kk[:, None] * stride_wo + cols[None, :] * stride_wi,
                     mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = gm.dot(dz.to(w_ptr.dtype.element_ty), b, acc, PREC)
 
-    x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)[:, None] \
+    x_off = cm.row_offsets(n, ti, hi, wi, stride_xn, stride_xt, stride_xh, stride_xw, X_ALIGN)[:, None] \
         + cols[None, :]
     tl.store(dx_ptr + x_off, acc, mask=rmask[:, None] & cmask[None, :])
 
 
 # not on divisibility: what varies with clip length and batch (docs/kernels.md)
-@triton.jit(do_not_specialize_on_alignment=['T_out', 'T_in', 'sdn', 'szn', 'srn', 'sxn'])
+@triton.jit(do_not_specialize_on_alignment=[
+    'T_out', 'T_in', 'stride_dn', 'stride_zn', 'stride_rn', 'stride_xn'])
 def _pointwise_wgrad_kernel(
     dy_ptr, z_ptr, res_ptr, coef_ptr, x_ptr, dw_ptr,
     M, C_in, C_out, T_out, H_out, W_out, T_in, H_in, W_in, rows_per_split,
-    sdn, sdt, sdh, sdw,
-    szn, szt, szh, szw,
-    srn, srt, srh, srw,
-    sxn, sxt, sxh, sxw,
+    stride_dn, stride_dt, stride_dh, stride_dw,
+    stride_zn, stride_zt, stride_zh, stride_zw,
+    stride_rn, stride_rt, stride_rh, stride_rw,
+    stride_xn, stride_xt, stride_xh, stride_xw,
     st, sh, sw, pt, ph, pw,
     HAS_RES: tl.constexpr, ACT: tl.constexpr, TRAINING: tl.constexpr,
     D_ALIGN: tl.constexpr, Z_ALIGN: tl.constexpr, R_ALIGN: tl.constexpr,
@@ -286,13 +288,15 @@ def _pointwise_wgrad_kernel(
         n, to, ho, wo = cm.split_rows(rows, T_out, H_out, W_out)
         dz = gm.dz_at_rows(dy_ptr, z_ptr, res_ptr, coef_ptr, n, to, ho, wo, co,
                            rmask[:, None] & comask[None, :], C_out,
-                           sdn, sdt, sdh, sdw, szn, szt, szh, szw, srn, srt, srh, srw,
+                           stride_dn, stride_dt, stride_dh, stride_dw, stride_zn, stride_zt, stride_zh,
+                           stride_zw, stride_rn, stride_rt, stride_rh, stride_rw,
                            HAS_RES, ACT, TRAINING, D_ALIGN, Z_ALIGN, R_ALIGN)
         ti = to * st - pt
         hi = ho * sh - ph
         wi = wo * sw - pw
         inside = rmask & (ti >= 0) & (ti < T_in) & (hi >= 0) & (hi < H_in) & (wi >= 0) & (wi < W_in)
-        x_off = cm.row_offsets(n, ti, hi, wi, sxn, sxt, sxh, sxw, X_ALIGN)[:, None] + ci[None, :]
+        x_off = cm.row_offsets(n, ti, hi, wi, stride_xn, stride_xt, stride_xh, stride_xw,
+                               X_ALIGN)[:, None] + ci[None, :]
         xa = tl.load(x_ptr + x_off, mask=inside[:, None] & cimask[None, :], other=0.0)
         acc = gm.dot(tl.trans(dz.to(x_ptr.dtype.element_ty)), xa, acc, PREC)
 
@@ -324,13 +328,13 @@ _WGRAD = Tuned(_pointwise_wgrad_kernel, _BWD_TILES, key=["M", "C_in", "C_out", "
 
 
 @planned
-def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, residual, stride,
+def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, bn_weight, bn_bias, residual, stride,
                     padding, training: bool, activation: str | None, needs):
-    """Gradients (dx, dweight, dbias, dgamma, dbeta, dresidual) of conv_bn_act_fwd, with ``z``,
+    """Gradients (dx, dweight, dbias, dbn_weight, dbn_bias, dresidual) of conv_bn_act_fwd, with ``z``,
     ``mean`` and ``invstd`` as it saved them; dx and dresidual in the memory format of x and
     residual. ``needs`` says which of the six are wanted; the others come back as None.
     """
-    need_dx, need_dw, need_db, need_dgamma, need_dbeta, need_dres = needs
+    need_dx, need_dw, need_db, need_dbn_weight, need_dbn_bias, need_dres = needs
     N, C_in, T_in, H_in, W_in = x.shape
     C_out = weight.shape[0]
     _, _, T_out, H_out, W_out = z.shape
@@ -340,9 +344,10 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
     act = cm.ACTIVATIONS[activation]
     x_in, residual_in = x, residual
     grad_out, residual = channels_contiguous(grad_out), channels_contiguous(residual)
-    coef, dgamma, dbeta, dbias, dres = bn.bwd_reduce_finalize(
-        grad_out, z, mean, invstd, gamma, beta, residual, act, training,
-        need_dgamma, need_dbeta, need_db, need_dres, bias_dtype=bias.dtype if bias is not None else None)
+    coef, dbn_weight, dbn_bias, dbias, dres = bn.bwd_reduce_finalize(
+        grad_out, z, mean, invstd, bn_weight, bn_bias, residual, act, training,
+        need_dbn_weight, need_dbn_bias, need_db, need_dres,
+        bias_dtype=bias.dtype if bias is not None else None)
     prec = gm.dot_precision(x.dtype)
     unaligned = "" if _fully_aligned(grad_out, z, residual) else "-unaligned"
     common = dict(
@@ -389,4 +394,4 @@ def conv_bn_act_bwd(grad_out, x, weight, bias, z, mean, invstd, gamma, beta, res
         dw = splitk.sum_splits(partial, weight.dtype).view(weight.shape)
     if dres is not None:
         dres = in_format_of(dres, residual_in)
-    return dx, dw, dbias, dgamma, dbeta, dres
+    return dx, dw, dbias, dbn_weight, dbn_bias, dres

@@ -10,7 +10,7 @@ group from here:
   statistics like ``nn.SyncBatchNorm`` (unbiased variance over the global count);
 * backward, ``batchnorm.bwd_reduce_finalize``: the per-channel sums of g and g * xhat and the
   count are all-reduced, so the conv-output gradient includes the batch statistics' dependence on
-  every rank's inputs. dgamma and dbeta stay local, as in ``nn.SyncBatchNorm`` (DDP reduces them).
+  every rank's inputs. dbn_weight and dbn_bias stay local, as in ``nn.SyncBatchNorm`` (DDP reduces them).
 
 Every rank must run the same ops in the same order (as with ``nn.SyncBatchNorm``). The group is
 passed by name (``ProcessGroup.group_name``) because op schemas take strings, not groups; the
@@ -82,9 +82,9 @@ def finalize(group, count: int, mean, m2, running_mean, running_var, momentum: f
     return global_mean.float(), invstd, new_rm, new_rv
 
 
-def backward_coefficients(group, count: int, part_g, part_gx, mean, invstd, gamma, beta, z=None):
-    """The backward's coefficient table (batchnorm's COEF rows: mean, a, beta, k_g, k_z, k_0) with
-    the batch statistics' terms over every rank's rows, and this rank's fp32 sums dgamma, dbeta
+def backward_coefficients(group, count: int, part_g, part_gx, mean, invstd, bn_weight, bn_bias, z=None):
+    """The backward's coefficient table (batchnorm's COEF rows: mean, a, bn_bias, k_g, k_z, k_0) with
+    the batch statistics' terms over every rank's rows, and this rank's fp32 sums dbn_weight, dbn_bias
     and, given the conv output ``z``, dbias (else None), from the per-tile sums of g and g * xhat.
     Torch ops on device tensors: the global count never visits the host (no sync; capturable)."""
     local_g, local_gx = part_g.sum(0), part_gx.sum(0)  # fixed-order reductions
@@ -93,10 +93,10 @@ def backward_coefficients(group, count: int, part_g, part_gx, mean, invstd, gamm
                         local_g.new_full((1,), float(count), dtype=torch.float64)])
     dist.all_reduce(packed, group=group)
     sum_g, sum_gx, total = packed.split([C, C, 1])
-    a = invstd * gamma.float() if gamma is not None else invstd
+    a = invstd * bn_weight.float() if bn_weight is not None else invstd
     k_z = -a * invstd * (sum_gx / total).float()
     k_0 = -a * (sum_g / total).float()
-    shift = beta.float() if beta is not None else torch.zeros_like(mean)
+    shift = bn_bias.float() if bn_bias is not None else torch.zeros_like(mean)
     coef = torch.stack([mean, a, shift, a, k_z, k_0])
     dbias = None
     if z is not None:

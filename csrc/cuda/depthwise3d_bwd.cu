@@ -7,7 +7,7 @@
 //   dw3d_bwd_reduce_kernel<T, VEC>   over output positions: g = dy * act'(pre); per-block
 //       partial (sum_g, sum_gx, sum_(z-mean)) per channel (fixed-order tree); writes dres = g.
 //   dw3d_bwd_finalize_kernel<T>      one thread per channel: sums the partials in block order;
-//       dgamma, dbeta, dbias and the coefficient table dz = k_g g + k_z (z - mean) + k_0
+//       dbn_weight, dbn_bias, dbias and the coefficient table dz = k_g g + k_z (z - mean) + k_0
 //       (training; eval: dz = k_g g, see rebuild_dz).
 //   dw3d_bwd_dx_kernel<T, VEC>       over input positions: transposed conv, input-centred:
 //       for each tap, the output that reads this input, dz rebuilt there from dy, z, r.
@@ -28,7 +28,7 @@ __device__ __forceinline__ void load_chan(const Params<T>& p, bool active, int64
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     if (active) {
-      cb[v] = load_chan_bwd(p.mean, p.invstd, p.gamma, p.beta, p.coef, c0 + v);
+      cb[v] = load_chan_bwd(p.mean, p.invstd, p.bn_weight, p.bn_bias, p.coef, c0 + v);
     } else {
       cb[v] = ChanBwd{0.f, 0.f, 1.f, 0.f, Coef{0.f, 0.f, 0.f}};
     }
@@ -82,7 +82,7 @@ __global__ void dw3d_bwd_reduce_kernel(const Params<T> p) {
       for (int v = 0; v < VEC; ++v) {
         const float zc = z[v] - cb[v].mean;
         float xhat;
-        gg[v] = bwd_g(dy[v], zc, cb[v].invstd, cb[v].gamma, cb[v].beta, r[v], p.act, xhat);
+        gg[v] = bwd_g(dy[v], zc, cb[v].invstd, cb[v].bn_weight, cb[v].bn_bias, r[v], p.act, xhat);
         s[3 * v] += gg[v];
         s[3 * v + 1] += gg[v] * xhat;
         s[3 * v + 2] += zc;
@@ -105,11 +105,11 @@ __global__ void dw3d_bwd_reduce_kernel(const Params<T> p) {
 template <typename T>
 __global__ void dw3d_bwd_finalize_kernel(const float* __restrict__ partial, int64_t nb, int64_t C, int64_t M,
                                          bool train, const float* __restrict__ mean, const float* __restrict__ invstd,
-                                         const float* __restrict__ gamma, float* coef, float* dgamma, float* dbeta,
-                                         T* dbias) {
+                                         const float* __restrict__ bn_weight, float* coef, float* dbn_weight,
+                                         float* dbn_bias, T* dbias) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
-  bwd_finalize_channel<T>(partial, nb, C, c, M, train, mean, invstd, gamma, coef, dgamma, dbeta, dbias);
+  bwd_finalize_channel<T>(partial, nb, C, c, M, train, mean, invstd, bn_weight, coef, dbn_weight, dbn_bias, dbias);
 }
 
 template <typename T, int VEC>
@@ -248,7 +248,7 @@ Grads depthwise3d_conv_bn_act_backward_cuda(
   const Geom g = check_geometry(x, weight, bias, stride, padding, dilation);
   const int act = parse_activation(std::string(activation));
   TORCH_CHECK(output_mask.size() == 6,
-              "r21d depthwise3d backward: output_mask must have 6 entries (dx, dweight, dbias, dgamma, dbeta, "
+              "r21d depthwise3d backward: output_mask must have 6 entries (dx, dweight, dbias, dbn_weight, dbn_bias, "
               "dresidual), got ",
               output_mask.size());
   check_out_shaped(grad_out, "grad_out", g, x);
@@ -263,8 +263,8 @@ Grads depthwise3d_conv_bn_act_backward_cuda(
   const bool want_dx = output_mask[0];
   const bool want_dw = output_mask[1];
   const bool want_db = output_mask[2] && present(bias);
-  const bool want_dg = output_mask[3] && present(bn_weight);
-  const bool want_dbeta = output_mask[4] && present(bn_bias);
+  const bool want_dbn_weight = output_mask[3] && present(bn_weight);
+  const bool want_dbn_bias = output_mask[4] && present(bn_bias);
   const bool want_dres = output_mask[5] && present(residual);
   const auto fopts = x.options().dtype(at::kFloat);
 
@@ -272,26 +272,26 @@ Grads depthwise3d_conv_bn_act_backward_cuda(
   if (P == 0 || g.C == 0) {
     return Grads(want_dx ? at::zeros_like(x) : x.new_empty({0}), want_dw ? at::zeros_like(weight) : x.new_empty({0}),
                  want_db ? at::zeros_like(*bias) : x.new_empty({0}),
-                 want_dg ? at::zeros_like(*bn_weight) : x.new_empty({0}),
-                 want_dbeta ? at::zeros_like(*bn_bias) : x.new_empty({0}),
+                 want_dbn_weight ? at::zeros_like(*bn_weight) : x.new_empty({0}),
+                 want_dbn_bias ? at::zeros_like(*bn_bias) : x.new_empty({0}),
                  want_dres ? at::zeros_like(*residual) : x.new_empty({0}));
   }
 
   at::Tensor dx = want_dx ? empty_like_format(x.sizes(), x, x.options()) : x.new_empty({0});
   at::Tensor dweight = want_dw ? at::empty(weight.sizes(), weight.options()) : x.new_empty({0});
   at::Tensor dbias = want_db ? at::empty({g.C}, bias->options()) : x.new_empty({0});
-  at::Tensor dgamma = want_dg ? at::empty({g.C}, fopts) : x.new_empty({0});
-  at::Tensor dbeta = want_dbeta ? at::empty({g.C}, fopts) : x.new_empty({0});
+  at::Tensor dbn_weight = want_dbn_weight ? at::empty({g.C}, fopts) : x.new_empty({0});
+  at::Tensor dbn_bias = want_dbn_bias ? at::empty({g.C}, fopts) : x.new_empty({0});
   at::Tensor dres = want_dres ? empty_like_format(residual->sizes(), *residual, residual->options()) : x.new_empty({0});
 
-  const bool need_sums = want_db || want_dg || want_dbeta || (training && (want_dx || want_dw));
-  const bool need_coef = want_dx || want_dw || want_db || want_dg || want_dbeta;
+  const bool need_sums = want_db || want_dbn_weight || want_dbn_bias || (training && (want_dx || want_dw));
+  const bool need_coef = want_dx || want_dw || want_db || want_dbn_weight || want_dbn_bias;
   const bool run_reduce = need_sums || want_dres;
 
   const at::Tensor w = weight.contiguous();
   const at::Tensor mean_c = mean.contiguous(), invstd_c = invstd.contiguous();
-  const at::Tensor gamma = present(bn_weight) ? bn_weight->contiguous() : at::Tensor();
-  const at::Tensor beta = present(bn_bias) ? bn_bias->contiguous() : at::Tensor();
+  const at::Tensor bn_weight_c = present(bn_weight) ? bn_weight->contiguous() : at::Tensor();
+  const at::Tensor bn_bias_c = present(bn_bias) ? bn_bias->contiguous() : at::Tensor();
   const at::Tensor r = present(residual) ? *residual : at::Tensor();
   const bool cl = is_channels_last(x);
   const int KK = taps(g);
@@ -306,8 +306,8 @@ Grads depthwise3d_conv_bn_act_backward_cuda(
     p.x = x.data_ptr<T>();
     p.sx = strides_of(x);
     p.w = w.data_ptr<T>();
-    p.gamma = gamma.defined() ? gamma.data_ptr<float>() : nullptr;
-    p.beta = beta.defined() ? beta.data_ptr<float>() : nullptr;
+    p.bn_weight = bn_weight_c.defined() ? bn_weight_c.data_ptr<float>() : nullptr;
+    p.bn_bias = bn_bias_c.defined() ? bn_bias_c.data_ptr<float>() : nullptr;
     p.res = r.defined() ? r.data_ptr<T>() : nullptr;
     p.sr = r.defined() ? strides_of(r) : Strides5{0, 0, 0, 0, 0};
     p.z = const_cast<T*>(z.data_ptr<T>());
@@ -339,14 +339,15 @@ Grads depthwise3d_conv_bn_act_backward_cuda(
       }
     }
     if (!need_coef) return;
-    // 2. coefficient table, dgamma, dbeta, dbias
+    // 2. coefficient table, dbn_weight, dbn_bias, dbias
     at::Tensor coef = at::empty({g.C, 3}, fopts);
     {
       const int threads = 128;
       dw3d_bwd_finalize_kernel<T><<<unsigned(detail::ceil_div(g.C, threads)), threads, 0, stream>>>(
           need_sums ? sums.data_ptr<float>() : nullptr, nb, g.C, P, training, mean_c.data_ptr<float>(),
-          invstd_c.data_ptr<float>(), p.gamma, coef.data_ptr<float>(), want_dg ? dgamma.data_ptr<float>() : nullptr,
-          want_dbeta ? dbeta.data_ptr<float>() : nullptr, want_db ? dbias.data_ptr<T>() : nullptr);
+          invstd_c.data_ptr<float>(), p.bn_weight, coef.data_ptr<float>(),
+          want_dbn_weight ? dbn_weight.data_ptr<float>() : nullptr,
+          want_dbn_bias ? dbn_bias.data_ptr<float>() : nullptr, want_db ? dbias.data_ptr<T>() : nullptr);
       R21D_CHECK_LAUNCH();
     }
     p.coef = coef.data_ptr<float>();
@@ -394,7 +395,7 @@ Grads depthwise3d_conv_bn_act_backward_cuda(
       R21D_CHECK_LAUNCH();
     }
   });
-  return Grads(dx, dweight, dbias, dgamma, dbeta, dres);
+  return Grads(dx, dweight, dbias, dbn_weight, dbn_bias, dres);
 }
 
 }  // namespace

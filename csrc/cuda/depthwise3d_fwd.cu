@@ -55,11 +55,11 @@ __global__ void dw3d_fwd_kernel(const Params<T> p) {
           p.mean[c] = m;
           p.invstd[c] = inv;
         }
-        const Affine a = bn_fold(m, inv, p.gamma, p.beta, c, bias[v]);
+        const Affine a = bn_fold(m, inv, p.bn_weight, p.bn_bias, c, bias[v]);
         scale[v] = a.scale;
         shift[v] = a.shift;
       } else if (MODE == kApply) {
-        const Affine a = bn_fold(p.mean[c], p.invstd[c], p.gamma, p.beta, c, bias[v]);
+        const Affine a = bn_fold(p.mean[c], p.invstd[c], p.bn_weight, p.bn_bias, c, bias[v]);
         scale[v] = a.scale;
         shift[v] = a.shift;
       }
@@ -232,8 +232,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const at::Tensor w = weight.contiguous();
   const at::Tensor b = present(bias) ? bias->contiguous() : at::Tensor();
-  const at::Tensor gamma = present(bn_weight) ? bn_weight->contiguous() : at::Tensor();
-  const at::Tensor beta = present(bn_bias) ? bn_bias->contiguous() : at::Tensor();
+  const at::Tensor bn_weight_c = present(bn_weight) ? bn_weight->contiguous() : at::Tensor();
+  const at::Tensor bn_bias_c = present(bn_bias) ? bn_bias->contiguous() : at::Tensor();
   const at::Tensor rm = has_running ? running_mean->contiguous() : at::Tensor();
   const at::Tensor rv = has_running ? running_var->contiguous() : at::Tensor();
   const at::Tensor r = present(residual) ? *residual : at::Tensor();
@@ -251,8 +251,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.sx = strides_of(x);
     p.w = w.data_ptr<T>();
     p.bias = b.defined() ? b.data_ptr<T>() : nullptr;
-    p.gamma = gamma.defined() ? gamma.data_ptr<float>() : nullptr;
-    p.beta = beta.defined() ? beta.data_ptr<float>() : nullptr;
+    p.bn_weight = bn_weight_c.defined() ? bn_weight_c.data_ptr<float>() : nullptr;
+    p.bn_bias = bn_bias_c.defined() ? bn_bias_c.data_ptr<float>() : nullptr;
     p.rmean = rm.defined() ? rm.data_ptr<float>() : nullptr;
     p.rvar = rv.defined() ? rv.data_ptr<float>() : nullptr;
     p.res = r.defined() ? r.data_ptr<T>() : nullptr;

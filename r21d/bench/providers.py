@@ -14,7 +14,7 @@ A workload builds one case on one device. Providers:
                     case's dtype and memory format (training: with its backward).
 
 Every callable returns its outputs (eval: the activation or the logits; a site's training step:
-the activation and the gradients of x, weight, gamma and beta; a model's training step: the
+the activation and the gradients of x, weight, BN weight and BN bias; a model's training step: the
 logits and the loss), which the runner checks against a float64 reference before timing. Models
 and tensors are built per provider (``Prepared``) and dropped after it is timed, so peak memory
 is that provider's own.
@@ -108,7 +108,7 @@ class ConvBNActWorkload(PlainProviders):
     def _prepared(self, forward: Callable[[Tensor], Tensor], site: nn.Sequential, variant: Variant,
                   outer: Callable[[], Any] = contextlib.nullcontext) -> Prepared:
         """Eval: ``forward(x)`` without grad. Training: forward, then the gradients of x, the
-        conv weight and BN's gamma and beta for a random dy."""
+        conv weight and BN's weight and bias for a random dy."""
         device = self.device
         if not self.case.training:
             def run_eval(x):

@@ -100,7 +100,7 @@ def _pointwise(case: Case, stride=(1, 1, 1), padding=(0, 0, 0)) -> None:
     problem = ConvProblem(**s, stride=stride, padding=padding, layout="cl3d")
     x = act(*problem.input_shape)
     w = torch.randn(*problem.weight_shape, generator=gen, dtype=dt)
-    bias, gamma, beta = vec(dtype=dt), vec(), vec()
+    bias, bn_weight, bn_bias = vec(dtype=dt), vec(), vec()
     rmean, rvar = vec(), vec().abs() + 1
     out_shape = problem.output_shape()
     op = case.name.split("-s2")[0]
@@ -111,12 +111,12 @@ def _pointwise(case: Case, stride=(1, 1, 1), padding=(0, 0, 0)) -> None:
         # autograd (eval-mode BN while training, e.g. frozen BN in fine-tuning)
         residual = act(*out_shape) if op == "fwd-eval-res" else None
         training = op == "fwd-train"
-        pointwise.conv_bn_act_fwd(x, w, bias, gamma, beta, rmean, rvar, residual, stride, padding,
+        pointwise.conv_bn_act_fwd(x, w, bias, bn_weight, bn_bias, rmean, rvar, residual, stride, padding,
                                   training=training, momentum=0.1, eps=1e-5, activation="silu",
                                   save=op != "fwd-eval")
     elif op in ("bwd", "bwd-eval"):  # every gradient, with a residual; bwd-eval: running stats
         grad_out, z, residual = act(*out_shape), act(*out_shape), act(*out_shape)
-        pointwise.conv_bn_act_bwd(grad_out, x, w, bias, z, vec(), vec().abs(), gamma, beta,
+        pointwise.conv_bn_act_bwd(grad_out, x, w, bias, z, vec(), vec().abs(), bn_weight, bn_bias,
                                   residual, stride, padding, training=op == "bwd",
                                   activation="silu", needs=(True,) * 6)
     else:
@@ -164,17 +164,17 @@ def _depthwise(case: Case) -> None:
                           layout="cl3d" if s["cl"] else "ncdhw")
     x = act(*problem.input_shape)
     w = torch.randn(*problem.weight_shape, generator=gen, dtype=dt)
-    bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
+    bias, bn_weight, bn_bias, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
     out_shape = problem.output_shape()
     dilation = problem.dilation
     # SiLU and a residual everywhere: the costliest epilogue and backward prologue.
     if op.startswith("fwd"):
-        depthwise.conv_bn_act_fwd(x, w, bias, gamma, beta, rmean, rvar, act(*out_shape), stride,
+        depthwise.conv_bn_act_fwd(x, w, bias, bn_weight, bn_bias, rmean, rvar, act(*out_shape), stride,
                                   padding, dilation, training=op == "fwd-train", momentum=0.1,
                                   eps=1e-5, activation="silu", save=True)
     elif op == "bwd":
         depthwise_bwd.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(),
-                                      vec().abs(), gamma, beta, act(*out_shape), stride, padding,
+                                      vec().abs(), bn_weight, bn_bias, act(*out_shape), stride, padding,
                                       dilation, training=True, activation="silu", needs=(True,) * 6)
     else:
         raise ValueError(case.name)
@@ -222,19 +222,19 @@ def _implicit_gemm(case: Case) -> None:
                           layout="cl3d")
     x = act(*problem.input_shape)
     w = act(*problem.weight_shape)
-    bias, gamma, beta, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
+    bias, bn_weight, bn_bias, rmean, rvar = vec(dt), vec(), vec(), vec(), vec().abs() + 1
     dilation = problem.dilation
     out_shape = problem.output_shape()
     # SiLU everywhere (the costlier epilogue and backward); a residual where it makes the
     # epilogue heavier (fwd-eval-res also saves z and the statistics for autograd)
     if op.startswith("fwd"):
         residual = act(*out_shape) if op == "fwd-eval-res" else None
-        implicit_gemm.conv_bn_act_fwd(x, w, bias, gamma, beta, rmean, rvar, residual, stride,
+        implicit_gemm.conv_bn_act_fwd(x, w, bias, bn_weight, bn_bias, rmean, rvar, residual, stride,
                                       padding, dilation, training=op == "fwd-train", momentum=0.1,
                                       eps=1e-5, activation="silu", save=op != "fwd-eval")
     elif op in ("bwd", "bwd-eval"):
         implicit_gemm_bwd.conv_bn_act_bwd(act(*out_shape), x, w, bias, act(*out_shape), vec(),
-                                          vec().abs(), gamma, beta, act(*out_shape), stride,
+                                          vec().abs(), bn_weight, bn_bias, act(*out_shape), stride,
                                           padding, dilation, training=op == "bwd",
                                           activation="silu", needs=(True,) * 6)
     else:

@@ -8,8 +8,8 @@
 //   harness DIR      reads DIR/config.txt and DIR/<name>.bin (raw float32), writes DIR/<out>.bin
 //
 // config.txt: one "key v1 v2 ..." per line. Keys: geom (N C T H W), kernel, stride, padding,
-// dilation (3 each), act (0 none, 1 relu, 2 silu), train, momentum, eps, has_bias, has_gamma,
-// has_beta, has_running, has_res, nb (blocks for partials), strides (5 each) and buffer
+// dilation (3 each), act (0 none, 1 relu, 2 silu), train, momentum, eps, has_bias, has_bn_weight,
+// has_bn_bias, has_running, has_res, nb (blocks for partials), strides (5 each) and buffer
 // sizes (elements) of x, out (out, z), res (res, dres), dy: sx bx so bo sr br sdy bdy.
 #include <cmath>
 #include <cstdio>
@@ -124,7 +124,8 @@ int main(int argc, char** argv) {
   const bool train = geti("train") != 0;
   const float momentum = float(get("momentum"));
   const float eps = float(get("eps"));
-  const bool has_bias = geti("has_bias") != 0, has_gamma = geti("has_gamma") != 0, has_beta = geti("has_beta") != 0;
+  const bool has_bias = geti("has_bias") != 0, has_bn_weight = geti("has_bn_weight") != 0,
+             has_bn_bias = geti("has_bn_bias") != 0;
   const bool has_running = geti("has_running") != 0, has_res = geti("has_res") != 0;
   const int64_t nb = geti("nb");
   const Strides5 sx = strides("sx"), so = strides("so"), sr = strides("sr"), sdy = strides("sdy");
@@ -138,14 +139,14 @@ int main(int argc, char** argv) {
   const std::vector<float> x = read("x", geti("bx"));
   const std::vector<float> w = read("w", C * KK);
   const std::vector<float> bias = has_bias ? read("bias", C) : std::vector<float>(C, 0.f);
-  const std::vector<float> gamma = has_gamma ? read("gamma", C) : std::vector<float>();
-  const std::vector<float> beta = has_beta ? read("beta", C) : std::vector<float>();
+  const std::vector<float> bn_weight = has_bn_weight ? read("bn_weight", C) : std::vector<float>();
+  const std::vector<float> bn_bias = has_bn_bias ? read("bn_bias", C) : std::vector<float>();
   const std::vector<float> rm = has_running ? read("rm", C) : std::vector<float>();
   const std::vector<float> rv = has_running ? read("rv", C) : std::vector<float>();
   const std::vector<float> res = has_res ? read("res", geti("br")) : std::vector<float>();
   const std::vector<float> dy = read("dy", geti("bdy"));
-  const float* gp = has_gamma ? gamma.data() : nullptr;
-  const float* bp = has_beta ? beta.data() : nullptr;
+  const float* gp = has_bn_weight ? bn_weight.data() : nullptr;
+  const float* bp = has_bn_bias ? bn_bias.data() : nullptr;
 
   auto conv = [&](int64_t n, int64_t c, int64_t to, int64_t ho, int64_t wo) {
     return conv_point(
@@ -224,7 +225,7 @@ int main(int argc, char** argv) {
         const Pos q = decompose(pos, g.eo);
         const float zc = z[offset(so, q.n, c, q.t, q.h, q.w)] - cb.mean;
         float xhat;
-        const float gg = bwd_g(dy[offset(sdy, q.n, c, q.t, q.h, q.w)], zc, cb.invstd, cb.gamma, cb.beta,
+        const float gg = bwd_g(dy[offset(sdy, q.n, c, q.t, q.h, q.w)], zc, cb.invstd, cb.bn_weight, cb.bn_bias,
                                rat(q.n, c, q.t, q.h, q.w), act, xhat);
         s[0] += gg;
         s[1] += gg * xhat;
@@ -233,10 +234,10 @@ int main(int argc, char** argv) {
       }
     }
   }
-  std::vector<float> coef(C * 3), dgamma(C), dbeta(C), dbias(C);
+  std::vector<float> coef(C * 3), dbn_weight(C), dbn_bias(C), dbias(C);
   for (int64_t c = 0; c < C; ++c) {
     bwd_finalize_channel<float>(sums.data(), nb, C, c, P, train, mean.data(), invstd.data(), gp, coef.data(),
-                                dgamma.data(), dbeta.data(), dbias.data());
+                                dbn_weight.data(), dbn_bias.data(), dbias.data());
   }
   auto dz_at = [&](const ChanBwd& cb, int64_t n, int64_t c, int64_t to, int64_t ho, int64_t wo) {
     return rebuild_dz(dy[offset(sdy, n, c, to, ho, wo)], z[offset(so, n, c, to, ho, wo)], rat(n, c, to, ho, wo), cb,
@@ -282,8 +283,8 @@ int main(int argc, char** argv) {
   write("dx", dx);
   write("dw", dw);
   write("dbias", dbias);
-  write("dgamma", dgamma);
-  write("dbeta", dbeta);
+  write("dbn_weight", dbn_weight);
+  write("dbn_bias", dbn_bias);
   if (has_res) write("dres", dres);
   return 0;
 }

@@ -46,7 +46,7 @@ def make_inputs(g, dtype, layout, residual, seed):
     w = (torch.randn(C, 1, *g["k"], device=dev) / math.sqrt(math.prod(g["k"]))).to(dtype)
     inp = dict(
         x=x, w=w, bias=(torch.randn(C, device=dev) * 0.5).to(dtype),
-        gamma=torch.randn(C, device=dev) * 0.5 + 1, beta=torch.randn(C, device=dev) * 0.3,
+        bn_weight=torch.randn(C, device=dev) * 0.5 + 1, bn_bias=torch.randn(C, device=dev) * 0.3,
         rm=torch.randn(C, device=dev) * 0.2, rv=torch.rand(C, device=dev) + 0.5,
         res=torch.randn(N, C, *osz, device=dev).to(dtype).contiguous(memory_format=mf) if residual else None,
         dy=torch.randn(N, C, *osz, device=dev).to(dtype).contiguous(memory_format=mf),
@@ -61,23 +61,24 @@ def oracle(inp, g, train, act):
     z = F.conv3d(d["x"], d["w"], d["bias"], g["stride"], g["padding"], g["dilation"], groups=C)
     z.retain_grad()
     rm, rv = d["rm"].detach().clone(), d["rv"].detach().clone()
-    y = F.batch_norm(z, rm, rv, d["gamma"], d["beta"], training=train, momentum=0.1, eps=1e-5)
+    y = F.batch_norm(z, rm, rv, d["bn_weight"], d["bn_bias"], training=train, momentum=0.1, eps=1e-5)
     if d["res"] is not None:
         y = y + d["res"]
     y = {"none": lambda t: t, "relu": F.relu, "silu": F.silu}[act](y)
     y.backward(d["dy"])
     return dict(out=y.detach(), z=z.detach(), rm=rm, rv=rv, dx=d["x"].grad, dw=d["w"].grad, dbias=d["bias"].grad,
-                dgamma=d["gamma"].grad, dbeta=d["beta"].grad, dres=d["res"].grad if d["res"] is not None else None,
+                dbn_weight=d["bn_weight"].grad, dbn_bias=d["bn_bias"].grad,
+                dres=d["res"].grad if d["res"] is not None else None,
                 dz_abs_sum=z.grad.abs().sum((0, 2, 3, 4)))
 
 
 def run_op(inp, g, train, act, deterministic=False, mask=MASK_ALL):
     out, z, mean, invstd, nrm, nrv = torch.ops.r21d.depthwise3d_conv_bn_act(
-        inp["x"], inp["w"], inp["bias"], inp["gamma"], inp["beta"], inp["rm"], inp["rv"], inp["res"],
+        inp["x"], inp["w"], inp["bias"], inp["bn_weight"], inp["bn_bias"], inp["rm"], inp["rv"], inp["res"],
         list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, 0.1, 1e-5, act, True)
     grads = torch.ops.r21d.depthwise3d_conv_bn_act_backward(
-        inp["dy"], inp["x"], inp["w"], inp["bias"], z, mean, invstd, inp["gamma"], inp["beta"], inp["res"],
-        list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, act, mask, deterministic)
+        inp["dy"], inp["x"], inp["w"], inp["bias"], z, mean, invstd, inp["bn_weight"], inp["bn_bias"],
+        inp["res"], list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, act, mask, deterministic)
     return dict(out=out, z=z, mean=mean, invstd=invstd, rm=nrm, rv=nrv), grads
 
 
@@ -90,7 +91,7 @@ def test_forward_backward_match_float64(geom, dtype, layout, train):
     act = "silu" if geom in ("k133_s2", "k155_c5") else "relu"
     residual = geom != "k511_d2"
     inp = make_inputs(g, dtype, layout, residual, seed=hash((geom, layout, train)) % 10000)
-    fwd, (dx, dw, dbias, dgamma, dbeta, dres) = run_op(inp, g, train, act)
+    fwd, (dx, dw, dbias, dbn_weight, dbn_bias, dres) = run_op(inp, g, train, act)
     ref = oracle(inp, g, train, act)
     tol = RTOL[dtype]
     want_cl = layout == "cl"
@@ -106,8 +107,8 @@ def test_forward_backward_match_float64(geom, dtype, layout, train):
         assert fwd["rm"].numel() == 0 and fwd["rv"].numel() == 0
     assert rel_err(dx, ref["dx"]) < tol
     assert rel_err(dw, ref["dw"]) < tol
-    assert rel_err(dgamma, ref["dgamma"]) < tol
-    assert rel_err(dbeta, ref["dbeta"]) < tol
+    assert rel_err(dbn_weight, ref["dbn_weight"]) < tol
+    assert rel_err(dbn_bias, ref["dbn_bias"]) < tol
     # dbias is ~0 in training (sum of dz over the batch): relative to the summed |dz|
     assert rel_err(dbias, ref["dbias"], floor=torch.linalg.norm(ref["dz_abs_sum"]).item()) < tol
     if residual:
@@ -141,7 +142,7 @@ def test_empty_batch_forward_saves_nothing():
     g = dict(GEOMS["k333"], shape=(0, 8, 4, 5, 6))
     inp = make_inputs(g, torch.float32, "ncdhw", False, seed=1)
     outs = torch.ops.r21d.depthwise3d_conv_bn_act(
-        inp["x"], inp["w"], inp["bias"], inp["gamma"], inp["beta"], inp["rm"], inp["rv"], None,
+        inp["x"], inp["w"], inp["bias"], inp["bn_weight"], inp["bn_bias"], inp["rm"], inp["rv"], None,
         list(g["stride"]), list(g["padding"]), list(g["dilation"]), True, 0.1, 1e-5, "relu", True)
     assert outs[0].shape == (0, 8, 4, 5, 6)
     assert all(t.numel() == 0 for t in outs[1:])
@@ -153,14 +154,14 @@ def test_opcheck(train):
     and AOT dispatch of both csrc ops."""
     g = GEOMS["k133_s2"]
     inp = make_inputs(g, torch.float32, "cl", True, seed=11)
-    for k in ("x", "w", "bias", "gamma", "beta", "res"):
+    for k in ("x", "w", "bias", "bn_weight", "bn_bias", "res"):
         inp[k].requires_grad_(True)
-    args = (inp["x"], inp["w"], inp["bias"], inp["gamma"], inp["beta"], inp["rm"], inp["rv"], inp["res"],
-            list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, 0.1, 1e-5, "relu", True)
+    args = (inp["x"], inp["w"], inp["bias"], inp["bn_weight"], inp["bn_bias"], inp["rm"], inp["rv"],
+            inp["res"], list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, 0.1, 1e-5, "relu", True)
     torch.library.opcheck(torch.ops.r21d.depthwise3d_conv_bn_act.default, args)
     out, z, mean, invstd, _, _ = torch.ops.r21d.depthwise3d_conv_bn_act(*args)
-    bwd = (inp["dy"], *(t.detach() for t in (inp["x"], inp["w"], inp["bias"], z, mean, invstd, inp["gamma"],
-                                             inp["beta"], inp["res"])),
+    bwd = (inp["dy"], *(t.detach() for t in (inp["x"], inp["w"], inp["bias"], z, mean, invstd,
+                                             inp["bn_weight"], inp["bn_bias"], inp["res"])),
            list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, "relu", MASK_ALL, True)
     torch.library.opcheck(torch.ops.r21d.depthwise3d_conv_bn_act_backward.default, bwd)
 
@@ -179,16 +180,17 @@ def assert_same_specials(name, got, ref, tol):
 @pytest.mark.parametrize("layout", ["ncdhw", "cl"])
 def test_eval_specials_in_x_propagate_like_pytorch(layout, act):
     """Eval: a NaN, +Inf and -Inf in x (three channels) make z NaN / +-Inf; the input gradient of
-    PyTorch's eval batch_norm, dy * act' * gamma * invstd, stays finite there (no k_z (z - mean)
+    PyTorch's eval batch_norm, dy * act' * bn_weight * invstd, stays finite there (no k_z (z - mean)
     term, 0 * Inf), ReLU's gradient passes dy where its input is NaN. Every output and gradient has
     PyTorch's NaN / Inf elements (tests/csrc/test_depthwise3d_harness.py: the same on the CPU)."""
     g = GEOMS["k333"]
     inp = make_inputs(g, torch.float32, layout, True, seed=5)
     for (n, c, t, h, w), v in (((0, 1, 2, 4, 5), "nan"), ((1, 7, 1, 3, 3), "inf"), ((0, 20, 3, 6, 8), "-inf")):
         inp["x"][n, c, t, h, w] = float(v)
-    fwd, (dx, dw, dbias, dgamma, dbeta, dres) = run_op(inp, g, False, act)
+    fwd, (dx, dw, dbias, dbn_weight, dbn_bias, dres) = run_op(inp, g, False, act)
     ref = oracle(inp, g, False, act)
     assert torch.isinf(ref["z"]).any() and torch.isfinite(ref["dx"]).any()
-    got = dict(out=fwd["out"], z=fwd["z"], dx=dx, dw=dw, dbias=dbias, dgamma=dgamma, dbeta=dbeta, dres=dres)
+    got = dict(out=fwd["out"], z=fwd["z"], dx=dx, dw=dw, dbias=dbias, dbn_weight=dbn_weight, dbn_bias=dbn_bias,
+               dres=dres)
     for key, t in got.items():
         assert_same_specials(f"{layout}/{act}/{key}", t, ref[key], RTOL[torch.float32])

@@ -83,7 +83,7 @@ def oracle(inp, c):
     z.retain_grad()
     rm = d["rm"].detach().clone() if d["rm"] is not None else None
     rv = d["rv"].detach().clone() if d["rv"] is not None else None
-    y = F.batch_norm(z, rm, rv, d["gamma"], d["beta"], training=c["train"], momentum=c["momentum"], eps=c["eps"])
+    y = F.batch_norm(z, rm, rv, d["bn_weight"], d["bn_bias"], training=c["train"], momentum=c["momentum"], eps=c["eps"])
     if d["res"] is not None:
         y = y + d["res"]
     y = {"none": lambda t: t, "relu": F.relu, "silu": F.silu}[c["act"]](y)
@@ -98,7 +98,7 @@ def oracle(inp, c):
                dx=d["x"].grad, dw=d["w"].grad)
     if c["train"] and rm is not None:
         out.update(nrm=rm, nrv=rv)
-    for k, name in (("bias", "dbias"), ("gamma", "dgamma"), ("beta", "dbeta"), ("res", "dres")):
+    for k, name in (("bias", "dbias"), ("bn_weight", "dbn_weight"), ("bn_bias", "dbn_bias"), ("res", "dres")):
         if d[k] is not None:
             out[name] = d[k].grad
     return out
@@ -163,8 +163,8 @@ def make_inputs(c):
         x=torch.randn(c["shape"]),
         w=torch.randn(C, 1, kt, kh, kw) / math.sqrt(kt * kh * kw),
         bias=torch.randn(C) * 0.5 if c["bias"] else None,
-        gamma=torch.randn(C) * 0.5 + 1.0 if c["affine"] else None,
-        beta=torch.randn(C) * 0.3 if c["affine"] else None,
+        bn_weight=torch.randn(C) * 0.5 + 1.0 if c["affine"] else None,
+        bn_bias=torch.randn(C) * 0.3 if c["affine"] else None,
         rm=torch.randn(C) * 0.2 if c["running"] else None,
         rv=torch.rand(C) + 0.5 if c["running"] else None,
         res=torch.randn(oshape) if c["res"] else None,
@@ -184,7 +184,7 @@ def run_harness(harness, tmp_path, c, inp, seed):
     lay = dict(x=c["layout"], out=c["layout"], res=c["res_layout"], dy=c["res_layout"])
     cfg = dict(geom=c["shape"], kernel=c["k"], stride=c["stride"], padding=c["padding"], dilation=c["dilation"],
                act=[ACTS[c["act"]]], train=[c["train"]], momentum=[c["momentum"]], eps=[c["eps"]],
-               has_bias=[c["bias"]], has_gamma=[c["affine"]], has_beta=[c["affine"]], has_running=[c["running"]],
+               has_bias=[c["bias"]], has_bn_weight=[c["affine"]], has_bn_bias=[c["affine"]], has_running=[c["running"]],
                has_res=[c["res"]], nb=[c["nb"]])
     for key, t in (("x", inp["x"]), ("res", inp["res"]), ("dy", inp["dy"])):
         if t is None:
@@ -197,7 +197,7 @@ def run_harness(harness, tmp_path, c, inp, seed):
     cfg["bo"] = [cfg["bo"]]
     if not c["res"]:
         cfg["sr"], cfg["br"] = (0, 0, 0, 0, 0), [0]
-    for key in ("w", "bias", "gamma", "beta", "rm", "rv"):
+    for key in ("w", "bias", "bn_weight", "bn_bias", "rm", "rv"):
         if inp[key] is not None:
             inp[key].contiguous().numpy().tofile(tmp_path / f"{key}.bin")
     (tmp_path / "config.txt").write_text("".join(f"{k} {fmt(v)}\n" for k, v in cfg.items()))
@@ -219,7 +219,7 @@ def run_harness(harness, tmp_path, c, inp, seed):
     if c["bias"]:
         got["dbias"] = load("dbias", (C,))
     if c["affine"]:
-        got.update(dgamma=load("dgamma", (C,)), dbeta=load("dbeta", (C,)))
+        got.update(dbn_weight=load("dbn_weight", (C,)), dbn_bias=load("dbn_bias", (C,)))
     if c["res"]:
         got["dres"] = load("dres", oshape, lay["res"])
     assert set(got) == set(ref), (sorted(got), sorted(ref))
@@ -268,7 +268,7 @@ def check_specials(name, got, ref):
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items() if not c["train"]))
 def test_eval_specials_in_x_propagate_like_pytorch(harness, tmp_path, name):
     """Eval (running statistics): a NaN, +Inf and -Inf in x make z NaN / +-Inf where they are read.
-    PyTorch's batch_norm input gradient is then dy * act' * gamma * invstd, finite where that
+    PyTorch's batch_norm input gradient is then dy * act' * bn_weight * invstd, finite where that
     product is (no (z - mean) term: 0 * Inf would be NaN), and ReLU's gradient is
     threshold_backward, dy where its input is NaN. Every output and gradient has NaN / +-Inf at
     exactly PyTorch's elements, the finite ones close to the float64 oracle."""

@@ -6,8 +6,8 @@ called directly in the interpreter against float64:
   tiles than one block of the merge loop and more channels than one program; far from zero mean
   too, where the textbook E[x^2] - E[x]^2 loses every digit; the running statistics' update with
   momentum as new tensors (unbiased variance; the inputs untouched); one tile of two rows.
-* ``normalize_act``: act((z - mean) * invstd * gamma + beta [+ residual]), in place or not.
-* ``bwd_reduce_finalize``: dgamma, dbeta, the conv bias's gradient, the residual's gradient and
+* ``normalize_act``: act((z - mean) * invstd * bn_weight + bn_bias [+ residual]), in place or not.
+* ``bwd_reduce_finalize``: dbn_weight, dbn_bias, the conv bias's gradient, the residual's gradient and
   the coefficient table from which the conv backward rebuilds dz, against autograd of the float64
   BatchNorm (training: batch statistics; eval: running ones), in both tile orientations
   (channels_last_3d and NCDHW).
@@ -164,16 +164,16 @@ def test_normalize_act(dtype, act, affine, residual, in_place):
     z = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last_3d)
     r = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last_3d) \
         if residual else None
-    mean, invstd, gamma, beta = _bn_inputs(C)
-    gamma, beta = (gamma, beta) if affine else (None, None)
+    mean, invstd, bn_weight, bn_bias = _bn_inputs(C)
+    bn_weight, bn_bias = (bn_weight, bn_bias) if affine else (None, None)
     view = (1, C, 1, 1, 1)
     ref = (z.double() - mean.double().view(view)) * invstd.double().view(view)
     if affine:
-        ref = ref * gamma.double().view(view) + beta.double().view(view)
+        ref = ref * bn_weight.double().view(view) + bn_bias.double().view(view)
     ref = ACTIVATIONS[act](ref + r.double() if residual else ref)
     with _launch.poisoned():
         out = z if in_place else torch.full_like(z, float("nan"))
-        y = batchnorm.normalize_act(z, mean, invstd, gamma, beta, r, _common.ACTIVATIONS[act], out)
+        y = batchnorm.normalize_act(z, mean, invstd, bn_weight, bn_bias, r, _common.ACTIVATIONS[act], out)
     assert y is out and y.dtype == dtype
     assert_oracle_close("normalize_act", y, ref, dtype)
 
@@ -199,7 +199,7 @@ BACKWARD_CASES = {
 
 @pytest.mark.parametrize("name", list(BACKWARD_CASES))
 def test_backward_reductions_and_coefficients_match_autograd(name):
-    """dgamma = sum(g * xhat), dbeta = sum(g), dres = g, dbias = sum(dz), and the coefficient
+    """dbn_weight = sum(g * xhat), dbn_bias = sum(g), dres = g, dbias = sum(dz), and the coefficient
     table's dz = k_g * g + k_z * (z - mean) + k_0 with g = dy * act'(pre) rebuilt from it (as the
     conv backward prologues do), against autograd of the float64 BatchNorm, bounded by twice
     autograd's error in ``dtype``'s float32 arithmetic (or the floor)."""
@@ -211,8 +211,8 @@ def test_backward_reductions_and_coefficients_match_autograd(name):
     z, dy, r = (torch.randn(shape, generator=g).mul(2).add(0.5).to(dtype).contiguous(memory_format=fmt)
                 for _ in range(3))
     r = r if residual else None
-    rm, rv, gamma, beta = _bn_inputs(Cz, seed=10)
-    gamma, beta = (gamma, beta) if affine else (None, None)
+    rm, rv, bn_weight, bn_bias = _bn_inputs(Cz, seed=10)
+    bn_weight, bn_bias = (bn_weight, bn_bias) if affine else (None, None)
     if training:
         var, mean = torch.var_mean(z.double(), (0, 2, 3, 4), correction=0)
         mean, invstd = mean.float(), (var + EPS).rsqrt().float()
@@ -220,9 +220,9 @@ def test_backward_reductions_and_coefficients_match_autograd(name):
         mean, invstd = rm, (rv.double() + EPS).rsqrt().float()
 
     def autograd(t):
-        """The BatchNorm's forward and backward in ``t``: (dz, dgamma, dbeta, dbias, dres)."""
+        """The BatchNorm's forward and backward in ``t``: (dz, dbn_weight, dbn_bias, dbias, dres)."""
         leaves = [v.detach().to(t).requires_grad_() if v is not None else None
-                  for v in (z, gamma, beta, r)]
+                  for v in (z, bn_weight, bn_bias, r)]
         zt, gt, bt, rt = leaves
         running = (None, None) if training else (rm.to(t), rv.to(t))
         y = F.batch_norm(zt, *running, gt, bt, training, 0.0, EPS)
@@ -235,11 +235,11 @@ def test_backward_reductions_and_coefficients_match_autograd(name):
     base_dz, *base = autograd(torch.float32)
     with _launch.poisoned():
         coef, *grads = batchnorm.bwd_reduce_finalize(
-            dy, z, mean, invstd, gamma, beta, r, _common.ACTIVATIONS[act], training,
-            need_dgamma=affine, need_dbeta=affine, need_dbias=True, need_dres=residual,
+            dy, z, mean, invstd, bn_weight, bn_bias, r, _common.ACTIVATIONS[act], training,
+            need_dbn_weight=affine, need_dbn_bias=affine, need_dbias=True, need_dres=residual,
             bias_dtype=dtype)
     assert coef.shape == (batchnorm.NUM_COEF, Cz) and coef.dtype == torch.float32
-    for key, got, want, yardstick in zip(("dgamma", "dbeta", "dbias", "dres"), grads, ref, base):
+    for key, got, want, yardstick in zip(("dbn_weight", "dbn_bias", "dbias", "dres"), grads, ref, base):
         if want is None:
             assert got is None, key
         else:

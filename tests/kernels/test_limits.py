@@ -132,7 +132,7 @@ BOUNDARY_LAUNCHES = textwrap.dedent("""
         return torch.rand(c) + 0.5, torch.randn(c), torch.randn(c), torch.rand(c) + 0.5
 
     C = _limits.MAX_CHANNELS
-    NEEDS = (True, True, False, True, True, False)  # dx, dw, dgamma, dbeta (no bias, no residual)
+    NEEDS = (True, True, False, True, True, False)  # dx, dw, dbn_weight, dbn_bias (no bias, no residual)
     with _launch.capture() as launches:
         # the eval unit with more images than grid y or z could hold
         n = _limits.GRID_YZ_MAX + 10

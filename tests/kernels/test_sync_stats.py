@@ -98,7 +98,7 @@ def ranks(monkeypatch):
     """Every rank's batch, with the simulated ranks' contributions to both collectives
     (computed from their rows in float64) wired into ``sync_stats.dist``."""
     zs, dys = _batches()
-    gamma, beta = _affine()
+    bn_weight, bn_bias = _affine()
     _, mean, var = _global(zs)
     view = (1, C, 1, 1, 1)
     gathered, reduced = [], []
@@ -106,27 +106,27 @@ def ranks(monkeypatch):
         count, m, m2 = _triple(z)
         gathered.append(torch.stack([torch.full((C,), float(count)), m, m2]).double())
         xhat = (z.double() - mean.view(view)) * (var.view(view) + EPS).rsqrt()
-        g = dy.double() * (xhat * gamma.double().view(view) + beta.double().view(view) > 0)
+        g = dy.double() * (xhat * bn_weight.double().view(view) + bn_bias.double().view(view) > 0)
         sums = (g.sum((0, 2, 3, 4)), (g * xhat).sum((0, 2, 3, 4)))
         reduced.append(torch.cat([*(s.float().double() for s in sums),
                                   torch.tensor([float(count)], dtype=torch.float64)]))
     collectives = Collectives(gathered, reduced)
     monkeypatch.setattr(sync_stats, "dist", collectives)
-    return zs, dys, gamma, beta, collectives
+    return zs, dys, bn_weight, bn_bias, collectives
 
 
-def _whole_batch_autograd(zs, dys, gamma, beta):
+def _whole_batch_autograd(zs, dys, bn_weight, bn_bias):
     """relu(batch_norm(z)) of every rank's rows in float64: rank 0's rows of dz, and rank 0's
-    shares of dgamma and dbeta (the gradient with the other ranks' dy zeroed)."""
+    shares of dbn_weight and dbn_bias (the gradient with the other ranks' dy zeroed)."""
     n0 = BATCHES[0]
     results = []
     for dy in (torch.cat(dys), torch.cat([dys[0], *(torch.zeros_like(d) for d in dys[1:])])):
         z = torch.cat(zs).double().requires_grad_()
-        g, b = gamma.double().requires_grad_(), beta.double().requires_grad_()
+        g, b = bn_weight.double().requires_grad_(), bn_bias.double().requires_grad_()
         F.relu(F.batch_norm(z, None, None, g, b, True, 0.0, EPS)).backward(dy.double())
         results.append((z.grad[:n0], g.grad, b.grad))
-    (dz, _, _), (_, dgamma, dbeta) = results
-    return dz, dgamma, dbeta
+    (dz, _, _), (_, dbn_weight, dbn_bias) = results
+    return dz, dbn_weight, dbn_bias
 
 
 def _dz_from_coef(coef, z, dy):
@@ -172,29 +172,29 @@ def test_finalize_normalises_with_the_global_batch_and_updates_like_sync_batchno
 
 
 def test_backward_coefficients_span_every_rank_s_rows(ranks):
-    """The batch statistics' terms of dz over the global batch; dgamma, dbeta and dbias stay this
+    """The batch statistics' terms of dz over the global batch; dbn_weight, dbn_bias and dbias stay this
     rank's sums (DDP reduces them)."""
-    zs, dys, gamma, beta, collectives = ranks
+    zs, dys, bn_weight, bn_bias, collectives = ranks
     z, dy = zs[0], dys[0]
     _, mean, var = _global(zs)
     mean, invstd = mean.float(), (var + EPS).rsqrt().float()
     view = (1, C, 1, 1, 1)
     xhat = (z.double() - mean.double().view(view)) * invstd.double().view(view)
-    g = dy.double() * (xhat * gamma.double().view(view) + beta.double().view(view) > 0)
+    g = dy.double() * (xhat * bn_weight.double().view(view) + bn_bias.double().view(view) > 0)
     # this rank's per-tile sums: tiles of 4 rows
     part_g = g.transpose(0, 1).reshape(C, -1, 4).sum(2).T.float()
     part_gx = (g * xhat).transpose(0, 1).reshape(C, -1, 4).sum(2).T.float()
     count = z.numel() // C
-    coef, dgamma, dbeta, dbias = sync_stats.backward_coefficients(
-        GROUP, count, part_g, part_gx, mean, invstd, gamma, beta, z)
+    coef, dbn_weight, dbn_bias, dbias = sync_stats.backward_coefficients(
+        GROUP, count, part_g, part_gx, mean, invstd, bn_weight, bn_bias, z)
     assert collectives.calls == ["all_reduce"]
-    ref_dz, ref_dgamma, ref_dbeta = _whole_batch_autograd(zs, dys, gamma, beta)
-    assert_oracle_close("dgamma", dgamma, ref_dgamma, torch.float32)
-    assert_oracle_close("dbeta", dbeta, ref_dbeta, torch.float32)
+    ref_dz, ref_dbn_weight, ref_dbn_bias = _whole_batch_autograd(zs, dys, bn_weight, bn_bias)
+    assert_oracle_close("dbn_weight", dbn_weight, ref_dbn_weight, torch.float32)
+    assert_oracle_close("dbn_bias", dbn_bias, ref_dbn_bias, torch.float32)
     assert_oracle_close("dbias", dbias, ref_dz.sum((0, 2, 3, 4)), torch.float32)
     assert_oracle_close("dz", _dz_from_coef(coef, z, dy), ref_dz, torch.float32)
-    assert sync_stats.backward_coefficients(GROUP, count, part_g, part_gx, mean, invstd, gamma,
-                                            beta)[3] is None  # no z: no dbias
+    assert sync_stats.backward_coefficients(GROUP, count, part_g, part_gx, mean, invstd, bn_weight,
+                                            bn_bias)[3] is None  # no z: no dbias
 
 
 # ---------------------------------------------------------------------------- the launchers inside over()
@@ -214,8 +214,8 @@ def fake_group(monkeypatch):
 def test_launchers_inside_over_reduce_over_the_group(ranks, fake_group):
     """batchnorm.finalize_stats and bwd_reduce_finalize in training read the group from the
     context: global statistics and running statistics, global backward coefficients, this
-    rank's dgamma, dbeta and dbias; in eval the backward stays local."""
-    zs, dys, gamma, beta, collectives = ranks
+    rank's dbn_weight, dbn_bias and dbias; in eval the backward stays local."""
+    zs, dys, bn_weight, bn_bias, collectives = ranks
     z = zs[0].contiguous(memory_format=torch.channels_last_3d)
     dy = dys[0].contiguous(memory_format=torch.channels_last_3d)
     rows = _rows(z).T.float().contiguous()  # (M, C)
@@ -229,11 +229,11 @@ def test_launchers_inside_over_reduce_over_the_group(ranks, fake_group):
         assert sync_stats.current() is GROUP
         mean, invstd, new_rm, new_rv = batchnorm.finalize_stats(
             part_mean, part_m2, 4, M, rm, rv, 0.5, EPS)
-        coef, dgamma, dbeta, dbias, _ = batchnorm.bwd_reduce_finalize(
-            dy, z, mean, invstd, gamma, beta, None, relu, True, True, True, True, False, torch.float32)
+        coef, dbn_weight, dbn_bias, dbias, _ = batchnorm.bwd_reduce_finalize(
+            dy, z, mean, invstd, bn_weight, bn_bias, None, relu, True, True, True, True, False, torch.float32)
         assert collectives.calls == ["all_gather", "all_reduce"]
         eval_coef = batchnorm.bwd_reduce_finalize(
-            dy, z, mean, invstd, gamma, beta, None, relu, False, False, False, False, False)[0]
+            dy, z, mean, invstd, bn_weight, bn_bias, None, relu, False, False, False, False, False)[0]
         assert collectives.calls == ["all_gather", "all_reduce"]  # eval: no collective
     assert sync_stats.current() is None
     total, ref_mean, ref_var = _global(zs)
@@ -241,9 +241,9 @@ def test_launchers_inside_over_reduce_over_the_group(ranks, fake_group):
     assert_oracle_close("invstd", invstd, (ref_var + EPS).rsqrt(), torch.float32)
     assert_oracle_close("running_mean", new_rm, 0.5 * ref_mean, torch.float32)
     assert_oracle_close("running_var", new_rv, 0.5 + 0.5 * ref_var * total / (total - 1), torch.float32)
-    ref_dz, ref_dgamma, ref_dbeta = _whole_batch_autograd(zs, dys, gamma, beta)
-    assert_oracle_close("dgamma", dgamma, ref_dgamma, torch.float32)
-    assert_oracle_close("dbeta", dbeta, ref_dbeta, torch.float32)
+    ref_dz, ref_dbn_weight, ref_dbn_bias = _whole_batch_autograd(zs, dys, bn_weight, bn_bias)
+    assert_oracle_close("dbn_weight", dbn_weight, ref_dbn_weight, torch.float32)
+    assert_oracle_close("dbn_bias", dbn_bias, ref_dbn_bias, torch.float32)
     assert_oracle_close("dbias", dbias, ref_dz.sum((0, 2, 3, 4)), torch.float32)
     assert_oracle_close("dz", _dz_from_coef(coef, z, dy), ref_dz, torch.float32)
     assert not eval_coef[batchnorm.COEF_KZ].any() and not eval_coef[batchnorm.COEF_K0].any()

@@ -322,7 +322,7 @@ def test_fused_model_under_autocast_behaves_like_the_plain_model(training, stric
     gradients stay fp32: the features, their dtype and the running statistics match the plain
     model under autocast. (Gradient accuracy in fp16 is checked per op against float64 by the
     property tests: through a whole fp16 network, ReLU masks flip wherever two valid roundings of
-    a pre-activation straddle 0, which moves sums such as dbeta by percents in either model.)"""
+    a pre-activation straddle 0, which moves sums such as dbn_bias by percents in either model.)"""
     pytest.importorskip("torchvision")
     from tests.utils import small_video_net
 

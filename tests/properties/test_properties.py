@@ -69,8 +69,8 @@ def conv_cases(draw, max_channels: int, max_size: int) -> ConvProblem:
 
 
 # A relative floor for fp32: CPU torch, the baseline, accumulates BN's sums in float64 (acc_type),
-# so over a random geometry its error is no yardstick for the fp32 sums over rows that give dgamma,
-# dbeta and the conv bias's gradient (one channel's sum of 90 terms with cancellation is off by
+# so over a random geometry its error is no yardstick for the fp32 sums over rows that give dbn_weight,
+# dbn_bias and the conv bias's gradient (one channel's sum of 90 terms with cancellation is off by
 # 1e-5 relative). 1e-4 is ~800 fp32 units of rounding; a wrong result is off by O(1). fp16: the
 # kernels keep the conv output z in fp16 for the backward, and with 8-20 values per channel BN's
 # backward amplifies its rounding past the table's 2 units (2.1e-3 seen): 5 units.
