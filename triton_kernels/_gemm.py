@@ -209,8 +209,8 @@ def bn_act_epilogue(
         mean = tl.load(rmean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         var = tl.load(rvar_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
         invstd = 1.0 / tl.sqrt(var + eps)
-        scale, shift = bn.fold(mean, invstd, bias, bn_weight_ptr, bn_bias_ptr, cols, cmask, HAS_BN_WEIGHT,
-                               HAS_BN_BIAS)
+        scale, shift = bn.fold(mean, invstd, bias, bn_weight_ptr, bn_bias_ptr, cols, cmask,
+                               HAS_BN_WEIGHT, HAS_BN_BIAS)
         if SAVE:
             tl.store(z_ptr + o_off, acc + bias[None, :], mask=mask)
             if pid_m == 0:

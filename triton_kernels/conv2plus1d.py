@@ -70,9 +70,11 @@ def _unit_eval_kernel(
     bias2_ptr, bn2_weight_ptr, bn2_bias_ptr, rmean2_ptr, rvar2_ptr,
     res_ptr, out_ptr,
     HW, C_in, C_mid, C_out, T_in, H_in, W_in, T_out, H_out, W_out, KH, KW, frames_per_program,
-    stride_xn, stride_xt, stride_xh, stride_xw, stride_w1o, stride_w1i, stride_w1h, stride_w1w, stride_w2o,
-    stride_w2i, stride_w2t,
-    stride_on, stride_ot, stride_oh, stride_ow, stride_rn, stride_rt, stride_rh, stride_rw,
+    stride_xn, stride_xt, stride_xh, stride_xw,
+    stride_w1o, stride_w1i, stride_w1h, stride_w1w,
+    stride_w2o, stride_w2i, stride_w2t,
+    stride_on, stride_ot, stride_oh, stride_ow,
+    stride_rn, stride_rt, stride_rh, stride_rw,
     sh, sw, ph, pw, pt, eps1, eps2,
     HAS_BIAS1: tl.constexpr, HAS_BN1_WEIGHT: tl.constexpr, HAS_BN1_BIAS: tl.constexpr,
     HAS_BIAS2: tl.constexpr, HAS_BN2_WEIGHT: tl.constexpr, HAS_BN2_BIAS: tl.constexpr,
@@ -100,8 +102,8 @@ def _unit_eval_kernel(
     h0 = ho * sh - ph  # the input position of spatial tap (0, 0)
     w0 = wo * sw - pw
     n_rows = tl.zeros_like(rows) + n
-    x_plane = cm.position_offsets(n_rows, tl.zeros_like(rows), h0, w0, stride_xn, stride_xt, stride_xh,
-                                  stride_xw)
+    x_plane = cm.position_offsets(n_rows, tl.zeros_like(rows), h0, w0,
+                                  stride_xn, stride_xt, stride_xh, stride_xw)
     co = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     comask = co < C_out
     w2_cols = co * stride_w2o
@@ -132,9 +134,8 @@ def _unit_eval_kernel(
                         kh = tap // KW
                         kw = tap - kh * KW
                         a = ig._gather_tap(x_ptr, x_rows, t, h0, w0, rmask, 0, kh, kw, cc, kmask,
-                                           T_in, H_in, W_in, stride_xt, stride_xh, stride_xw, 1, 1, 1,
-                                           x_ptr, 0,
-                                           X_ALIGN, False)
+                                           T_in, H_in, W_in, stride_xt, stride_xh, stride_xw,
+                                           1, 1, 1, x_ptr, 0, X_ALIGN, False)
                         b_cols = w1_cols + (kh * stride_w1h + kw * stride_w1w)
                         if W1_ALIGN > 1:
                             b_cols = tl.multiple_of(b_cols, W1_ALIGN)
@@ -170,7 +171,8 @@ def _unit_eval_kernel(
                 done, pid_m, HW, n_rows, tl.zeros_like(rows) + o, ho, wo, rmask, co, comask, C_out,
                 bias2_ptr, bn2_weight_ptr, bn2_bias_ptr, rmean2_ptr, rvar2_ptr, res_ptr,
                 out_ptr, out_ptr, out_ptr, out_ptr, out_ptr, out_ptr,
-                stride_on, stride_ot, stride_oh, stride_ow, stride_rn, stride_rt, stride_rh, stride_rw, eps2,
+                stride_on, stride_ot, stride_oh, stride_ow,
+                stride_rn, stride_rt, stride_rh, stride_rw, eps2,
                 HAS_BIAS2, HAS_BN2_WEIGHT, HAS_BN2_BIAS, HAS_RES, ACT, False, False, O_ALIGN, R_ALIGN,
                 BLOCK_M)
         acc_c = acc_b

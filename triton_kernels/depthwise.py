@@ -39,11 +39,10 @@ def _zero_tile(BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr, CL: tl.constexpr):
 
 
 @triton.jit
-def _offsets(n, t, h, w, cols64, stride_n, stride_c, stride_t, stride_h, stride_w, ALIGN: tl.constexpr,
-             CL: tl.constexpr):
-    return cm.pc_tile(cm.row_offsets(cm.as_int64(n), cm.as_int64(t), h, w, stride_n, stride_t, stride_h,
-                                     stride_w, ALIGN),
-                      cols64 * stride_c, CL)
+def _offsets(n, t, h, w, cols64, stride_n, stride_c, stride_t, stride_h, stride_w,
+             ALIGN: tl.constexpr, CL: tl.constexpr):
+    rows = cm.row_offsets(cm.as_int64(n), cm.as_int64(t), h, w, stride_n, stride_t, stride_h, stride_w, ALIGN)
+    return cm.pc_tile(rows, cols64 * stride_c, CL)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -51,8 +50,10 @@ def _offsets(n, t, h, w, cols64, stride_n, stride_c, stride_t, stride_h, stride_
 
 @triton.jit
 def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
-               T_in, H_in, W_in, stride_xn, stride_xt, stride_xh, stride_xw, stride_wc, stride_wt, stride_wh,
-               stride_ww, pt, ph, pw, dt, dh, dw,
+               T_in, H_in, W_in,
+               stride_xn, stride_xt, stride_xh, stride_xw,
+               stride_wc, stride_wt, stride_wh, stride_ww,
+               pt, ph, pw, dt, dh, dw,
                KT: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
                ST: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, X_ALIGN: tl.constexpr,
                CL: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -81,9 +82,8 @@ def _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c,
                     x_off = tl.multiple_of(x_off, X_ALIGN)
                 xv = tl.load(x_ptr + cm.pc_tile(x_off, x_c, CL), mask=cm.pc_mask(ok, cmask, CL),
                              other=0.0)
-                wv = tl.load(w_ptr + cols * stride_wc + (kt * stride_wt + kh * stride_wh + kw * stride_ww),
-                             mask=cmask,
-                             other=0.0)
+                w_tap = kt * stride_wt + kh * stride_wh + kw * stride_ww
+                wv = tl.load(w_ptr + cols * stride_wc + w_tap, mask=cmask, other=0.0)
                 acc += xv.to(tl.float32) * cm.per_channel(wv.to(tl.float32), CL)
     return acc
 
@@ -174,25 +174,25 @@ def _depthwise_fwd_kernel(
         else:  # MODE_APPLY: the batch statistics (var_ptr holds invstd)
             mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0)
             invstd = tl.load(var_ptr + cols, mask=cmask, other=0.0)
-        scale, shift = bn.fold(mean, invstd, bias, bn_weight_ptr, bn_bias_ptr, cols, cmask, HAS_BN_WEIGHT,
-                               HAS_BN_BIAS)
+        scale, shift = bn.fold(mean, invstd, bias, bn_weight_ptr, bn_bias_ptr, cols, cmask,
+                               HAS_BN_WEIGHT, HAS_BN_BIAS)
         for to in range(t_start, t_end):
             acc = _conv_tile(x_ptr, w_ptr, n, to, ho, wo, pmask, cols, cmask, x_c, T_in, H_in, W_in,
                              stride_xn, stride_xt, stride_xh, stride_xw, stride_wc, stride_wt, stride_wh,
                              stride_ww, pt, ph, pw, dt, dh, dw,
                              KT, KH, KW, ST, SH, SW, X_ALIGN, CL, BLOCK_P, BLOCK_C)
             if SAVE:  # autograd needs z (conv + bias)
-                z_off = _offsets(n, to, ho, wo, cols64, stride_zn, stride_zc, stride_zt, stride_zh,
-                                 stride_zw, Z_ALIGN, CL)
+                z_off = _offsets(n, to, ho, wo, cols64,
+                                 stride_zn, stride_zc, stride_zt, stride_zh, stride_zw, Z_ALIGN, CL)
                 tl.store(z_ptr + z_off, acc + cm.per_channel(bias, CL), mask=mask)
             v = acc * cm.per_channel(scale, CL) + cm.per_channel(shift, CL)
             if HAS_RES:
-                r_off = _offsets(n, to, ho, wo, cols64, stride_rn, stride_rc, stride_rt, stride_rh,
-                                 stride_rw, R_ALIGN, CL)
+                r_off = _offsets(n, to, ho, wo, cols64,
+                                 stride_rn, stride_rc, stride_rt, stride_rh, stride_rw, R_ALIGN, CL)
                 v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
             v = cm.activation(v, ACT)
-            o_off = _offsets(n, to, ho, wo, cols64, stride_on, stride_oc, stride_ot, stride_oh, stride_ow,
-                             O_ALIGN, CL)
+            o_off = _offsets(n, to, ho, wo, cols64,
+                             stride_on, stride_oc, stride_ot, stride_oh, stride_ow, O_ALIGN, CL)
             tl.store(out_ptr + o_off, v, mask=mask)
 
 

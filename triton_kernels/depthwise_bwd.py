@@ -81,8 +81,8 @@ def _depthwise_bwd_kernel(
         pmask = rows < row_end
         n, ti, hi, wi = cm.split_rows(rows, T_in, H_in, W_in)
         if NEED_DW:
-            x_off = _offsets(n, ti, hi, wi, cols64, stride_xn, stride_xc, stride_xt, stride_xh, stride_xw,
-                             X_ALIGN, CL)
+            x_off = _offsets(n, ti, hi, wi, cols64,
+                             stride_xn, stride_xc, stride_xt, stride_xh, stride_xw, X_ALIGN, CL)
             xv = tl.load(x_ptr + x_off, mask=cm.pc_mask(pmask, cmask, CL), other=0.0).to(tl.float32)
         dx = _zero_tile(BLOCK_P, BLOCK_C, CL)
         for kt in range(KT):  # not unrolled: each tap holds dy, z (and r) tiles and a dz
@@ -98,16 +98,16 @@ def _depthwise_bwd_kernel(
                     wo = wp // SW
                     ok = ok_h & (wp >= 0) & (wp % SW == 0) & (wo < W_out)
                     mask = cm.pc_mask(ok, cmask, CL)
-                    d_off = _offsets(n, to, ho, wo, cols64, stride_dn, stride_dc, stride_dt, stride_dh,
-                                     stride_dw, D_ALIGN, CL)
-                    z_off = _offsets(n, to, ho, wo, cols64, stride_zn, stride_zc, stride_zt, stride_zh,
-                                     stride_zw, Z_ALIGN, CL)
+                    d_off = _offsets(n, to, ho, wo, cols64,
+                                     stride_dn, stride_dc, stride_dt, stride_dh, stride_dw, D_ALIGN, CL)
+                    z_off = _offsets(n, to, ho, wo, cols64,
+                                     stride_zn, stride_zc, stride_zt, stride_zh, stride_zw, Z_ALIGN, CL)
                     dyv = tl.load(dy_ptr + d_off, mask=mask, other=0.0).to(tl.float32)
                     zc = tl.load(z_ptr + z_off, mask=mask, other=0.0).to(tl.float32) - mean
                     pre = zc * a + bn_bias
                     if HAS_RES:
-                        r_off = _offsets(n, to, ho, wo, cols64, stride_rn, stride_rc, stride_rt, stride_rh,
-                                         stride_rw, R_ALIGN, CL)
+                        r_off = _offsets(n, to, ho, wo, cols64,
+                                         stride_rn, stride_rc, stride_rt, stride_rh, stride_rw, R_ALIGN, CL)
                         pre += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
                     g = cm.activation_grad(pre, dyv, ACT)
                     dz = k_g * g
@@ -125,8 +125,8 @@ def _depthwise_bwd_kernel(
                         tap = (kt * KH + kh) * KW + kw
                         dw_acc += tl.where(taps[:, None] == tap, s[None, :], 0.0)
         if NEED_DX:
-            g_off = _offsets(n, ti, hi, wi, cols64, stride_gn, stride_gc, stride_gt, stride_gh, stride_gw,
-                             G_ALIGN, CL)
+            g_off = _offsets(n, ti, hi, wi, cols64,
+                             stride_gn, stride_gc, stride_gt, stride_gh, stride_gw, G_ALIGN, CL)
             tl.store(dx_ptr + g_off, dx, mask=cm.pc_mask(pmask, cmask, CL))
 
     if NEED_DW:  # partial[split, c, tap]: summed over splits it is the (C, 1, kT, kH, kW) gradient
