@@ -149,12 +149,13 @@ def _register_autograd(family: _OpFamily) -> None:
     _DIFFERENTIABLE[family.forward] = differentiable(family.forward, setup_context, backward)
 
 
-def _define_triton_family(name: str, z_channels_last: bool, forward_launcher: Callable,
-                          backward_launcher: Callable) -> _OpFamily:
-    """The forward and backward custom ops of a Triton kernel family, with fake implementations
-    and autograd. The launchers get the op's arguments with tuples for the geometry and None for
-    activation "none"; the backward launcher a tuple ``needs`` for ``output_mask``."""
-    family = _OpFamily(f"r21d::{name}", f"r21d::{name}_backward", z_channels_last,
+def _define_triton_family(forward_name: str, backward_name: str, z_channels_last: bool,
+                          forward_launcher: Callable, backward_launcher: Callable) -> _OpFamily:
+    """The forward and backward custom ops (qualified names) of a Triton kernel family, with fake
+    implementations and autograd; the three families share one schema, written once here. The
+    launchers get the op's arguments with tuples for the geometry and None for activation
+    "none"; the backward launcher a tuple ``needs`` for ``output_mask``."""
+    family = _OpFamily(forward_name, backward_name, z_channels_last,
                        launchers=(forward_launcher, backward_launcher))
 
     def forward(
@@ -234,10 +235,13 @@ def _depthwise_backward(*args):
     return depthwise_bwd.conv_bn_act_bwd(*args)
 
 
-POINTWISE = _define_triton_family("pointwise_conv_bn_act", True, _pointwise_forward, _pointwise_backward)
-DEPTHWISE = _define_triton_family("depthwise_conv_bn_act", False, _depthwise_forward, _depthwise_backward)
-IMPLICIT_GEMM = _define_triton_family("implicit_gemm_conv_bn_act", True, _implicit_gemm_forward,
-                                      _implicit_gemm_backward)
+POINTWISE = _define_triton_family("r21d::pointwise_conv_bn_act", "r21d::pointwise_conv_bn_act_backward",
+                                  True, _pointwise_forward, _pointwise_backward)
+DEPTHWISE = _define_triton_family("r21d::depthwise_conv_bn_act", "r21d::depthwise_conv_bn_act_backward",
+                                  False, _depthwise_forward, _depthwise_backward)
+IMPLICIT_GEMM = _define_triton_family("r21d::implicit_gemm_conv_bn_act",
+                                      "r21d::implicit_gemm_conv_bn_act_backward",
+                                      True, _implicit_gemm_forward, _implicit_gemm_backward)
 
 
 # csrc: the schemas come from r21d._C's TORCH_LIBRARY block.
