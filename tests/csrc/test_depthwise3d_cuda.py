@@ -78,7 +78,8 @@ def run_op(inp, g, train, act, deterministic=False, mask=MASK_ALL):
         list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, 0.1, 1e-5, act, True)
     grads = torch.ops.r21d.depthwise3d_conv_bn_act_backward(
         inp["dy"], inp["x"], inp["w"], inp["bias"], z, mean, invstd, inp["bn_weight"], inp["bn_bias"],
-        inp["res"], list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, act, mask, deterministic)
+        inp["res"], list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, act, mask,
+        deterministic)
     return dict(out=out, z=z, mean=mean, invstd=invstd, rm=nrm, rv=nrv), grads
 
 
@@ -157,7 +158,8 @@ def test_opcheck(train):
     for k in ("x", "w", "bias", "bn_weight", "bn_bias", "res"):
         inp[k].requires_grad_(True)
     args = (inp["x"], inp["w"], inp["bias"], inp["bn_weight"], inp["bn_bias"], inp["rm"], inp["rv"],
-            inp["res"], list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, 0.1, 1e-5, "relu", True)
+            inp["res"], list(g["stride"]), list(g["padding"]), list(g["dilation"]), train, 0.1, 1e-5,
+            "relu", True)
     torch.library.opcheck(torch.ops.r21d.depthwise3d_conv_bn_act.default, args)
     out, z, mean, invstd, _, _ = torch.ops.r21d.depthwise3d_conv_bn_act(*args)
     bwd = (inp["dy"], *(t.detach() for t in (inp["x"], inp["w"], inp["bias"], z, mean, invstd,
@@ -190,7 +192,7 @@ def test_eval_specials_in_x_propagate_like_pytorch(layout, act):
     fwd, (dx, dw, dbias, dbn_weight, dbn_bias, dres) = run_op(inp, g, False, act)
     ref = oracle(inp, g, False, act)
     assert torch.isinf(ref["z"]).any() and torch.isfinite(ref["dx"]).any()
-    got = dict(out=fwd["out"], z=fwd["z"], dx=dx, dw=dw, dbias=dbias, dbn_weight=dbn_weight, dbn_bias=dbn_bias,
-               dres=dres)
+    got = dict(out=fwd["out"], z=fwd["z"], dx=dx, dw=dw, dbias=dbias, dbn_weight=dbn_weight,
+               dbn_bias=dbn_bias, dres=dres)
     for key, t in got.items():
         assert_same_specials(f"{layout}/{act}/{key}", t, ref[key], RTOL[torch.float32])
